@@ -1,0 +1,259 @@
+"""The `streambill` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from streams.config import settings as load_settings
+from streams.logging import configure as configure_logging
+
+app = typer.Typer(
+    help="streambill: subscription billing as a Kafka stream-processing pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+run_app = typer.Typer(help="Run one processor in this process (until SIGTERM).")
+kafka_app = typer.Typer(help="The project's local Kafka cluster (deploy/kafka/kafka.sh).")
+app.add_typer(run_app, name="run")
+app.add_typer(kafka_app, name="kafka")
+console = Console(stderr=True)
+out = Console()
+
+
+def _parse_ts(value: str) -> datetime:
+    from streams.domain.timestamps import parse_timestamp
+
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@app.callback()
+def main(log_level: str = typer.Option("INFO", envvar="STREAMBILL_LOG_LEVEL")) -> None:
+    configure_logging(log_level)
+
+
+@app.command()
+def demo(
+    accounts: int = typer.Option(10_000, "--accounts", min=1, help="accounts (subscriptions)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the figures here"),
+) -> None:
+    """Run the whole pipeline end to end on real Kafka and embedded ClickHouse."""
+    from streams.demo import print_result, result_json, run_demo
+
+    result = run_demo(load_settings(), accounts, console)
+    print_result(out, result)
+    _write_json(json_out, result_json(result, accounts))
+    if not (result.invoices == result.expected == result.distinct_invoice_ids):
+        raise typer.Exit(1)
+
+
+@app.command()
+def rate(
+    catalog: Path = typer.Option(..., exists=True, dir_okay=False, help="catalog JSON"),
+    events: Path = typer.Option(..., exists=True, dir_okay=False, help="events JSONL"),
+    until: str = typer.Option(..., help="invoice every period ending at or before this instant"),
+    out_file: Path | None = typer.Option(None, "--out", help="invoices JSONL (default stdout)"),
+    dead_letters: Path | None = typer.Option(None, "--dead-letters", help="rejected events JSONL"),
+) -> None:
+    """Offline rater: the same domain code as the rating processor, on files."""
+    from streams.domain.catalog import CatalogError
+    from streams.offline import dead_letter_to_json_line, invoice_to_json_line, rate_streams
+
+    try:
+        result = rate_streams(catalog, events, _parse_ts(until))
+    except CatalogError as exc:
+        console.print(f"[red]invalid catalog:[/] {exc}")
+        raise typer.Exit(2) from None
+    text = "".join(invoice_to_json_line(inv) + "\n" for inv in result.invoices)
+    if out_file:
+        out_file.write_text(text)
+    else:
+        sys.stdout.write(text)
+    if dead_letters:
+        dead_letters.write_text(
+            "".join(dead_letter_to_json_line(d) + "\n" for d in result.dead_letters)
+        )
+    elif result.dead_letters:
+        console.print(f"{len(result.dead_letters)} events rejected (use --dead-letters FILE)")
+
+
+class Clock(StrEnum):
+    event = "event"
+    wall = "wall"
+
+
+@run_app.command("rating")
+def run_rating(
+    catalog: Path = typer.Option(
+        Path("deploy/demo/catalog.json"), envvar="STREAMBILL_CATALOG", exists=True
+    ),
+    clock: Clock = typer.Option(Clock.wall, help="wall: periods close as real time passes"),
+    worker: int = typer.Option(0, help="worker index (stable transactional id)"),
+) -> None:
+    """The rating processor: subscriptions + usage -> invoices."""
+    from streams.domain.catalog import Catalog
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ensure_topics
+    from streams.processors.rating import RatingProcessor
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    cat = Catalog.from_dict(json.loads(catalog.read_text()))
+    RatingProcessor(settings, bootstrap, cat, worker=worker, clock=clock.value).run()
+
+
+@run_app.command("sink")
+def run_sink() -> None:
+    """The sink: Kafka topics -> ClickHouse; owns an embedded warehouse and serves queries."""
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ensure_topics
+    from streams.processors.sink import Sink
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    Sink(settings, bootstrap).run()
+
+
+@app.command("bill-run")
+def bill_run(
+    until: str = typer.Option(..., help="close every period ending at or before this instant"),
+    accounts: str | None = typer.Option(None, help="comma-separated account ids (default all)"),
+    wait: bool = typer.Option(True, help="wait until every partition has completed the run"),
+    timeout: float = typer.Option(3600, help="seconds to wait at most"),
+) -> None:
+    """Catch-up bill run: close now, in parallel across partitions, the chosen periods."""
+    import time
+
+    from rich.progress import Progress
+
+    from streams.kafka.local import bootstrap_servers
+    from streams.publish import bill_run_done, issue_bill_run
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    chosen = [a for a in accounts.split(",") if a] if accounts else None
+    offsets = issue_bill_run(settings, bootstrap, _parse_ts(until), chosen)
+    console.print(f"bill run issued to {len(offsets)} partitions")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    with Progress(console=console) as progress:
+        task = progress.add_task("partitions done", total=len(offsets))
+        while (done := bill_run_done(settings, bootstrap, offsets)) < len(offsets):
+            progress.update(task, completed=done)
+            if time.monotonic() > deadline:
+                console.print("[red]timed out[/] (is the rating processor running?)")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+        progress.update(task, completed=done)
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="SQL; tables live in the streambill database"),
+    fmt: Format = typer.Option(Format.table, "--format"),
+) -> None:
+    """Query the warehouse (through the running sink when it owns the embedded engine)."""
+    from streams.warehouse import query as run
+
+    try:
+        result = run(load_settings(), sql)
+    except ValueError as exc:
+        console.print(f"[red]query failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    if fmt is Format.json:
+        rows = [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+        out.print_json(json.dumps(rows, default=str))
+    elif fmt is Format.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result["columns"])
+        writer.writerows(result["rows"])
+    else:
+        from rich.table import Table
+
+        table = Table(*result["columns"])
+        for row in result["rows"]:
+            table.add_row(*(str(v) for v in row))
+        out.print(table)
+
+
+@kafka_app.command("start")
+def kafka_start(brokers: int = typer.Option(1, help="1, or 3 for replication tests")) -> None:
+    """Start the local cluster (downloads the Kafka jars once) and print its bootstrap."""
+    from streams.kafka.local import start_local_kafka
+
+    out.print(start_local_kafka(brokers))
+
+
+@kafka_app.command("stop")
+def kafka_stop() -> None:
+    """Stop the local cluster."""
+    from streams.kafka.local import stop_local_kafka
+
+    stop_local_kafka()
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    from streams.kafka.local import KAFKA_SH
+
+    subprocess.run([str(KAFKA_SH), "status"], check=False)
+
+
+@app.command()
+def topics() -> None:
+    """Create the declared topics (idempotent) and describe them."""
+    from rich.table import Table
+
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ALL_TOPICS, ensure_topics
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    admin = clients.admin(settings, bootstrap)
+    created = ensure_topics(admin, settings)
+    meta = admin.list_topics(timeout=30).topics
+    table = Table("topic", "partitions", "replicas", "schema", "created now")
+    for t in ALL_TOPICS:
+        parts = meta[t.name].partitions
+        replicas = len(next(iter(parts.values())).replicas) if parts else 0
+        table.add_row(t.name, str(len(parts)), str(replicas), t.schema or "-",
+                      "yes" if t.name in created else "")  # fmt: skip
+    out.print(table)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,155 @@
+"""`streambill demo`: the whole path once, on real parts.
+
+Local Kafka broker -> generator -> rating processor -> billing.invoices -> sink ->
+embedded ClickHouse; then the invoices and totals per currency, read from ClickHouse.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from streams.config import DEPLOY_DIR, Settings
+from streams.domain.catalog import Catalog
+from streams.generator import (
+    DEFAULT_UNTIL,
+    Dataset,
+    expected_invoices,
+    subscription_events,
+    usage_events,
+)
+from streams.kafka import clients
+from streams.kafka.local import bootstrap_servers
+from streams.kafka.topics import SUBSCRIPTIONS, USAGE, ensure_topics
+from streams.publish import bill_run_done, issue_bill_run, publish
+from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.warehouse import query
+
+DEMO_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
+
+
+@dataclass
+class DemoResult:
+    expected: int
+    invoices: int
+    distinct_invoice_ids: int
+    seconds: float
+    by_currency: list[list[Any]]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def count_invoices(settings: Settings, prefix: str) -> tuple[int, int]:
+    rows = query(
+        settings,
+        "SELECT count(), uniqExact(invoice_id) FROM invoices FINAL "
+        f"WHERE startsWith(account_id, '{prefix}')",
+    )["rows"]
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def run_demo(
+    settings: Settings,
+    accounts: int,
+    console: Console,
+    catalog_path: Path = DEMO_CATALOG,
+    timeout: float = 600.0,
+) -> DemoResult:
+    started = time.monotonic()
+    catalog = Catalog.from_dict(json.loads(catalog_path.read_text()))
+    dataset = Dataset(accounts=accounts)
+    until = DEFAULT_UNTIL
+    expected = expected_invoices(dataset, catalog, until)
+
+    console.print("[bold]streambill demo[/]: starting Kafka (local broker unless configured)")
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    console.print(f"Kafka at {bootstrap}; warehouse {settings.warehouse_dsn}")
+
+    sink = ProcessorProcess(settings, bootstrap, "sink").start()
+    rating = ProcessorProcess(
+        settings, bootstrap, "rating", "--catalog", str(catalog_path), "--clock", "event"
+    ).start()
+    try:
+        wait_for_warehouse_endpoint(settings, sink)
+        with _progress(console) as progress:
+            producer = clients.producer(settings, bootstrap)
+            task = progress.add_task("publish subscriptions", total=accounts)
+            publish(producer, SUBSCRIPTIONS, subscription_events(dataset, catalog),
+                    progress=lambda n: progress.advance(task, n))  # fmt: skip
+            task = progress.add_task("publish usage", total=None)
+            publish(producer, USAGE, usage_events(dataset, catalog),
+                    progress=lambda n: progress.advance(task, n))  # fmt: skip
+            progress.update(task, total=progress.tasks[task].completed)
+
+            offsets = issue_bill_run(settings, bootstrap, until)
+            task = progress.add_task(f"bill run until {until:%Y-%m-%d}", total=len(offsets))
+            landed = progress.add_task("invoices in ClickHouse", total=expected)
+            deadline = time.monotonic() + timeout
+            while True:
+                for proc in (sink, rating):
+                    if not proc.alive:
+                        raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+                done = bill_run_done(settings, bootstrap, offsets)
+                progress.update(task, completed=done)
+                invoices, _ = count_invoices(settings, dataset.prefix)
+                progress.update(landed, completed=invoices)
+                if done == len(offsets) and invoices >= expected:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"demo did not finish in {timeout:.0f} s")
+                time.sleep(0.5)
+        invoices, distinct = count_invoices(settings, dataset.prefix)
+        by_currency = query(
+            settings,
+            "SELECT currency, reason, count() AS invoices, sum(total) AS billed FROM invoices FINAL "
+            f"WHERE startsWith(account_id, '{dataset.prefix}') "
+            "GROUP BY currency, reason ORDER BY currency, reason",
+        )["rows"]
+    finally:
+        rating.stop()
+        sink.stop()
+    return DemoResult(expected, invoices, distinct, time.monotonic() - started, by_currency)
+
+
+def print_result(console: Console, result: DemoResult) -> None:
+    table = Table(title="Invoices in ClickHouse, per currency")
+    for col in ("currency", "reason", "invoices", "billed"):
+        table.add_column(col, justify="right" if col in ("invoices", "billed") else "left")
+    for currency, reason, count, billed in result.by_currency:
+        table.add_row(currency, reason, str(count), str(billed))
+    console.print(table)
+    ok = result.invoices == result.expected == result.distinct_invoice_ids
+    console.print(
+        f"invoices: {result.invoices} (expected {result.expected}, distinct ids "
+        f"{result.distinct_invoice_ids}) in {result.seconds:.1f} s "
+        + ("[green]OK[/]" if ok else "[red]MISMATCH[/]")
+    )
+
+
+def result_json(result: DemoResult, accounts: int) -> dict[str, Any]:
+    return {
+        "scenario": "demo",
+        "params": {"accounts": accounts},
+        "metrics": {
+            "invoices": result.invoices,
+            "distinct_invoice_ids": result.distinct_invoice_ids,
+            "expected_invoices": result.expected,
+            "seconds": round(result.seconds, 3),
+        },
+    }

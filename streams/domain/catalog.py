@@ -1,0 +1,281 @@
+"""The price catalog: plans and their charges, validated once at load time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from streams.domain.money import InvalidDecimal, UnknownCurrency, minor_units, parse_decimal
+from streams.domain.periods import Interval
+
+
+class CatalogError(ValueError):
+    """The catalog is invalid; the message names the offending JSON path."""
+
+
+class UnknownPlan(KeyError):
+    def __init__(self, plan_id: str) -> None:
+        super().__init__(plan_id)
+        self.plan_id = plan_id
+
+    def __str__(self) -> str:  # KeyError would repr() the argument
+        return f"unknown plan {self.plan_id!r}"
+
+
+class Aggregation(StrEnum):
+    SUM = "sum"
+    MAX = "max"
+    COUNT = "count"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    up_to: Decimal | None  # inclusive upper bound; None = unbounded
+    unit_amount: Decimal
+    flat_amount: Decimal = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class FlatCharge:
+    charge_id: str
+    amount: Decimal
+    model: str = "flat"
+
+
+@dataclass(frozen=True, slots=True)
+class PerUnitCharge:
+    charge_id: str
+    metric: str
+    aggregation: Aggregation
+    unit_amount: Decimal
+    model: str = "per_unit"
+
+
+@dataclass(frozen=True, slots=True)
+class GraduatedCharge:
+    charge_id: str
+    metric: str
+    aggregation: Aggregation
+    tiers: tuple[Tier, ...]
+    model: str = "graduated"
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeCharge:
+    charge_id: str
+    metric: str
+    aggregation: Aggregation
+    tiers: tuple[Tier, ...]
+    model: str = "volume"
+
+
+@dataclass(frozen=True, slots=True)
+class PackageCharge:
+    charge_id: str
+    metric: str
+    aggregation: Aggregation
+    package_size: Decimal
+    package_amount: Decimal
+    model: str = "package"
+
+
+UsageCharge = PerUnitCharge | GraduatedCharge | VolumeCharge | PackageCharge
+Charge = FlatCharge | UsageCharge
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    plan_id: str
+    currency: str
+    interval: Interval
+    charges: tuple[Charge, ...]
+
+    @property
+    def flat_charges(self) -> tuple[FlatCharge, ...]:
+        return tuple(c for c in self.charges if isinstance(c, FlatCharge))
+
+    @property
+    def usage_charges(self) -> tuple[UsageCharge, ...]:
+        return tuple(c for c in self.charges if not isinstance(c, FlatCharge))
+
+    def aggregations(self) -> dict[str, tuple[Aggregation, ...]]:
+        """metric -> the aggregations some charge of this plan needs (in charge order)."""
+        out: dict[str, list[Aggregation]] = {}
+        for c in self.usage_charges:
+            aggs = out.setdefault(c.metric, [])
+            if c.aggregation not in aggs:
+                aggs.append(c.aggregation)
+        return {m: tuple(a) for m, a in out.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    plans: Mapping[str, Plan]
+
+    def plan(self, plan_id: str) -> Plan:
+        try:
+            return self.plans[plan_id]
+        except KeyError:
+            raise UnknownPlan(plan_id) from None
+
+    def __contains__(self, plan_id: object) -> bool:
+        return plan_id in self.plans
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Catalog:
+        if not isinstance(d, dict):
+            raise CatalogError("catalog: must be a JSON object with a 'plans' list")
+        plans_raw = d.get("plans")
+        if not isinstance(plans_raw, list):
+            raise CatalogError("catalog.plans: must be a list")
+        plans: dict[str, Plan] = {}
+        for i, p in enumerate(plans_raw):
+            plan = _parse_plan(p, f"plans[{i}]")
+            if plan.plan_id in plans:
+                raise CatalogError(f"plans[{i}].plan_id: duplicate plan_id {plan.plan_id!r}")
+            plans[plan.plan_id] = plan
+        return cls(plans)
+
+
+# --- validation -----------------------------------------------------------------
+
+_USAGE_KEYS = {"charge_id", "model", "metric", "aggregation"}
+# Charges and tiers refuse unknown keys: a misspelt optional key ("flat_amout")
+# would otherwise silently drop a fee.
+_ALLOWED_KEYS = {
+    "flat": {"charge_id", "model", "amount"},
+    "per_unit": _USAGE_KEYS | {"unit_amount"},
+    "graduated": _USAGE_KEYS | {"tiers"},
+    "volume": _USAGE_KEYS | {"tiers"},
+    "package": _USAGE_KEYS | {"package_size", "package_amount"},
+}
+
+
+def _str(d: dict, key: str, path: str) -> str:
+    if key not in d:
+        raise CatalogError(f"{path}: missing {key!r}")
+    v = d[key]
+    if not isinstance(v, str) or not v:
+        raise CatalogError(f"{path}.{key}: must be a non-empty string")
+    return v
+
+
+def _dec(d: dict, key: str, path: str, *, positive: bool = False) -> Decimal:
+    if key not in d:
+        raise CatalogError(f"{path}: missing {key!r}")
+    try:
+        v = parse_decimal(d[key])
+    except InvalidDecimal as e:
+        raise CatalogError(f"{path}.{key}: {e}") from None
+    if positive and v <= 0:
+        raise CatalogError(f"{path}.{key}: must be greater than 0")
+    return v
+
+
+def _parse_plan(p: Any, path: str) -> Plan:
+    if not isinstance(p, dict):
+        raise CatalogError(f"{path}: must be an object")
+    plan_id = _str(p, "plan_id", path)
+    currency = _str(p, "currency", path)
+    try:
+        minor_units(currency)
+    except UnknownCurrency as e:
+        raise CatalogError(f"{path}.currency: {e}") from None
+    interval_raw = _str(p, "interval", path)
+    try:
+        interval = Interval(interval_raw)
+    except ValueError:
+        raise CatalogError(
+            f"{path}.interval: must be 'month' or 'year', got {interval_raw!r}"
+        ) from None
+    charges_raw = p.get("charges")
+    if not isinstance(charges_raw, list):
+        raise CatalogError(f"{path}.charges: must be a list")
+    charges: list[Charge] = []
+    seen: set[str] = set()
+    for j, c in enumerate(charges_raw):
+        charge = _parse_charge(c, f"{path}.charges[{j}]")
+        if charge.charge_id in seen:
+            raise CatalogError(
+                f"{path}.charges[{j}].charge_id: duplicate charge_id {charge.charge_id!r}"
+            )
+        seen.add(charge.charge_id)
+        charges.append(charge)
+    return Plan(plan_id, currency, interval, tuple(charges))
+
+
+def _parse_charge(c: Any, path: str) -> Charge:
+    if not isinstance(c, dict):
+        raise CatalogError(f"{path}: must be an object")
+    charge_id = _str(c, "charge_id", path)
+    model = _str(c, "model", path)
+    if model not in _ALLOWED_KEYS:
+        raise CatalogError(
+            f"{path}.model: unknown model {model!r} "
+            f"(expected one of {', '.join(sorted(_ALLOWED_KEYS))})"
+        )
+    extra = sorted(set(c) - _ALLOWED_KEYS[model])
+    if extra:
+        raise CatalogError(f"{path}: unknown key(s) for model {model!r}: {', '.join(extra)}")
+    if model == "flat":
+        return FlatCharge(charge_id, _dec(c, "amount", path))
+    metric = _str(c, "metric", path)
+    agg_raw = _str(c, "aggregation", path)
+    try:
+        agg = Aggregation(agg_raw)
+    except ValueError:
+        raise CatalogError(
+            f"{path}.aggregation: must be one of sum, max, count, got {agg_raw!r}"
+        ) from None
+    if model == "per_unit":
+        return PerUnitCharge(charge_id, metric, agg, _dec(c, "unit_amount", path))
+    if model == "package":
+        return PackageCharge(
+            charge_id,
+            metric,
+            agg,
+            _dec(c, "package_size", path, positive=True),
+            _dec(c, "package_amount", path),
+        )
+    tiers = _parse_tiers(c.get("tiers"), f"{path}.tiers")
+    if model == "graduated":
+        return GraduatedCharge(charge_id, metric, agg, tiers)
+    return VolumeCharge(charge_id, metric, agg, tiers)
+
+
+def _parse_tiers(raw: Any, path: str) -> tuple[Tier, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"{path}: must be a non-empty list")
+    tiers: list[Tier] = []
+    prev: Decimal = Decimal(0)
+    for k, t in enumerate(raw):
+        tpath = f"{path}[{k}]"
+        if not isinstance(t, dict):
+            raise CatalogError(f"{tpath}: must be an object")
+        extra = sorted(set(t) - {"up_to", "unit_amount", "flat_amount"})
+        if extra:
+            raise CatalogError(f"{tpath}: unknown key(s): {', '.join(extra)}")
+        if "up_to" not in t:
+            raise CatalogError(f"{tpath}: missing 'up_to' (use null for the last tier)")
+        last = k == len(raw) - 1
+        if t["up_to"] is None:
+            if not last:
+                raise CatalogError(f"{tpath}.up_to: only the last tier may be unbounded (null)")
+            up_to = None
+        else:
+            if last:
+                raise CatalogError(f"{tpath}.up_to: the last tier must be unbounded (null)")
+            up_to = _dec(t, "up_to", tpath, positive=True)
+            if up_to <= prev:
+                raise CatalogError(
+                    f"{tpath}.up_to: tiers must be strictly increasing "
+                    f"({up_to} is not greater than {prev})"
+                )
+            prev = up_to
+        unit = _dec(t, "unit_amount", tpath)
+        flat = _dec(t, "flat_amount", tpath) if "flat_amount" in t else Decimal(0)
+        tiers.append(Tier(up_to, unit, flat))
+    return tuple(tiers)

@@ -1,0 +1,353 @@
+"""The per-subscription rating state machine.
+
+One ``SubscriptionState`` per subscription; ``apply_event`` and
+``close_periods`` are the only transitions. Both are pure functions of
+(state, event/time, catalog) apart from one deliberate shortcut: they update
+the given state in place and return it (copying the seen-event-id set on every
+usage event would make a busy period quadratic). Keep ``state.to_bytes()`` (or
+``state.copy()``) if you need the previous version, e.g. to retry after an
+aborted transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+
+from streams.domain.catalog import Aggregation, Catalog, Plan, UnknownPlan
+from streams.domain.events import Cancelled, Event, PlanChanged, SubscriptionCreated, Usage
+from streams.domain.invoice import (
+    KIND_FLAT,
+    KIND_PRORATION_CHARGE,
+    KIND_PRORATION_CREDIT,
+    KIND_USAGE,
+    REASON_CANCELLED,
+    REASON_CREATED,
+    REASON_PERIOD_END,
+    REASON_PLAN_CHANGED,
+    Invoice,
+    InvoiceLine,
+    make_invoice,
+)
+from streams.domain.money import CTX, ONE, ZERO, round_money
+from streams.domain.periods import Interval, period_bounds, period_start
+from streams.domain.pricing import price_usage, prorate
+from streams.domain.timestamps import from_micros, require_utc, to_micros
+
+STATUS_ACTIVE = "active"
+STATUS_CANCELLING = "cancelling"  # end_of_period cancellation scheduled
+STATUS_ENDED = "ended"
+_STATUSES = (STATUS_ACTIVE, STATUS_CANCELLING, STATUS_ENDED)
+
+# Periods are computed up to a year past any accepted timestamp; stopping here
+# keeps datetime (max year 9999) from overflowing.
+HORIZON = datetime(9000, 1, 1, tzinfo=UTC)
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str
+    event: object
+
+
+@dataclass(slots=True)
+class SubscriptionState:
+    subscription_id: str
+    account_id: str
+    plan_id: str
+    currency: str  # fixed at creation; plan changes must keep it
+    interval: Interval  # fixed at creation; plan changes must keep it
+    anchor: datetime  # start of period 0
+    period_index: int  # the open period k: [start(k), start(k + 1))
+    segment_start: datetime  # start of the part of period k rated under plan_id
+    # metric -> aggregation -> value over [segment_start, now), for the metrics
+    # the current plan bills
+    usage: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    # usage event ids seen in the open period (dedup of retries)
+    seen_event_ids: set[str] = field(default_factory=set)
+    status: str = STATUS_ACTIVE
+    # plan changes applied at the instant segment_start, so that several changes
+    # at the same instant still get distinct invoice ids
+    changes_at_segment_start: int = 0
+
+    def copy(self) -> SubscriptionState:
+        return SubscriptionState.from_bytes(self.to_bytes())
+
+    def to_bytes(self) -> bytes:
+        """Compact positional orjson array; timestamps as epoch microseconds,
+        decimals as strings (lossless). Sorted keys/ids keep it deterministic."""
+        return orjson.dumps(
+            [
+                _STATE_VERSION,
+                self.subscription_id,
+                self.account_id,
+                self.plan_id,
+                self.currency,
+                self.interval.value,
+                to_micros(self.anchor),
+                self.period_index,
+                to_micros(self.segment_start),
+                self.status,
+                {m: {a: str(v) for a, v in aggs.items()} for m, aggs in self.usage.items()},
+                sorted(self.seen_event_ids),
+                self.changes_at_segment_start,
+            ],
+            option=orjson.OPT_SORT_KEYS,
+        )
+
+    @classmethod
+    def from_bytes(cls, b: bytes) -> SubscriptionState:
+        v = orjson.loads(b)
+        if not isinstance(v, list) or not v or v[0] != _STATE_VERSION or len(v) != 13:
+            raise ValueError("not a version-1 SubscriptionState")
+        status = v[9]
+        if status not in _STATUSES:
+            raise ValueError(f"invalid status {status!r}")
+        return cls(
+            subscription_id=v[1],
+            account_id=v[2],
+            plan_id=v[3],
+            currency=v[4],
+            interval=Interval(v[5]),
+            anchor=from_micros(v[6]),
+            period_index=v[7],
+            segment_start=from_micros(v[8]),
+            status=status,
+            usage={m: {a: Decimal(x) for a, x in aggs.items()} for m, aggs in v[10].items()},
+            seen_event_ids=set(v[11]),
+            changes_at_segment_start=v[12],
+        )
+
+    def period_bounds(self) -> tuple[datetime, datetime]:
+        return period_bounds(self.anchor, self.interval, self.period_index)
+
+
+def next_period_end(state: SubscriptionState) -> datetime | None:
+    """When close_periods next has work to do; None once the subscription ended."""
+    if state.status == STATUS_ENDED:
+        return None
+    return period_start(state.anchor, state.interval, state.period_index + 1)
+
+
+# --- line builders ---------------------------------------------------------------
+
+
+def _usage_lines(
+    plan: Plan, state: SubscriptionState, start: datetime, end: datetime
+) -> list[InvoiceLine]:
+    lines = []
+    for charge in plan.usage_charges:
+        q = state.usage.get(charge.metric, {}).get(charge.aggregation.value, ZERO)
+        amount = round_money(price_usage(charge, q), state.currency)
+        lines.append(InvoiceLine(charge.charge_id, KIND_USAGE, start, end, q, amount))
+    return lines
+
+
+def _flat_lines(plan: Plan, start: datetime, end: datetime) -> list[InvoiceLine]:
+    return [
+        InvoiceLine(c.charge_id, KIND_FLAT, start, end, ONE, round_money(c.amount, plan.currency))
+        for c in plan.flat_charges
+    ]
+
+
+def _proration_lines(
+    plan: Plan, kind: str, t: datetime, start: datetime, end: datetime
+) -> list[InvoiceLine]:
+    sign = -1 if kind == KIND_PRORATION_CREDIT else 1
+    lines = []
+    for c in plan.flat_charges:
+        exact = prorate(c.amount, t, start, end)
+        # half-even is symmetric, so rounding the negated value equals negating
+        # the rounded one: a credit and a charge of the same amount cancel out
+        amount = round_money(exact if sign > 0 else CTX.minus(exact), plan.currency)
+        lines.append(InvoiceLine(c.charge_id, kind, t, end, ONE, amount))
+    return lines
+
+
+def _start_segment(state: SubscriptionState, t: datetime) -> None:
+    state.segment_start = t
+    state.usage = {}
+
+
+# --- transitions -------------------------------------------------------------------
+
+
+def close_periods(
+    state: SubscriptionState, until: datetime, catalog: Catalog
+) -> tuple[SubscriptionState, list[Invoice]]:
+    """Issue the invoice of every period end <= until (usage in arrears for the
+    ended period, flat charges in advance for the next one)."""
+    until = min(require_utc(until), HORIZON)
+    invoices: list[Invoice] = []
+    while state.status != STATUS_ENDED:
+        _, end = state.period_bounds()
+        if end > until:
+            break
+        plan = catalog.plan(state.plan_id)
+        lines = _usage_lines(plan, state, state.segment_start, end)
+        if state.status == STATUS_CANCELLING:
+            state.status = STATUS_ENDED  # last invoice: no new flat charge
+        else:
+            next_end = period_start(state.anchor, state.interval, state.period_index + 2)
+            lines += _flat_lines(plan, end, next_end)
+        invoices.append(_invoice(state, end, REASON_PERIOD_END, lines))
+        state.period_index += 1
+        _start_segment(state, end)
+        state.seen_event_ids = set()
+        state.changes_at_segment_start = 0
+    return state, invoices
+
+
+def apply_event(
+    state: SubscriptionState | None, event: Event, catalog: Catalog
+) -> tuple[SubscriptionState | None, list[Invoice], list[Rejection]]:
+    """Apply one event: first close every period that ended at or before the
+    event's timestamp, then apply the event itself."""
+    t = require_utc(event.timestamp)
+    if t >= HORIZON:
+        return state, [], [Rejection(f"timestamp not before {HORIZON.year}-01-01", event)]
+    if isinstance(event, SubscriptionCreated):
+        if state is not None:
+            return state, [], [Rejection("duplicate subscription.created", event)]
+        return _create(event, t, catalog)
+    if state is None:
+        return None, [], [Rejection("unknown subscription", event)]
+    if state.subscription_id != event.subscription_id:
+        raise ValueError("event is for another subscription than the state")
+
+    state, invoices = close_periods(state, t, catalog)
+
+    def reject(reason: str) -> tuple[SubscriptionState, list[Invoice], list[Rejection]]:
+        return state, invoices, [Rejection(reason, event)]
+
+    if state.status == STATUS_ENDED:
+        return reject("subscription has ended")
+    if t < state.segment_start:
+        # only possible with out-of-order delivery: that span is already invoiced
+        return reject("late event: its billing segment is already invoiced")
+
+    if isinstance(event, Usage):
+        _add_usage(state, event, catalog.plan(state.plan_id))
+        return state, invoices, []
+    if isinstance(event, PlanChanged):
+        reason = _change_plan(state, event, t, catalog, invoices)
+        return reject(reason) if reason else (state, invoices, [])
+    if isinstance(event, Cancelled):
+        if event.mode == "end_of_period":
+            if state.status == STATUS_CANCELLING:
+                return reject("cancellation already scheduled")
+            state.status = STATUS_CANCELLING
+            return state, invoices, []
+        invoices.append(_cancel_now(state, t, catalog))
+        return state, invoices, []
+    raise TypeError(f"not an event: {event!r}")
+
+
+def _create(
+    event: SubscriptionCreated, t: datetime, catalog: Catalog
+) -> tuple[SubscriptionState | None, list[Invoice], list[Rejection]]:
+    try:
+        plan = catalog.plan(event.plan_id)
+    except UnknownPlan as e:
+        return None, [], [Rejection(str(e), event)]
+    state = SubscriptionState(
+        subscription_id=event.subscription_id,
+        account_id=event.account_id,
+        plan_id=plan.plan_id,
+        currency=plan.currency,
+        interval=plan.interval,
+        anchor=t,
+        period_index=0,
+        segment_start=t,
+    )
+    start, end = state.period_bounds()
+    return state, [_invoice(state, t, REASON_CREATED, _flat_lines(plan, start, end))], []
+
+
+def _add_usage(state: SubscriptionState, event: Usage, plan: Plan) -> None:
+    if event.event_id in state.seen_event_ids:
+        return  # a retried delivery: counted once (the first), not an error
+    state.seen_event_ids.add(event.event_id)
+    # A metric the plan has no charge for is not billed: it is valid usage the
+    # plan simply does not price, so it is neither aggregated nor dead-lettered.
+    for agg in _aggregations(plan).get(event.metric, ()):
+        values = state.usage.setdefault(event.metric, {})
+        old = values.get(agg)
+        if agg == Aggregation.SUM:
+            values[agg] = event.quantity if old is None else CTX.add(old, event.quantity)
+        elif agg == Aggregation.MAX:
+            values[agg] = event.quantity if old is None else max(old, event.quantity)
+        else:
+            values[agg] = ONE if old is None else CTX.add(old, ONE)
+
+
+def _aggregations(plan: Plan) -> dict[str, tuple[str, ...]]:
+    return {m: tuple(a.value for a in aggs) for m, aggs in plan.aggregations().items()}
+
+
+def _change_plan(
+    state: SubscriptionState,
+    event: PlanChanged,
+    t: datetime,
+    catalog: Catalog,
+    invoices: list[Invoice],
+) -> str | None:
+    """Apply a plan change; return a rejection reason instead if it is invalid."""
+    if event.plan_id == state.plan_id:
+        return f"subscription is already on plan {event.plan_id!r}"
+    try:
+        new = catalog.plan(event.plan_id)
+    except UnknownPlan as e:
+        return str(e)
+    if new.currency != state.currency:
+        return f"plan change to another currency ({state.currency} -> {new.currency})"
+    if new.interval != state.interval:
+        # the anchor/period index would no longer describe the periods
+        return f"plan change to another interval ({state.interval} -> {new.interval})"
+    old = catalog.plan(state.plan_id)
+    start, end = state.period_bounds()
+    lines = _usage_lines(old, state, state.segment_start, t)
+    lines += _proration_lines(old, KIND_PRORATION_CREDIT, t, start, end)
+    lines += _proration_lines(new, KIND_PRORATION_CHARGE, t, start, end)
+    n = state.changes_at_segment_start + 1 if t == state.segment_start else 1
+    key = f"{REASON_PLAN_CHANGED}:{new.plan_id}" + (f"#{n}" if n > 1 else "")
+    invoices.append(_invoice(state, t, REASON_PLAN_CHANGED, lines, key))
+    state.plan_id = new.plan_id
+    _start_segment(state, t)
+    state.changes_at_segment_start = n
+    return None
+
+
+def _cancel_now(state: SubscriptionState, t: datetime, catalog: Catalog) -> Invoice:
+    plan = catalog.plan(state.plan_id)
+    start, end = state.period_bounds()
+    lines = _usage_lines(plan, state, state.segment_start, t)
+    lines += _proration_lines(plan, KIND_PRORATION_CREDIT, t, start, end)
+    state.status = STATUS_ENDED
+    invoice = _invoice(state, t, REASON_CANCELLED, lines)
+    _start_segment(state, t)
+    state.seen_event_ids = set()
+    return invoice
+
+
+def _invoice(
+    state: SubscriptionState,
+    at: datetime,
+    reason: str,
+    lines: list[InvoiceLine],
+    reason_key: str | None = None,
+) -> Invoice:
+    return make_invoice(
+        subscription_id=state.subscription_id,
+        account_id=state.account_id,
+        currency=state.currency,
+        issued_at=at,
+        reason=reason,
+        lines=lines,
+        reason_key=reason_key,
+    )

@@ -1,0 +1,1 @@
+"""Kafka plumbing: the local broker, the declared topics and client settings."""

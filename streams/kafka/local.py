@@ -1,0 +1,39 @@
+"""The project's local Kafka cluster (deploy/kafka/kafka.sh), started on demand."""
+
+from __future__ import annotations
+
+import subprocess
+
+from streams.config import DEPLOY_DIR, Settings
+
+KAFKA_SH = DEPLOY_DIR / "kafka" / "kafka.sh"
+
+
+def start_local_kafka(brokers: int = 1) -> str:
+    """Start (or reuse) the local cluster; returns its bootstrap servers."""
+    proc = subprocess.run(
+        [str(KAFKA_SH), "start", "--brokers", str(brokers)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env_without_bootstrap(),
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"local Kafka did not start:\n{proc.stderr[-4000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def stop_local_kafka(node: int | None = None) -> None:
+    args = [str(KAFKA_SH), "stop"] + ([str(node)] if node else [])
+    subprocess.run(args, check=True, capture_output=True, env=_env_without_bootstrap())
+
+
+def _env_without_bootstrap() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+
+
+def bootstrap_servers(settings: Settings) -> str:
+    """The configured cluster, or the local one (started if needed)."""
+    return settings.bootstrap_servers or start_local_kafka()

@@ -1,0 +1,1 @@
+"""Stream processors: thin Kafka adapters around the pure domain code."""

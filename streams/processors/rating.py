@@ -1,0 +1,461 @@
+"""The rating processor: subscription and usage events in, invoices out, exactly once.
+
+A thin adapter around ``streams.domain.rating``. Each loop iteration is one Kafka
+transaction holding the invoices, dead letters and state changelog records it produced
+plus the input offsets it consumed, so a crash or a rebalance never loses or repeats an
+invoice (downstream reads with isolation.level=read_committed).
+
+Inputs are co-partitioned by account (``range`` assignment gives one worker the same
+partition number of every input topic), and the state of partition p lives in
+``<home>/state/rating/p<p>`` (RocksDB) backed by partition p of the changelog topic.
+
+Periods close
+- on an event of the subscription at or after the period end (event time);
+- on a bill run (``billing.control``): "close every period ending <= until", executed
+  once the worker has consumed its inputs up to the run's barrier offsets, in chunks of
+  one transaction each, idempotently (a closed period is no longer due);
+- with ``clock="wall"``, continuously: every period whose end has passed in real time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+
+from streams.codec import DecodeError, codec
+from streams.config import Settings
+from streams.domain.catalog import Catalog
+from streams.domain.events import InvalidEvent, parse_event
+from streams.domain.invoice import Invoice
+from streams.domain.rating import (
+    SubscriptionState,
+    apply_event,
+    close_periods,
+    next_period_end,
+)
+from streams.domain.timestamps import format_timestamp, to_micros
+from streams.kafka import clients
+from streams.kafka.topics import (
+    CONTROL,
+    DEAD_LETTER,
+    INVOICES,
+    RATING_CHANGELOG,
+    SUBSCRIPTIONS,
+    USAGE,
+    group_id,
+)
+from streams.processors.deadletter import dead_letter_record
+from streams.processors.runtime import StopFlag, poll_batch
+from streams.processors.state import PartitionStore, due_key
+
+log = structlog.get_logger(__name__)
+GROUP = "streambill-rating"
+NAME = "rating"
+
+
+def record_to_event(topic: str, rec: dict[str, Any]) -> Any:
+    """Avro record -> domain event (the same validation as the offline rater's JSON)."""
+    rec = {**rec, "timestamp": format_timestamp(rec["timestamp"])}
+    if topic == USAGE.name:
+        rec["type"] = "usage"
+        rec["quantity"] = str(rec["quantity"])
+    return parse_event(rec)
+
+
+def invoice_record(inv: Invoice, plan_id: str) -> dict[str, Any]:
+    return {
+        "invoice_id": inv.invoice_id,
+        "account_id": inv.account_id,
+        "subscription_id": inv.subscription_id,
+        "plan_id": plan_id,
+        "currency": inv.currency,
+        "issued_at": inv.issued_at,
+        "reason": inv.reason,
+        "lines": [
+            {
+                "charge_id": ln.charge_id,
+                "kind": ln.kind,
+                "period_start": ln.period_start,
+                "period_end": ln.period_end,
+                "quantity": ln.quantity,
+                "amount": ln.amount,
+            }
+            for ln in inv.lines
+        ],
+        "total": inv.total,
+        "payment_method": None,
+    }
+
+
+@dataclass
+class CloseJob:
+    """A bill run in progress on one partition."""
+
+    control_offset: int
+    run_id: str
+    until: datetime
+    accounts: frozenset[str] | None
+    barrier: dict[str, int]  # input topic -> offset this worker must have consumed first
+    cursor: bytes = b""  # last due key handled: the scan resumes after it
+    done: bool = False
+
+
+@dataclass
+class Batch:
+    """The state changes of one transaction, per partition."""
+
+    states: dict[int, dict[str, SubscriptionState | None]] = field(default_factory=dict)
+    originals: dict[int, dict[str, bytes | None]] = field(default_factory=dict)
+    encoded: dict[int, dict[str, bytes | None]] = field(default_factory=dict)
+    invoices: int = 0
+    dead_letters: int = 0
+
+
+class RatingProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        catalog: Catalog,
+        worker: int = 0,
+        clock: str = "event",
+        batch_size: int = 5000,
+        close_chunk: int = 5000,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.clock = clock
+        self.batch_size = batch_size
+        self.close_chunk = close_chunk
+        self.bootstrap = bootstrap
+        self.consumer: Consumer = clients.consumer(
+            settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
+        )
+        self.producer = clients.producer(
+            settings,
+            bootstrap,
+            **{
+                "transactional.id": group_id(f"streambill-rating-{worker}"),
+                "transaction.timeout.ms": 120_000,
+                "linger.ms": 5,
+            },
+        )
+        self.producer.init_transactions()
+        self.state_root = settings.state_dir / "rating"
+        self.stores: dict[int, PartitionStore] = {}
+        self.jobs: dict[int, CloseJob] = {}
+        self.changelog_next: dict[int, int] = {}
+        self.stop = StopFlag()
+        self.invoices_emitted = 0
+        self._delivery_error: Exception | None = None
+
+    # --- partition lifecycle ---------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in sorted({tp.partition for tp in partitions}):
+            if p not in self.stores:
+                self.stores[p] = self._restore(p)
+        log.info("assigned", partitions=sorted(self.stores))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in sorted({tp.partition for tp in partitions}):
+            store = self.stores.pop(p, None)
+            if store:
+                store.close()
+            self.jobs.pop(p, None)
+        log.info("revoked", partitions=sorted({tp.partition for tp in partitions}))
+
+    def _restore(self, p: int) -> PartitionStore:
+        """Bring partition p's RocksDB up to the end of its changelog partition."""
+        store = PartitionStore(Path(self.state_root) / f"p{p}")
+        restorer = clients.consumer(
+            self.settings,
+            self.bootstrap,
+            group_id(f"{GROUP}-restore"),
+            **{"enable.partition.eof": True},
+        )
+        try:
+            low, high = restorer.get_watermark_offsets(
+                TopicPartition(RATING_CHANGELOG.name, p), timeout=30
+            )
+            start = max(store.checkpoint, low)
+            if start >= high:
+                return store
+            restorer.assign([TopicPartition(RATING_CHANGELOG.name, p, start)])
+            restored, done = 0, False
+            while not done:
+                states: dict[str, bytes | None] = {}
+                moves = []
+                for msg in restorer.consume(10_000, timeout=1.0):
+                    if msg.error():
+                        done = True  # partition EOF: caught up
+                        continue
+                    sub = msg.key().decode()
+                    old = store.get(sub) if sub not in states else states[sub]
+                    states[sub] = msg.value()
+                    moves.append((self._due_key_of(sub, old), self._due_key_of(sub, msg.value())))
+                    store_next = msg.offset() + 1
+                    restored += 1
+                if states:
+                    store.write(states, moves, store_next)
+            log.info("state restored", partition=p, records=restored, from_offset=start)
+            return store
+        finally:
+            restorer.close()
+
+    @staticmethod
+    def _due_key_of(sub: str, raw: bytes | SubscriptionState | None) -> bytes | None:
+        if raw is None:
+            return None
+        state = SubscriptionState.from_bytes(raw) if isinstance(raw, bytes) else raw
+        end = next_period_end(state)
+        return due_key(to_micros(end), sub) if end else None
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self, until_idle: float | None = None) -> int:
+        self.consumer.subscribe(
+            [SUBSCRIPTIONS.name, USAGE.name, CONTROL.name],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+        )
+        idle_since = time.monotonic()
+        try:
+            while not self.stop:
+                msgs = poll_batch(self.consumer, self.batch_size, 0.1)
+                busy = bool(msgs) or bool(self.jobs) or self.clock == "wall"
+                if busy:
+                    worked = self._transaction(msgs)
+                    if worked:
+                        idle_since = time.monotonic()
+                if until_idle is not None and time.monotonic() - idle_since > until_idle:
+                    break
+        finally:
+            self.consumer.close()
+            for store in self.stores.values():
+                store.close()
+        return self.invoices_emitted
+
+    def _transaction(self, msgs: list[Any]) -> bool:
+        batch = Batch()
+        positions: dict[tuple[str, int], int] = {}
+        touched_jobs: set[int] = set()
+        self.producer.begin_transaction()
+        try:
+            for msg in msgs:
+                topic, p = msg.topic(), msg.partition()
+                if topic == CONTROL.name:
+                    if p not in self.jobs:  # one run at a time: the partition is paused meanwhile
+                        self._start_job(msg)
+                        touched_jobs.add(p)
+                    continue
+                positions[(topic, p)] = msg.offset() + 1
+                self._handle_event(msg, batch)
+            touched_jobs |= self._run_jobs(batch)
+            if self.clock == "wall":
+                now = datetime.now(UTC)
+                for p in list(self.stores):
+                    self._close_due(batch, p, now, None, b"")
+            self._flush_states(batch)
+            offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
+            # a bill run's record stays uncommitted until the run is complete
+            offsets += [
+                TopicPartition(CONTROL.name, p, job.control_offset + job.done)
+                for p, job in self.jobs.items()
+                if p in touched_jobs
+            ]
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata()
+                )
+            self.producer.flush()
+            if self._delivery_error:
+                raise self._delivery_error
+            self.producer.commit_transaction()
+        except BaseException:
+            self.producer.abort_transaction()
+            raise
+        # committed: the local cache may now follow the changelog
+        self._apply_to_stores(batch)
+        self._finish_jobs()
+        self.invoices_emitted += batch.invoices
+        return bool(msgs) or batch.invoices > 0
+
+    # --- events -------------------------------------------------------------------------
+
+    def _state(self, batch: Batch, p: int, sub: str) -> SubscriptionState | None:
+        dirty = batch.states.setdefault(p, {})
+        if sub in dirty:
+            return dirty[sub]
+        raw = self.stores[p].get(sub)
+        batch.originals.setdefault(p, {})[sub] = raw
+        return SubscriptionState.from_bytes(raw) if raw is not None else None
+
+    def _handle_event(self, msg: Any, batch: Batch) -> None:
+        topic, p = msg.topic(), msg.partition()
+        try:
+            rec = codec(
+                SUBSCRIPTIONS.schema if topic == SUBSCRIPTIONS.name else USAGE.schema
+            ).decode(msg.value())
+            event = record_to_event(topic, rec)
+        except DecodeError as exc:
+            self._dead_letter(batch, msg, exc.reason, exc.detail)
+            return
+        except InvalidEvent as exc:
+            self._dead_letter(batch, msg, "invalid_event", exc.reason)
+            return
+        state = self._state(batch, p, event.subscription_id)
+        new_state, invoices, rejections = apply_event(state, event, self.catalog)
+        batch.states[p][event.subscription_id] = new_state
+        self._emit(batch, p, new_state, invoices)
+        for rejection in rejections:
+            self._dead_letter(batch, msg, "rejected", rejection.reason)
+
+    def _emit(
+        self, batch: Batch, p: int, state: SubscriptionState | None, invoices: list[Invoice]
+    ) -> None:
+        encode = codec(INVOICES.schema).encode
+        for inv in invoices:
+            plan_id = state.plan_id if state is not None else ""
+            self.producer.produce(
+                INVOICES.name,
+                key=inv.account_id.encode(),
+                value=encode(invoice_record(inv, plan_id)),
+                partition=p,
+                on_delivery=self._on_delivery,
+            )
+        batch.invoices += len(invoices)
+
+    def _dead_letter(self, batch: Batch, msg: Any, reason: str, detail: str) -> None:
+        rec = dead_letter_record(msg, reason, detail, NAME)
+        self.producer.produce(
+            DEAD_LETTER.name,
+            key=msg.key(),
+            value=codec(DEAD_LETTER.schema).encode(rec),
+            partition=msg.partition(),
+            on_delivery=self._on_delivery,
+        )
+        batch.dead_letters += 1
+
+    # --- bill runs and the clock ----------------------------------------------------------
+
+    def _start_job(self, msg: Any) -> None:
+        p = msg.partition()
+        try:
+            rec = codec(CONTROL.schema).decode(msg.value())
+        except DecodeError as exc:
+            log.error("bad control record skipped", error=str(exc), offset=msg.offset())
+            self.consumer.seek(TopicPartition(CONTROL.name, p, msg.offset() + 1))
+            return
+        self.jobs[p] = CloseJob(
+            control_offset=msg.offset(),
+            run_id=rec["run_id"],
+            until=rec["until"],
+            accounts=frozenset(rec["accounts"]) if rec["accounts"] is not None else None,
+            barrier=rec["barrier"],
+        )
+        self.consumer.pause([TopicPartition(CONTROL.name, p)])
+
+    def _barrier_reached(self, p: int, barrier: dict[str, int]) -> bool:
+        if not barrier:
+            return True
+        positions = self.consumer.position([TopicPartition(t, p) for t in barrier])
+        return all(
+            tp.offset != OFFSET_INVALID and tp.offset >= barrier[tp.topic] for tp in positions
+        )
+
+    def _run_jobs(self, batch: Batch) -> set[int]:
+        ran = set()
+        for p, job in self.jobs.items():
+            if p in self.stores and self._barrier_reached(p, job.barrier):
+                job.cursor, job.done = self._close_due(
+                    batch, p, job.until, job.accounts, job.cursor
+                )
+                ran.add(p)
+        return ran
+
+    def _close_due(
+        self,
+        batch: Batch,
+        p: int,
+        until: datetime,
+        accounts: frozenset[str] | None,
+        cursor: bytes,
+    ) -> tuple[bytes, bool]:
+        """Close up to close_chunk due subscriptions of partition p after the cursor.
+        Returns the new cursor and whether nothing due is left."""
+        handled = 0
+        for key, sub in self.stores[p].due_after(cursor, to_micros(until)):
+            if handled >= self.close_chunk:
+                return cursor, False
+            cursor = key
+            self._close_one(batch, p, sub, until, accounts)
+            handled += 1
+        # subscriptions changed in this transaction are not in the due index yet
+        for sub in list(batch.states.get(p, {})):
+            self._close_one(batch, p, sub, until, accounts)
+        return cursor, True
+
+    def _close_one(
+        self, batch: Batch, p: int, sub: str, until: datetime, accounts: frozenset[str] | None
+    ) -> None:
+        state = self._state(batch, p, sub)
+        if state is None:
+            return
+        end = next_period_end(state)
+        if end is None or end > until:
+            return
+        if accounts is not None and state.account_id not in accounts:
+            return
+        new_state, invoices = close_periods(state, until, self.catalog)
+        batch.states[p][sub] = new_state
+        self._emit(batch, p, new_state, invoices)
+
+    def _finish_jobs(self) -> None:
+        for p, job in list(self.jobs.items()):
+            if job.done:
+                del self.jobs[p]
+                control = TopicPartition(CONTROL.name, p, job.control_offset + 1)
+                self.consumer.seek(control)
+                self.consumer.resume([control])
+                log.info("bill run done on partition", run_id=job.run_id, partition=p)
+
+    # --- state --------------------------------------------------------------------------
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_error = RuntimeError(f"delivery failed: {err}")
+        elif msg.topic() == RATING_CHANGELOG.name:
+            p = msg.partition()
+            self.changelog_next[p] = max(self.changelog_next.get(p, 0), msg.offset() + 1)
+
+    def _flush_states(self, batch: Batch) -> None:
+        for p, states in batch.states.items():
+            encoded = batch.encoded.setdefault(p, {})
+            for sub, state in states.items():
+                value = encoded[sub] = state.to_bytes() if state is not None else None
+                self.producer.produce(
+                    RATING_CHANGELOG.name,
+                    key=sub.encode(),
+                    value=value,
+                    partition=p,
+                    on_delivery=self._on_delivery,
+                )
+
+    def _apply_to_stores(self, batch: Batch) -> None:
+        for p, states in batch.states.items():
+            store = self.stores.get(p)
+            if store is None:
+                continue
+            originals = batch.originals.get(p, {})
+            moves = [
+                (self._due_key_of(sub, originals.get(sub)), self._due_key_of(sub, state))
+                for sub, state in states.items()
+            ]
+            store.write(batch.encoded[p], moves, self.changelog_next.get(p))

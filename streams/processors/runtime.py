@@ -1,0 +1,39 @@
+"""What every processor process shares: graceful stop on SIGTERM/SIGINT, batch polling."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop finishes its batch, commits and leaves."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.event.set())
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    def set(self) -> None:
+        self.event.set()
+
+
+def poll_batch(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
+    """Consume up to max_messages; Kafka-level errors (not data) are raised."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    messages = consumer.consume(max_messages, timeout=timeout)
+    good = []
+    for m in messages:
+        err = m.error()
+        if err is None:
+            good.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            if err.fatal():
+                raise KafkaException(err)
+    return good

@@ -1,0 +1,89 @@
+"""Per-partition state store: RocksDB (rocksdict) backed by a compacted changelog topic.
+
+The local RocksDB is a cache of the changelog partition up to a checkpoint offset kept
+inside it. It is written only *after* the Kafka transaction carrying the same changes
+committed, so it can lag the changelog but never run ahead of it; on assignment the
+missing tail is restored from the changelog (read_committed). Deleting the directory is
+always safe: the whole partition is then restored from the changelog.
+
+Keys: ``s|<subscription_id>`` -> domain state bytes; ``d|<period end µs, 20 digits>|<id>``
+-> b"" (the due index, so closing periods up to T is a range scan); ``c|checkpoint`` ->
+next changelog offset to restore from.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from rocksdict import Options, Rdict, WriteBatch
+
+CHECKPOINT = b"c|checkpoint"
+
+
+def due_key(period_end_us: int, subscription_id: str) -> bytes:
+    return b"d|%020d|" % period_end_us + subscription_id.encode()
+
+
+def state_key(subscription_id: str) -> bytes:
+    return b"s|" + subscription_id.encode()
+
+
+class PartitionStore:
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self.db = Rdict(str(path), options)
+
+    def get(self, subscription_id: str) -> bytes | None:
+        return self.db.get(state_key(subscription_id))
+
+    @property
+    def checkpoint(self) -> int:
+        raw = self.db.get(CHECKPOINT)
+        return int(raw) if raw else 0
+
+    def due_after(self, cursor: bytes, until_us: int) -> Iterator[tuple[bytes, str]]:
+        """(due key, subscription id) of periods ending <= until (µs), after `cursor`,
+        earliest first."""
+        it = self.db.iter()
+        it.seek(cursor + b"\x00" if cursor else b"d|")
+        stop = b"d|%020d|\xff" % until_us
+        while it.valid():
+            key = it.key()
+            if key > stop or not key.startswith(b"d|"):
+                break
+            yield key, key[23:].decode()
+            it.next()
+
+    def write(
+        self,
+        states: dict[str, bytes | None],
+        due_moves: list[tuple[bytes | None, bytes | None]],
+        checkpoint: int | None,
+    ) -> None:
+        """Apply one committed transaction's changes atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for sub, value in states.items():
+            if value is None:
+                batch.delete(state_key(sub))
+            else:
+                batch.put(state_key(sub), value)
+        for old, new in due_moves:
+            if old is not None and old != new:
+                batch.delete(old)
+            if new is not None:
+                batch.put(new, b"")
+        if checkpoint is not None:
+            batch.put(CHECKPOINT, b"%d" % checkpoint)
+        self.db.write(batch)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""Publishing records to the billing topics (generator, bill runs, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from streams.codec import codec
+from streams.config import Settings
+from streams.kafka import clients
+from streams.kafka.topics import CONTROL, SUBSCRIPTIONS, USAGE, TopicSpec, group_id
+
+
+class DeliveryError(RuntimeError):
+    pass
+
+
+def publish(
+    producer: Producer,
+    topic: TopicSpec,
+    records: Iterable[dict[str, Any]],
+    key_field: str = "account_id",
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Encode and produce records keyed by account; waits until all are acknowledged."""
+    encode = codec(topic.schema).encode
+    errors: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    count = 0
+    for rec in records:
+        while True:
+            try:
+                producer.produce(
+                    topic.name,
+                    key=rec[key_field].encode(),
+                    value=encode(rec),
+                    on_delivery=delivered,
+                )
+                break
+            except BufferError:  # local queue full: let it drain
+                producer.poll(0.05)
+        count += 1
+        if count % 10_000 == 0:
+            producer.poll(0)
+            if progress:
+                progress(10_000)
+    producer.flush()
+    if progress:
+        progress(count % 10_000)
+    if errors:
+        raise DeliveryError(f"{len(errors)} records not delivered, first: {errors[0]}")
+    return count
+
+
+def end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int]:
+    return [
+        consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+        for p in range(partitions)
+    ]
+
+
+def partition_count(consumer: Consumer, topic: str) -> int:
+    return len(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+
+
+def issue_bill_run(
+    settings: Settings, bootstrap: str, until: datetime, accounts: list[str] | None = None
+) -> dict[int, int]:
+    """Ask every rating partition to close the periods ending <= until, once it has
+    consumed everything published so far. Returns partition -> control record offset."""
+    probe = clients.consumer(settings, bootstrap, group_id("streambill-billrun"))
+    try:
+        n = partition_count(probe, CONTROL.name)
+        barriers = {t.name: end_offsets(probe, t.name, n) for t in (SUBSCRIPTIONS, USAGE)}
+    finally:
+        probe.close()
+    run_id = str(uuid.uuid4())
+    producer = clients.producer(settings, bootstrap)
+    offsets: dict[int, int] = {}
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is None:
+            offsets[msg.partition()] = msg.offset()
+
+    encode = codec(CONTROL.schema).encode
+    for p in range(n):
+        record = {
+            "run_id": run_id,
+            "until": until,
+            "accounts": accounts,
+            "barrier": {topic: ends[p] for topic, ends in barriers.items()},
+            "issued_at": datetime.now(UTC),
+        }
+        producer.produce(CONTROL.name, value=encode(record), partition=p, on_delivery=delivered)
+    producer.flush()
+    if len(offsets) != n:
+        raise DeliveryError("bill run not delivered to every partition")
+    return offsets
+
+
+def bill_run_done(settings: Settings, bootstrap: str, offsets: dict[int, int]) -> int:
+    """How many partitions have completed the run (committed past its control record)."""
+    from streams.processors.rating import GROUP
+
+    probe = clients.consumer(settings, bootstrap, group_id(GROUP))
+    try:
+        committed = probe.committed([TopicPartition(CONTROL.name, p) for p in offsets], timeout=30)
+    finally:
+        probe.close()
+    return sum(1 for tp in committed if tp.offset > offsets[tp.partition])

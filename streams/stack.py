@@ -1,0 +1,93 @@
+"""Processor processes started by the CLI (demo, benchmarks, tests): one OS process each,
+so each can be stopped gracefully (SIGTERM) or killed (SIGKILL) on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from streams.config import Settings
+from streams.warehouse import endpoint_file
+
+
+class ProcessorProcess:
+    def __init__(self, settings: Settings, bootstrap: str, name: str, *args: str) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.name = name
+        self.args = [name, *args]
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path = settings.home / "logs" / f"{name}.log"
+
+    def start(self) -> ProcessorProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "STREAMBILL_HOME": str(self.settings.home),
+        }
+        if self.settings.clickhouse_dsn:
+            env["CLICKHOUSE_DSN"] = self.settings.clickhouse_dsn
+        from streams.kafka.topics import namespace
+
+        env["STREAMBILL_NAMESPACE"] = namespace()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "run", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc and self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if not self.proc:
+            return None
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_for_warehouse_endpoint(
+    settings: Settings, sink: ProcessorProcess, timeout: float = 60
+) -> None:
+    """The sink owns chDB; wait until it answers queries (its endpoint file names its pid)."""
+    if not settings.warehouse_dsn.startswith("chdb://"):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sink.alive:
+            raise RuntimeError(f"sink exited during start-up:\n{sink.tail()}")
+        try:
+            info = json.loads(endpoint_file(settings).read_text())
+            if sink.proc and info.get("pid") == sink.proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("the sink did not open the warehouse in time")

@@ -1,0 +1,193 @@
+"""ClickHouse access (clickhouse-connect only): connection, migrations, the query endpoint.
+
+The DSN picks the engine: ``chdb:///path`` is chDB, ClickHouse in this process (the
+embedded default), ``http(s)://host:8123`` a real server. chDB storage belongs to one
+process at a time, so the process that lands data (the sink) also answers queries for
+everyone else over a small HTTP endpoint, advertised in ``<home>/warehouse.endpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import structlog
+
+from streams.config import DEPLOY_DIR, Settings
+
+log = structlog.get_logger(__name__)
+MIGRATIONS_DIR = DEPLOY_DIR / "clickhouse"
+DATABASE = "streambill"
+
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def connect(dsn: str) -> Any:
+    """One client per DSN and process (chDB allows only one owner of a data directory)."""
+    with _clients_lock:
+        if dsn not in _clients:
+            if dsn.startswith("chdb://"):
+                Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+                client = clickhouse_connect.get_client(dsn=dsn)
+                client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+                client.command(f"USE {DATABASE}")  # the chDB session keeps it
+            else:
+                credentials = {
+                    "username": os.environ.get("CLICKHOUSE_USER", "default"),
+                    "password": os.environ.get("CLICKHOUSE_PASSWORD", ""),
+                }
+                clickhouse_connect.get_client(dsn=dsn, **credentials).command(
+                    f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
+                )
+                client = clickhouse_connect.get_client(dsn=dsn, database=DATABASE, **credentials)
+            _clients[dsn] = client
+        return _clients[dsn]
+
+
+def migration_files() -> list[Path]:
+    return sorted(p for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def split_statements(sql: str) -> list[str]:
+    body = re.sub(r"--[^\n]*", "", sql)
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def migrate(client: Any) -> list[str]:
+    """Apply the migrations not yet recorded; idempotent. Returns the versions applied."""
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
+        "(version String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {
+        r[0] for r in client.query(f"SELECT version FROM {DATABASE}.schema_migrations").result_rows
+    }
+    applied = []
+    for path in migration_files():
+        version = path.stem
+        if version in done:
+            continue
+        for statement in split_statements(path.read_text()):
+            client.command(_qualify(statement))
+        client.insert(f"{DATABASE}.schema_migrations", [[version]], column_names=["version"])
+        applied.append(version)
+        log.info("migration applied", version=version)
+    return applied
+
+
+def _qualify(statement: str) -> str:
+    # Migrations name tables bare; they all live in the streambill database.
+    return re.sub(
+        r"^(CREATE (?:TABLE|VIEW|MATERIALIZED VIEW)(?: IF NOT EXISTS)?|ALTER TABLE|DROP (?:TABLE|VIEW)(?: IF EXISTS)?)\s+(?!\w+\.)(\w+)",
+        rf"\1 {DATABASE}.\2",
+        statement,
+        flags=re.I,
+    )
+
+
+def open_warehouse(settings: Settings) -> Any:
+    client = connect(settings.warehouse_dsn)
+    migrate(client)
+    return client
+
+
+# --- the query endpoint of the warehouse-owning process -------------------------------
+
+
+def endpoint_file(settings: Settings) -> Path:
+    return settings.home / "warehouse.endpoint"
+
+
+def run_query(client: Any, sql: str) -> dict[str, Any]:
+    result = client.query(sql)
+    return {"columns": list(result.column_names), "rows": [list(r) for r in result.result_rows]}
+
+
+class QueryServer:
+    """HTTP endpoint answering SQL for other processes while this one owns chDB."""
+
+    def __init__(self, client: Any, settings: Settings, port: int = 0) -> None:
+        self.client = client
+        self.settings = settings
+        self.lock = threading.Lock()
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                sql = self.rfile.read(length).decode()
+                try:
+                    with server_self.lock:
+                        payload = run_query(server_self.client, sql)
+                    body, status = json.dumps(payload, default=str).encode(), 200
+                except Exception as exc:
+                    body, status = json.dumps({"error": str(exc)}).encode(), 400
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # structured logs only
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> QueryServer:
+        self.thread.start()
+        endpoint_file(self.settings).parent.mkdir(parents=True, exist_ok=True)
+        endpoint_file(self.settings).write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        try:
+            if json.loads(endpoint_file(self.settings).read_text())["pid"] == os.getpid():
+                endpoint_file(self.settings).unlink()
+        except (OSError, ValueError, KeyError):
+            pass
+
+
+def _live_endpoint(settings: Settings) -> str | None:
+    try:
+        info = json.loads(endpoint_file(settings).read_text())
+        os.kill(info["pid"], 0)
+        return info["url"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class WarehouseUnavailable(RuntimeError):
+    pass
+
+
+def query(settings: Settings, sql: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Run SQL wherever the warehouse is: a server DSN, the owning process, or chDB here."""
+    dsn = settings.warehouse_dsn
+    if dsn.startswith("chdb://"):
+        url = _live_endpoint(settings)
+        if url:
+            request = urllib.request.Request(url, data=sql.encode(), method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                raise ValueError(json.loads(exc.read()).get("error", str(exc))) from None
+            except OSError as exc:
+                raise WarehouseUnavailable(f"warehouse endpoint {url}: {exc}") from exc
+    return run_query(open_warehouse(settings), sql)
