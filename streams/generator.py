@@ -70,7 +70,8 @@ def usage_events(ds: Dataset, catalog: Catalog) -> Iterator[dict]:
         plan = catalog.plan(plans[i % len(plans)])
         metrics = sorted({c.metric for c in plan.usage_charges}) or ["api_calls"]
         start, end = period_bounds(ds.anchor(i), plan.interval, 0)
-        span = int((end - start).total_seconds()) - 1
+        # usage within the first 27 days: inside the first period of every interval
+        span = int((min(end, start + timedelta(days=27)) - start).total_seconds()) - 1
         for j in range(rng.randint(*ds.usage_per_subscription)):
             yield {
                 "event_id": f"{ds.subscription(i)}-u{j}",
@@ -78,7 +79,9 @@ def usage_events(ds: Dataset, catalog: Catalog) -> Iterator[dict]:
                 "account_id": ds.account(i),
                 "subscription_id": ds.subscription(i),
                 "metric": metrics[j % len(metrics)],
-                "quantity": Decimal(rng.randint(1, 1000)),
+                "quantity": Decimal(
+                    rng.randint(1, 40 if metrics[j % len(metrics)] == "seats" else 1000)
+                ),
             }
 
 

@@ -27,7 +27,28 @@ def publish(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Encode and produce records keyed by account; waits until all are acknowledged."""
-    encode = codec(topic.schema).encode
+    return publish_mixed(producer, ((topic, r) for r in records), key_field, progress)
+
+
+def publish_in_time_order(
+    producer: Producer,
+    streams: Iterable[tuple[TopicSpec, Iterable[dict[str, Any]]]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Publish several topics' records interleaved by their timestamp, as upstream
+    systems do when they publish events as they happen."""
+    merged = sorted(
+        ((t, r) for t, records in streams for r in records), key=lambda tr: tr[1]["timestamp"]
+    )
+    return publish_mixed(producer, merged, progress=progress)
+
+
+def publish_mixed(
+    producer: Producer,
+    records: Iterable[tuple[TopicSpec, dict[str, Any]]],
+    key_field: str = "account_id",
+    progress: Callable[[int], None] | None = None,
+) -> int:
     errors: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:
@@ -35,13 +56,14 @@ def publish(
             errors.append(str(err))
 
     count = 0
-    for rec in records:
+    for topic, rec in records:
+        value = codec(topic.schema).encode(rec)
         while True:
             try:
                 producer.produce(
                     topic.name,
                     key=rec[key_field].encode(),
-                    value=encode(rec),
+                    value=value,
                     on_delivery=delivered,
                 )
                 break

@@ -9,6 +9,13 @@ Inputs are co-partitioned by account (``range`` assignment gives one worker the 
 partition number of every input topic), and the state of partition p lives in
 ``<home>/state/rating/p<p>`` (RocksDB) backed by partition p of the changelog topic.
 
+Event time is aligned across the two input topics: each partition's subscription and
+usage records wait in small buffers and are applied in timestamp order (subscription
+events first on ties), a record being released only when the other topic's buffer has
+data or that topic is caught up (or has been silent for ``max_idle`` seconds), as Kafka
+Streams does. Without it, usage read ahead of its subscription.created would be
+rejected, and usage after a plan change could be rated under the old plan.
+
 Periods close
 - on an event of the subscription at or after the period end (event time);
 - on a bill run (``billing.control``): "close every period ending <= until", executed
@@ -20,13 +27,14 @@ Periods close
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_INVALID, Consumer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
@@ -94,6 +102,16 @@ def invoice_record(inv: Invoice, plan_id: str) -> dict[str, Any]:
 
 
 @dataclass
+class Pending:
+    """A decoded input record waiting for its turn in event-time order."""
+
+    timestamp: float  # -inf for undecodable records: dead-lettered at once
+    msg: Any
+    event: Any = None
+    error: tuple[str, str] | None = None
+
+
+@dataclass
 class CloseJob:
     """A bill run in progress on one partition."""
 
@@ -127,12 +145,17 @@ class RatingProcessor:
         clock: str = "event",
         batch_size: int = 5000,
         close_chunk: int = 5000,
+        max_idle: float = 0.5,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.clock = clock
         self.batch_size = batch_size
         self.close_chunk = close_chunk
+        self.max_idle = max_idle
+        # partition -> topic -> records in offset order, not yet applied
+        self.buffers: dict[int, dict[str, deque[Pending]]] = {}
+        self.blocked_since: dict[int, float] = {}
         self.bootstrap = bootstrap
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
@@ -169,6 +192,9 @@ class RatingProcessor:
             if store:
                 store.close()
             self.jobs.pop(p, None)
+            # unapplied records are fetched again from the committed offsets
+            self.buffers.pop(p, None)
+            self.blocked_since.pop(p, None)
         log.info("revoked", partitions=sorted({tp.partition for tp in partitions}))
 
     def _restore(self, p: int) -> PartitionStore:
@@ -255,8 +281,9 @@ class RatingProcessor:
                         self._start_job(msg)
                         touched_jobs.add(p)
                     continue
-                positions[(topic, p)] = msg.offset() + 1
-                self._handle_event(msg, batch)
+                self._buffer(msg)
+            for p in list(self.buffers):
+                self._drain(p, batch, positions)
             touched_jobs |= self._run_jobs(batch)
             if self.clock == "wall":
                 now = datetime.now(UTC)
@@ -285,7 +312,7 @@ class RatingProcessor:
         self._apply_to_stores(batch)
         self._finish_jobs()
         self.invoices_emitted += batch.invoices
-        return bool(msgs) or batch.invoices > 0
+        return bool(positions) or batch.invoices > 0
 
     # --- events -------------------------------------------------------------------------
 
@@ -297,19 +324,57 @@ class RatingProcessor:
         batch.originals.setdefault(p, {})[sub] = raw
         return SubscriptionState.from_bytes(raw) if raw is not None else None
 
-    def _handle_event(self, msg: Any, batch: Batch) -> None:
-        topic, p = msg.topic(), msg.partition()
+    def _buffer(self, msg: Any) -> None:
+        topic = msg.topic()
+        pending = Pending(float("-inf"), msg)
         try:
-            rec = codec(
-                SUBSCRIPTIONS.schema if topic == SUBSCRIPTIONS.name else USAGE.schema
-            ).decode(msg.value())
-            event = record_to_event(topic, rec)
+            schema = SUBSCRIPTIONS.schema if topic == SUBSCRIPTIONS.name else USAGE.schema
+            pending.event = record_to_event(topic, codec(schema).decode(msg.value()))
+            pending.timestamp = pending.event.timestamp.timestamp()
         except DecodeError as exc:
-            self._dead_letter(batch, msg, exc.reason, exc.detail)
-            return
+            pending.error = (exc.reason, exc.detail)
         except InvalidEvent as exc:
-            self._dead_letter(batch, msg, "invalid_event", exc.reason)
+            pending.error = ("invalid_event", exc.reason)
+        topics = self.buffers.setdefault(
+            msg.partition(), {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
+        )
+        topics[topic].append(pending)
+
+    def _caught_up(self, topic: str, p: int) -> bool:
+        tp = TopicPartition(topic, p)
+        position = self.consumer.position([tp])[0].offset
+        # a fresh look at the broker: a cached high watermark can predate records already
+        # published, which would let a later event overtake them
+        try:
+            high = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+        except KafkaException:
+            return False
+        return position >= 0 and position >= high[1]
+
+    def _drain(self, p: int, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
+        """Apply partition p's buffered records in event-time order, as far as is safe."""
+        subs, usage = self.buffers[p][SUBSCRIPTIONS.name], self.buffers[p][USAGE.name]
+        while subs or usage:
+            if not subs or not usage:
+                empty = SUBSCRIPTIONS.name if not subs else USAGE.name
+                waited = time.monotonic() - self.blocked_since.setdefault(p, time.monotonic())
+                if waited < self.max_idle and not self._caught_up(empty, p):
+                    return  # the other topic may still hold earlier events
+            self.blocked_since.pop(p, None)
+            if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
+                pending = subs.popleft()
+            else:
+                pending = usage.popleft()
+            msg = pending.msg
+            positions[(msg.topic(), p)] = msg.offset() + 1
+            self._apply(pending, batch)
+
+    def _apply(self, pending: Pending, batch: Batch) -> None:
+        msg, event = pending.msg, pending.event
+        if pending.error:
+            self._dead_letter(batch, msg, *pending.error)
             return
+        p = msg.partition()
         state = self._state(batch, p, event.subscription_id)
         new_state, invoices, rejections = apply_event(state, event, self.catalog)
         batch.states[p][event.subscription_id] = new_state
@@ -361,13 +426,25 @@ class RatingProcessor:
             barrier=rec["barrier"],
         )
         self.consumer.pause([TopicPartition(CONTROL.name, p)])
+        log.info("bill run started on partition", run_id=rec["run_id"], partition=p,
+                 until=rec["until"].isoformat(), barrier=rec["barrier"])  # fmt: skip
 
     def _barrier_reached(self, p: int, barrier: dict[str, int]) -> bool:
         if not barrier:
             return True
         positions = self.consumer.position([TopicPartition(t, p) for t in barrier])
-        return all(
-            tp.offset != OFFSET_INVALID and tp.offset >= barrier[tp.topic] for tp in positions
+        fetched = all(
+            barrier[tp.topic] == 0
+            or (tp.offset != OFFSET_INVALID and tp.offset >= barrier[tp.topic])
+            for tp in positions
+        )
+        if not fetched:
+            log.debug("bill run waits for its barrier", partition=p, barrier=barrier,
+                      positions={tp.topic: tp.offset for tp in positions})  # fmt: skip
+        # ... and applied: nothing before the barrier still waits in a buffer
+        buffers = self.buffers.get(p, {})
+        return fetched and not any(
+            buffers.get(t) and buffers[t][0].msg.offset() < end for t, end in barrier.items()
         )
 
     def _run_jobs(self, batch: Batch) -> set[int]:

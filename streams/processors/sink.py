@@ -1,8 +1,12 @@
 """The sink: lands Kafka topics into ClickHouse in batches, effectively once.
 
-Offsets are committed only after ClickHouse has acknowledged the batch's inserts, so a
-crash replays at most the uncommitted batch; every row carries a deterministic id that
-ReplacingMergeTree collapses, so the replay never shows up as a second row.
+The warehouse is the source of truth for what has landed: each topic's landing table
+records the Kafka partition and offset of every row, and on assignment the sink resumes
+each partition right after the highest offset ClickHouse holds (from the beginning for
+an empty warehouse), whatever the group's committed offsets say. A batch is inserted
+with the offset-bearing table last, so a crash part-way through re-lands at most that
+batch, whose rows carry deterministic ids that ReplacingMergeTree collapses. Kafka
+offsets are still committed after each insert, for lag monitoring.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from confluent_kafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
@@ -76,10 +80,14 @@ def _dead_letter_rows(rec: dict[str, Any], partition: int, offset: int, rows: Ro
     ])  # fmt: skip
 
 
-LANDERS: dict[str, Callable[[dict[str, Any], int, int, Rows], None]] = {
-    INVOICES.base: _invoice_rows,
-    DEAD_LETTER.base: _dead_letter_rows,
+# topic -> (the table recording its partition/offset, the row mapper)
+LANDERS: dict[str, tuple[str, Callable[[dict[str, Any], int, int, Rows], None]]] = {
+    INVOICES.base: ("invoices", _invoice_rows),
+    DEAD_LETTER.base: ("dead_letters", _dead_letter_rows),
 }
+OFFSET_TABLES = {table for table, _ in LANDERS.values()}
+# insertion order: dependent rows first, the offset-bearing rows last
+TABLE_ORDER = sorted(COLUMNS, key=lambda t: t in OFFSET_TABLES)
 
 
 class Sink:
@@ -97,7 +105,9 @@ class Sink:
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.client = open_warehouse(settings)
-        self.consumer = clients.consumer(settings, bootstrap, group_id(GROUP))
+        self.consumer = clients.consumer(
+            settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
+        )
         self.producer = clients.producer(settings, bootstrap)  # dead letters only
         self.server = (
             QueryServer(self.client, settings)
@@ -111,7 +121,7 @@ class Sink:
         """Land until stopped (or, with until_idle, until nothing arrived for that long)."""
         if self.server:
             self.server.start()
-        self.consumer.subscribe(self.topics)
+        self.consumer.subscribe(self.topics, on_assign=self._resume_from_warehouse)
         idle_since = time.monotonic()
         try:
             while not self.stop:
@@ -126,6 +136,20 @@ class Sink:
             if self.server:
                 self.server.stop()
         return self.landed
+
+    def _resume_from_warehouse(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        landed: dict[tuple[str, int], int] = {}
+        for topic in {tp.topic for tp in partitions}:
+            table = LANDERS[spec_for(topic).base][0]
+            result = self.client.query(
+                f"SELECT _partition, max(_offset) FROM {table} GROUP BY _partition"
+            )
+            for p, offset in result.result_rows:
+                landed[(topic, int(p))] = int(offset) + 1
+        for tp in partitions:
+            tp.offset = landed.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        consumer.assign(partitions)
+        log.info("resuming from the warehouse", positions=len(landed), partitions=len(partitions))
 
     def _collect(self) -> list[Any]:
         batch: list[Any] = []
@@ -155,10 +179,10 @@ class Sink:
                     produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
                 bad += 1
                 continue
-            LANDERS[spec_for(topic).base](rec, msg.partition(), msg.offset(), rows)
-        for table, table_rows in rows.items():
-            if table_rows:
-                self.client.insert(table, table_rows, column_names=COLUMNS[table])
+            LANDERS[spec_for(topic).base][1](rec, msg.partition(), msg.offset(), rows)
+        for table in TABLE_ORDER:
+            if rows[table]:
+                self.client.insert(table, rows[table], column_names=COLUMNS[table])
         if bad:
             self.producer.flush()
         # ClickHouse has the rows: now the offsets may move

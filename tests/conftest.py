@@ -1,0 +1,47 @@
+"""Shared fixtures. Integration tests run against the real local Kafka broker (started
+once by the suite through deploy/kafka/kafka.sh unless KAFKA_BOOTSTRAP_SERVERS is set)
+and the real embedded ClickHouse engine (chDB); nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.config import Settings
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    from streams.kafka.local import start_local_kafka
+
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or start_local_kafka()
+
+
+@pytest.fixture
+def pipeline_env(
+    tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """An isolated pipeline on the shared broker: its own topic/group namespace, home
+    directory (state, embedded warehouse) and 4 partitions. Processor subprocesses
+    inherit it through the environment."""
+    from streams.kafka import clients
+    from streams.kafka.topics import ensure_topics, namespace, set_namespace
+
+    ns = f"t{uuid.uuid4().hex[:10]}."
+    previous = namespace()
+    set_namespace(ns)
+    monkeypatch.setenv("STREAMBILL_NAMESPACE", ns)
+    monkeypatch.setenv("STREAMBILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STREAMBILL_PARTITIONS", "4")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.delenv("CLICKHOUSE_DSN", raising=False)
+    settings = Settings()
+    ensure_topics(clients.admin(settings, kafka_bootstrap), settings)
+    try:
+        yield settings
+    finally:
+        set_namespace(previous)

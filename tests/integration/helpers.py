@@ -1,0 +1,69 @@
+"""Running the real pipeline (processors as OS processes) from tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from streams.config import Settings
+from streams.demo import DEMO_CATALOG
+from streams.domain.timestamps import format_timestamp
+from streams.publish import bill_run_done, issue_bill_run
+from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.warehouse import query
+
+
+def start_rating(settings: Settings, bootstrap: str) -> ProcessorProcess:
+    return ProcessorProcess(
+        settings, bootstrap, "rating", "--catalog", str(DEMO_CATALOG), "--clock", "event"
+    ).start()
+
+
+def start_sink(settings: Settings, bootstrap: str) -> ProcessorProcess:
+    sink = ProcessorProcess(settings, bootstrap, "sink").start()
+    wait_for_warehouse_endpoint(settings, sink)
+    return sink
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    procs: Iterable[ProcessorProcess] = (),
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for proc in procs:
+            assert proc.alive, f"{proc.name} died:\n{proc.tail()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def run_bill_run(
+    settings: Settings, bootstrap: str, until: datetime, procs: Iterable[ProcessorProcess]
+) -> None:
+    offsets = issue_bill_run(settings, bootstrap, until)
+    wait_until(
+        lambda: bill_run_done(settings, bootstrap, offsets) == len(offsets),
+        180,
+        "the bill run",
+        procs,
+    )
+
+
+def scalar(settings: Settings, sql: str) -> Any:
+    return query(settings, sql)["rows"][0][0]
+
+
+def json_event(topic_kind: str, rec: dict[str, Any]) -> str:
+    """An Avro-shaped record as a line of the offline rater's JSON contract."""
+    out = {k: v for k, v in rec.items() if v is not None}
+    out["timestamp"] = format_timestamp(rec["timestamp"])
+    if topic_kind == "usage":
+        out["type"] = "usage"
+        out["quantity"] = str(rec["quantity"])
+    return orjson.dumps(out).decode()

@@ -1,0 +1,133 @@
+"""Avro codec and schema evolution (pure: no broker)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
+from avro.schema import parse as parse_avro
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.codec import Codec, DecodeError, codec
+from streams.config import REPO_ROOT, SCHEMAS_DIR
+from streams.kafka.topics import ALL_TOPICS
+
+SCHEMA_FILES = sorted(SCHEMAS_DIR.glob("*.avsc"))
+
+
+def compatible(reader_json: str, writer_json: str) -> bool:
+    result = ReaderWriterCompatibilityChecker().get_compatibility(
+        parse_avro(reader_json), parse_avro(writer_json)
+    )
+    return result.compatibility is SchemaCompatibilityType.compatible
+
+
+def git_versions(path: Path) -> list[str]:
+    """Every committed version of a schema file (newest first)."""
+    rel = path.relative_to(REPO_ROOT)
+    try:
+        commits = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "log", "--format=%H", "--", str(rel)],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [
+        subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "show", f"{c}:{rel}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        for c in commits
+    ]
+
+
+def test_every_topic_schema_exists() -> None:
+    for topic in ALL_TOPICS:
+        if topic.schema:
+            assert (SCHEMAS_DIR / f"{topic.schema}.avsc").exists(), topic.schema
+
+
+@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.stem)
+def test_schema_backward_compatible_with_every_committed_version(path: Path) -> None:
+    current = path.read_text()
+    old_versions = git_versions(path) + [
+        p.read_text() for p in (SCHEMAS_DIR / "history").glob(f"{path.stem}.*.avsc")
+    ]
+    for old in old_versions:
+        assert compatible(current, old), (
+            f"{path.name}: cannot read data written by an older version"
+        )
+
+
+@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.stem)
+def test_money_is_never_a_float(path: Path) -> None:
+    text = path.read_text()
+    assert '"float"' not in text and '"double"' not in text.replace(
+        '"latency_ms", "type": "double"', ""
+    )
+
+
+def test_compatibility_check_rejects_a_breaking_change() -> None:
+    """The check above can fail: a new field without a default breaks old data."""
+    schema = json.loads((SCHEMAS_DIR / "usage_event.avsc").read_text())
+    schema["fields"].append({"name": "unit", "type": "string"})
+    assert not compatible(json.dumps(schema), (SCHEMAS_DIR / "usage_event.avsc").read_text())
+    schema["fields"][-1]["default"] = "unit"
+    assert compatible(json.dumps(schema), (SCHEMAS_DIR / "usage_event.avsc").read_text())
+
+
+def test_old_writer_schema_is_resolved(tmp_path: Path) -> None:
+    """A record written with a kept older version decodes under the current schema."""
+    current = json.loads((SCHEMAS_DIR / "subscription_event.avsc").read_text())
+    old = {**current, "fields": [f for f in current["fields"] if f["name"] != "payment_method"]}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "subscription_event.avsc").write_text(json.dumps(old))
+    (tmp_path / "new" / "history").mkdir(parents=True)
+    (tmp_path / "new" / "subscription_event.avsc").write_text(json.dumps(current))
+    (tmp_path / "new" / "history" / "subscription_event.1.avsc").write_text(json.dumps(old))
+    old_codec = Codec("subscription_event", tmp_path / "old")
+    data = old_codec.encode({
+        "event_id": "e", "type": "subscription.created", "timestamp": datetime(2026, 1, 1, tzinfo=UTC),
+        "account_id": "a", "subscription_id": "s", "plan_id": "p", "mode": None,
+    })  # fmt: skip
+    decoded = Codec("subscription_event", tmp_path / "new").decode(data)
+    assert decoded["payment_method"] is None and decoded["plan_id"] == "p"
+
+
+def usage(quantity: Decimal) -> dict:
+    return {
+        "event_id": "e1", "timestamp": datetime(2026, 3, 1, 12, tzinfo=UTC), "account_id": "a",
+        "subscription_id": "s", "metric": "api_calls", "quantity": quantity,
+    }  # fmt: skip
+
+
+@given(st.decimals(min_value=0, max_value=10**20, places=9, allow_nan=False))
+@settings(max_examples=200)
+def test_usage_round_trip_is_exact(q: Decimal) -> None:
+    c = codec("usage_event")
+    assert c.decode(c.encode(usage(q)))["quantity"] == q
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300)
+def test_random_bytes_never_decode_silently(data: bytes) -> None:
+    try:
+        codec("usage_event").decode(data)
+    except DecodeError as exc:
+        assert exc.reason in {"empty_value", "invalid_avro", "unknown_schema"}
+
+
+def test_truncated_record_is_rejected() -> None:
+    c = codec("usage_event")
+    data = c.encode(usage(Decimal("12.5")))
+    for cut in range(1, len(data)):
+        with pytest.raises(DecodeError):
+            c.decode(data[:cut])
