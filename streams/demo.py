@@ -117,7 +117,8 @@ def run_demo(
         invoices, distinct = count_invoices(settings, dataset.prefix)
         by_currency = query(
             settings,
-            "SELECT currency, reason, count() AS invoices, sum(total) AS billed FROM invoices FINAL "
+            "SELECT currency, reason, count() AS invoices, sum(total) AS billed "
+            "FROM invoices FINAL "
             f"WHERE startsWith(account_id, '{dataset.prefix}') "
             "GROUP BY currency, reason ORDER BY currency, reason",
         )["rows"]

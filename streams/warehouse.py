@@ -77,21 +77,11 @@ def migrate(client: Any) -> list[str]:
         if version in done:
             continue
         for statement in split_statements(path.read_text()):
-            client.command(_qualify(statement))
+            client.command(statement)  # the client's database is streambill
         client.insert(f"{DATABASE}.schema_migrations", [[version]], column_names=["version"])
         applied.append(version)
         log.info("migration applied", version=version)
     return applied
-
-
-def _qualify(statement: str) -> str:
-    # Migrations name tables bare; they all live in the streambill database.
-    return re.sub(
-        r"^(CREATE (?:TABLE|VIEW|MATERIALIZED VIEW)(?: IF NOT EXISTS)?|ALTER TABLE|DROP (?:TABLE|VIEW)(?: IF EXISTS)?)\s+(?!\w+\.)(\w+)",
-        rf"\1 {DATABASE}.\2",
-        statement,
-        flags=re.I,
-    )
 
 
 def open_warehouse(settings: Settings) -> Any:

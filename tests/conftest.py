@@ -15,10 +15,22 @@ from streams.config import Settings
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
-    from streams.kafka.local import start_local_kafka
+def kafka_bootstrap() -> Iterator[str]:
+    """The configured cluster, or the local broker: reused if running, else started for
+    the session and stopped after it."""
+    import subprocess
 
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or start_local_kafka()
+    from streams.kafka.local import KAFKA_SH, start_local_kafka, stop_local_kafka
+
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    status = subprocess.run([str(KAFKA_SH), "status"], capture_output=True, text=True).stdout
+    already_running = "running" in status
+    bootstrap = start_local_kafka()
+    yield bootstrap
+    if not already_running:
+        stop_local_kafka()
 
 
 @pytest.fixture

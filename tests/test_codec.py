@@ -44,7 +44,7 @@ def git_versions(path: Path) -> list[str]:
             capture_output=True,
             text=True,
             check=True,
-        ).stdout  # fmt: skip
+        ).stdout
         for c in commits
     ]
 
@@ -94,8 +94,9 @@ def test_old_writer_schema_is_resolved(tmp_path: Path) -> None:
     (tmp_path / "new" / "subscription_event.avsc").write_text(json.dumps(current))
     (tmp_path / "new" / "history" / "subscription_event.1.avsc").write_text(json.dumps(old))
     old_codec = Codec("subscription_event", tmp_path / "old")
+    created_at = datetime(2026, 1, 1, tzinfo=UTC)
     data = old_codec.encode({
-        "event_id": "e", "type": "subscription.created", "timestamp": datetime(2026, 1, 1, tzinfo=UTC),
+        "event_id": "e", "type": "subscription.created", "timestamp": created_at,
         "account_id": "a", "subscription_id": "s", "plan_id": "p", "mode": None,
     })  # fmt: skip
     decoded = Codec("subscription_event", tmp_path / "new").decode(data)

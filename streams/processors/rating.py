@@ -343,24 +343,32 @@ class RatingProcessor:
     def _caught_up(self, topic: str, p: int) -> bool:
         tp = TopicPartition(topic, p)
         position = self.consumer.position([tp])[0].offset
+        if position < 0:  # nothing delivered since assignment: start from the committed offset
+            try:
+                position = max(self.consumer.committed([tp], timeout=1.0)[0].offset, 0)
+            except KafkaException:
+                return False
         # a fresh look at the broker: a cached high watermark can predate records already
         # published, which would let a later event overtake them
         try:
             high = self.consumer.get_watermark_offsets(tp, timeout=1.0)
         except KafkaException:
             return False
-        return position >= 0 and position >= high[1]
+        return position >= high[1]
 
     def _drain(self, p: int, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
         """Apply partition p's buffered records in event-time order, as far as is safe."""
         subs, usage = self.buffers[p][SUBSCRIPTIONS.name], self.buffers[p][USAGE.name]
         while subs or usage:
-            if not subs or not usage:
+            if subs and usage:
+                self.blocked_since.pop(p, None)
+            else:
+                # once the silent topic has been waited for max_idle, records flow until
+                # it delivers again (Kafka Streams' max.task.idle.ms)
                 empty = SUBSCRIPTIONS.name if not subs else USAGE.name
                 waited = time.monotonic() - self.blocked_since.setdefault(p, time.monotonic())
                 if waited < self.max_idle and not self._caught_up(empty, p):
                     return  # the other topic may still hold earlier events
-            self.blocked_since.pop(p, None)
             if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
                 pending = subs.popleft()
             else:
@@ -467,13 +475,11 @@ class RatingProcessor:
     ) -> tuple[bytes, bool]:
         """Close up to close_chunk due subscriptions of partition p after the cursor.
         Returns the new cursor and whether nothing due is left."""
-        handled = 0
-        for key, sub in self.stores[p].due_after(cursor, to_micros(until)):
+        for handled, (key, sub) in enumerate(self.stores[p].due_after(cursor, to_micros(until))):
             if handled >= self.close_chunk:
                 return cursor, False
             cursor = key
             self._close_one(batch, p, sub, until, accounts)
-            handled += 1
         # subscriptions changed in this transaction are not in the due index yet
         for sub in list(batch.states.get(p, {})):
             self._close_one(batch, p, sub, until, accounts)

@@ -33,7 +33,6 @@ def poll_batch(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
         err = m.error()
         if err is None:
             good.append(m)
-        elif err.code() != KafkaError._PARTITION_EOF:
-            if err.fatal():
-                raise KafkaException(err)
+        elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
+            raise KafkaException(err)
     return good

@@ -62,21 +62,11 @@ def _invoice_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) 
         ])  # fmt: skip
 
 
-def _bytes_text(b: bytes | None) -> str | None:
-    # original bytes kept losslessly readable: text if UTF-8, else hex
-    if b is None:
-        return None
-    try:
-        return b.decode()
-    except UnicodeDecodeError:
-        return "hex:" + b.hex()
-
-
 def _dead_letter_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
     rows["dead_letters"].append([
         rec["dead_letter_id"], rec["source_topic"], rec["source_partition"], rec["source_offset"],
-        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"], _bytes_text(rec["key"]),
-        _bytes_text(rec["value"]), partition, offset,
+        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"], rec["key"],
+        rec["value"], partition, offset,
     ])  # fmt: skip
 
 
