@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from streams.config import DEPLOY_DIR, Settings
 from streams.domain.catalog import Catalog
+from streams.domain.money import format_money
 from streams.generator import (
     DEFAULT_UNTIL,
     Dataset,
@@ -37,6 +39,7 @@ DEMO_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
 
 @dataclass
 class DemoResult:
+    accounts: int
     expected: int
     invoices: int
     distinct_invoice_ids: int
@@ -125,7 +128,8 @@ def run_demo(
     finally:
         rating.stop()
         sink.stop()
-    return DemoResult(expected, invoices, distinct, time.monotonic() - started, by_currency)
+    seconds = time.monotonic() - started
+    return DemoResult(accounts, expected, invoices, distinct, seconds, by_currency)
 
 
 def print_result(console: Console, result: DemoResult) -> None:
@@ -133,8 +137,14 @@ def print_result(console: Console, result: DemoResult) -> None:
     for col in ("currency", "reason", "invoices", "billed"):
         table.add_column(col, justify="right" if col in ("invoices", "billed") else "left")
     for currency, reason, count, billed in result.by_currency:
-        table.add_row(currency, reason, str(count), str(billed))
+        table.add_row(currency, reason, str(count), format_money(Decimal(str(billed)), currency))
     console.print(table)
+    closes = sum(int(row[2]) for row in result.by_currency if row[1] == "period_end")
+    console.print(
+        f"period-close invoices: {closes} (subscriptions whose period closed: "
+        f"{result.expected - result.accounts}); invoices at creation: "
+        f"{result.invoices - closes} (subscriptions: {result.accounts})"
+    )
     ok = result.invoices == result.expected == result.distinct_invoice_ids
     console.print(
         f"invoices: {result.invoices} (expected {result.expected}, distinct ids "
