@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -24,6 +24,8 @@ run_app = typer.Typer(help="Run one processor in this process (until SIGTERM).")
 kafka_app = typer.Typer(help="The project's local Kafka cluster (deploy/kafka/kafka.sh).")
 app.add_typer(run_app, name="run")
 app.add_typer(kafka_app, name="kafka")
+bench_app = typer.Typer(help="Benchmarks: start what they need, print figures, write JSON.")
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 out = Console()
 
@@ -251,8 +253,71 @@ def topics() -> None:
     out.print(table)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _run_bench(scenario: str, params: dict, runs: int, json_out: Path | None, once) -> None:
+    """Run a scenario `runs` times; print and write the median of every metric."""
+    from rich.table import Table
+
+    from streams.bench import median_of_runs
+
+    results = []
+    for i in range(runs):
+        console.print(f"[bold]{scenario}[/] run {i + 1}/{runs}")
+        results.append(once())
+    metrics = median_of_runs(results)
+    table = Table("metric", f"median of {runs}" if runs > 1 else "value", title=scenario)
+    for key, value in metrics.items():
+        table.add_row(key, str(value))
+    out.print(table)
+    payload = {"scenario": scenario, "params": {**params, "runs": runs}, "metrics": metrics}
+    if runs > 1:
+        payload["runs"] = results
+    _write_json(json_out, payload)
+
+
+@bench_app.command("kafka")
+def bench_kafka(
+    messages: int = typer.Option(1_000_000, min=1),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Raw Kafka produce + consume of usage-sized Avro records (the ceiling)."""
+    from streams.bench import bench_kafka as run
+
+    s = load_settings()
+    _run_bench("kafka", {"messages": messages}, runs, json_out, lambda: run(s, messages, console))
+
+
+@bench_app.command("usage")
+def bench_usage(
+    events: int = typer.Option(1_000_000, min=10),
+    workers: int = typer.Option(2, min=1, help="rating processes in the consumer group"),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Usage events ingested and aggregated by the rating processor."""
+    from streams.bench import bench_usage as run
+
+    s = load_settings()
+    params = {"events": events, "workers": workers}
+    _run_bench("usage", params, runs, json_out, lambda: run(s, events, workers, console))
+
+
+@bench_app.command("billrun")
+def bench_billrun(
+    subscriptions: int = typer.Option(100_000, min=1),
+    workers: int = typer.Option(2, min=1, help="rating processes in the consumer group"),
+    usage_per_subscription: int = typer.Option(10, min=0),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """N subscriptions whose periods all end at one instant: time to invoice them all."""
+    from streams.bench import bench_billrun as run
+
+    s = load_settings()
+    params = {"subscriptions": subscriptions, "workers": workers,
+              "usage_per_subscription": usage_per_subscription}  # fmt: skip
+    _run_bench("billrun", params, runs, json_out,
+               lambda: run(s, subscriptions, workers, usage_per_subscription, console))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ class Batch:
     """The state changes of one transaction, per partition."""
 
     states: dict[int, dict[str, SubscriptionState | None]] = field(default_factory=dict)
-    originals: dict[int, dict[str, bytes | None]] = field(default_factory=dict)
+    # the due-index key each subscription had before this transaction
+    original_due: dict[int, dict[str, bytes | None]] = field(default_factory=dict)
     encoded: dict[int, dict[str, bytes | None]] = field(default_factory=dict)
     invoices: int = 0
     dead_letters: int = 0
@@ -321,8 +322,9 @@ class RatingProcessor:
         if sub in dirty:
             return dirty[sub]
         raw = self.stores[p].get(sub)
-        batch.originals.setdefault(p, {})[sub] = raw
-        return SubscriptionState.from_bytes(raw) if raw is not None else None
+        state = SubscriptionState.from_bytes(raw) if raw is not None else None
+        batch.original_due.setdefault(p, {})[sub] = self._due_key_of(sub, state)
+        return state
 
     def _buffer(self, msg: Any) -> None:
         topic = msg.topic()
@@ -536,9 +538,9 @@ class RatingProcessor:
             store = self.stores.get(p)
             if store is None:
                 continue
-            originals = batch.originals.get(p, {})
+            original_due = batch.original_due.get(p, {})
             moves = [
-                (self._due_key_of(sub, originals.get(sub)), self._due_key_of(sub, state))
+                (original_due.get(sub), self._due_key_of(sub, state))
                 for sub, state in states.items()
             ]
             store.write(batch.encoded[p], moves, self.changelog_next.get(p))

@@ -1,0 +1,376 @@
+"""Benchmarks: commands that start what they need, print figures and write JSON.
+
+Each scenario runs in a fresh topic namespace and home directory on the local broker
+(or the configured cluster), pre-encodes its input (Avro encoding is not what is
+measured), and deletes its topics afterwards. ``--runs K`` repeats it and reports the
+median of every metric, with each run's figures kept under ``runs``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import TopicPartition
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streams.codec import codec
+from streams.config import DEPLOY_DIR, Settings
+from streams.kafka import clients
+from streams.kafka.local import bootstrap_servers
+from streams.kafka.topics import (
+    ALL_TOPICS,
+    SUBSCRIPTIONS,
+    USAGE,
+    TopicSpec,
+    ensure_topics,
+    group_id,
+    namespace,
+    set_namespace,
+)
+from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+
+CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
+ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
+PERIOD_END = datetime(2026, 2, 1, tzinfo=UTC)  # monthly plans anchored at ANCHOR
+
+
+@dataclass
+class Env:
+    settings: Settings
+    bootstrap: str
+
+
+@contextmanager
+def bench_env(base: Settings, partitions: int) -> Iterator[Env]:
+    """A fresh namespace + home on the shared broker, torn down afterwards."""
+    import os
+
+    previous = namespace()
+    ns = f"bench{uuid.uuid4().hex[:8]}."
+    set_namespace(ns)
+    home = base.home / "bench" / ns.rstrip(".")
+    saved = {k: os.environ.get(k) for k in ("STREAMBILL_HOME", "STREAMBILL_PARTITIONS")}
+    os.environ["STREAMBILL_HOME"] = str(home)
+    os.environ["STREAMBILL_PARTITIONS"] = str(partitions)
+    settings = Settings(home=home, partitions=partitions)
+    bootstrap = bootstrap_servers(base)
+    admin = clients.admin(settings, bootstrap)
+    ensure_topics(admin, settings)
+    try:
+        yield Env(settings, bootstrap)
+    finally:
+        for future in admin.delete_topics([t.name for t in ALL_TOPICS]).values():
+            with suppress(Exception):  # best effort clean-up
+                future.result()
+        shutil.rmtree(home, ignore_errors=True)
+        set_namespace(previous)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<30}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def produce_encoded(
+    env: Env, topic: TopicSpec, items: list[tuple[bytes, bytes]], advance: Callable[[int], None]
+) -> None:
+    """Produce pre-encoded (key, value) pairs; waits for every acknowledgement."""
+    producer = clients.producer(env.settings, env.bootstrap)
+    errors: list[Any] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
+    for n, (key, value) in enumerate(items, 1):
+        while True:
+            try:
+                producer.produce(topic.name, key=key, value=value, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if n % 50_000 == 0:
+            producer.poll(0)
+            advance(50_000)
+    producer.flush()
+    advance(len(items) % 50_000)
+    if errors:
+        raise RuntimeError(f"{len(errors)} records not delivered: {errors[0]}")
+
+
+def committed_lag(env: Env, group: str, topics: list[str]) -> int:
+    """Records of `topics` not yet committed by `group` (its transactions included)."""
+    probe = clients.consumer(env.settings, env.bootstrap, group)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in range(env.settings.partitions)]
+        committed = probe.committed(tps, timeout=30)
+        lag = 0
+        for tp in committed:
+            high = probe.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)[
+                1
+            ]
+            lag += high - max(tp.offset, 0)
+        return lag
+    finally:
+        probe.close()
+
+
+# --- inputs -------------------------------------------------------------------------
+
+
+def encoded_subscriptions(n: int, plans: list[str]) -> list[tuple[bytes, bytes]]:
+    encode = codec(SUBSCRIPTIONS.schema).encode
+    out = []
+    for i in range(n):
+        account = f"acct-{i:08d}"
+        out.append((account.encode(), encode({
+            "event_id": f"sub-{i:08d}-created", "type": "subscription.created",
+            "timestamp": ANCHOR, "account_id": account, "subscription_id": f"sub-{i:08d}",
+            "plan_id": plans[i % len(plans)], "mode": None, "payment_method": f"tok_{i}",
+        })))  # fmt: skip
+    return out
+
+
+def encoded_usage(n_subs: int, per_sub: int, start: int = 0) -> list[tuple[bytes, bytes]]:
+    """per_sub usage events per subscription, spread over its first period."""
+    encode = codec(USAGE.schema).encode
+    span = int((PERIOD_END - ANCHOR).total_seconds())
+    out = []
+    for j in range(per_sub):
+        for i in range(n_subs):
+            account = f"acct-{i:08d}"
+            out.append((account.encode(), encode({
+                "event_id": f"u-{i:08d}-{start + j}", "account_id": account,
+                "timestamp": ANCHOR + timedelta(seconds=(start + j) * 3_600 + i % 3_600),
+                "subscription_id": f"sub-{i:08d}", "metric": "api_calls",
+                "quantity": Decimal(1 + (i * 7 + j) % 500),
+            })))  # fmt: skip
+    assert all(j * 3_600 + 3_600 < span for j in range(start + per_sub))
+    return out
+
+
+def monthly_plans() -> list[str]:
+    import json
+
+    from streams.domain.catalog import Catalog
+
+    catalog = Catalog.from_dict(json.loads(CATALOG.read_text()))
+    return sorted(p for p, plan in catalog.plans.items() if plan.interval.value == "month")
+
+
+# --- scenarios ------------------------------------------------------------------------
+
+
+def bench_kafka(base: Settings, messages: int, console: Console) -> dict[str, Any]:
+    """Raw produce, then consume, of usage-sized Avro records on the same broker."""
+    with bench_env(base, base.partitions) as env:
+        items = encoded_usage(max(1, messages // 10), 10)[:messages]
+        size = sum(len(v) for _, v in items) / len(items)
+        with progress_bar(console) as progress:
+            task = progress.add_task("produce", total=len(items))
+            started = time.perf_counter()
+            produce_encoded(env, USAGE, items, lambda n: progress.advance(task, n))
+            produced = time.perf_counter()
+            task = progress.add_task("consume", total=len(items))
+            consumer = clients.consumer(env.settings, env.bootstrap, group_id("bench-raw"))
+            consumer.subscribe([USAGE.name])
+            seen = 0
+            while seen < len(items):
+                batch = consumer.consume(5000, timeout=1.0)
+                seen += sum(1 for m in batch if m.error() is None)
+                progress.update(task, completed=seen)
+            consumed = time.perf_counter()
+            consumer.close()
+        return {
+            "messages": len(items),
+            "value_bytes": round(size, 1),
+            "produce_s": round(produced - started, 3),
+            "consume_s": round(consumed - produced, 3),
+            "seconds": round(consumed - started, 3),
+            "msgs_per_s": round(len(items) / (consumed - started)),
+            "produce_msgs_per_s": round(len(items) / (produced - started)),
+            "consume_msgs_per_s": round(len(items) / (consumed - produced)),
+        }
+
+
+def _wait(
+    check: Callable[[], bool], procs: list[ProcessorProcess], timeout: float, what: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for p in procs:
+            if not p.alive:
+                raise RuntimeError(f"{p.name} died:\n{p.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _start_rating(env: Env, workers: int) -> list[ProcessorProcess]:
+    procs = []
+    for w in range(workers):
+        proc = ProcessorProcess(env.settings, env.bootstrap, "rating", "--catalog", str(CATALOG),
+                                "--clock", "event", "--worker", str(w))  # fmt: skip
+        proc.log_path = proc.log_path.with_name(f"rating-{w}.log")
+        procs.append(proc.start())
+    return procs
+
+
+def bench_usage(base: Settings, events: int, workers: int, console: Console) -> dict[str, Any]:
+    """Usage ingested and aggregated by the rating processor (committed in its state)."""
+    from streams.processors.rating import GROUP
+
+    per_sub = 10
+    subs = max(1, events // per_sub)
+    with bench_env(base, base.partitions) as env:
+        plans = monthly_plans()
+        sub_items = encoded_subscriptions(subs, plans)
+        usage_items = encoded_usage(subs, per_sub)
+        rating = _start_rating(env, workers)
+        group = group_id(GROUP)
+        try:
+            with progress_bar(console) as progress:
+                task = progress.add_task("subscriptions (not timed)", total=subs)
+                produce_encoded(env, SUBSCRIPTIONS, sub_items, lambda n: progress.advance(task, n))
+                _wait(lambda: committed_lag(env, group, [SUBSCRIPTIONS.name]) == 0, rating, 600,
+                      "subscriptions")  # fmt: skip
+                task = progress.add_task("usage ingested", total=len(usage_items))
+                started = time.perf_counter()
+                produce_encoded(env, USAGE, usage_items, lambda n: None)
+                while (lag := committed_lag(env, group, [USAGE.name])) > 0:
+                    progress.update(task, completed=len(usage_items) - lag)
+                    for p in rating:
+                        if not p.alive:
+                            raise RuntimeError(f"rating died:\n{p.tail()}")
+                    time.sleep(0.2)
+                seconds = time.perf_counter() - started
+                progress.update(task, completed=len(usage_items))
+            rss = max(peak_rss_mb(p.proc.pid) for p in rating if p.proc)
+        finally:
+            for p in rating:
+                p.stop()
+    return {
+        "events": len(usage_items),
+        "subscriptions": subs,
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(len(usage_items) / seconds),
+        "peak_rss_mb": round(rss, 1),
+    }
+
+
+def bench_billrun(
+    base: Settings, subscriptions: int, workers: int, usage_per_sub: int, console: Console
+) -> dict[str, Any]:
+    """From the clock passing the period end to the last invoice landed in ClickHouse."""
+    from streams.processors.rating import GROUP
+    from streams.publish import issue_bill_run
+    from streams.warehouse import query
+
+    with bench_env(base, base.partitions) as env:
+        plans = monthly_plans()
+        sub_items = encoded_subscriptions(subscriptions, plans)
+        usage_items = encoded_usage(subscriptions, usage_per_sub)
+        sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
+        rating = _start_rating(env, workers)
+        procs = [sink, *rating]
+        group = group_id(GROUP)
+
+        def landed(reason: str) -> int:
+            sql = f"SELECT count() FROM invoices FINAL WHERE reason = '{reason}'"
+            return int(query(env.settings, sql)["rows"][0][0])
+
+        try:
+            wait_for_warehouse_endpoint(env.settings, sink)
+            with progress_bar(console) as progress:
+                task = progress.add_task(
+                    "inputs (not timed)", total=len(sub_items) + len(usage_items)
+                )
+                produce_encoded(env, SUBSCRIPTIONS, sub_items, lambda n: progress.advance(task, n))
+                produce_encoded(env, USAGE, usage_items, lambda n: progress.advance(task, n))
+                task = progress.add_task("rated + landed (not timed)", total=subscriptions)
+
+                def ingested() -> bool:
+                    done = landed("created")
+                    progress.update(task, completed=done)
+                    lag = committed_lag(env, group, [SUBSCRIPTIONS.name, USAGE.name])
+                    return lag == 0 and done >= subscriptions
+
+                _wait(ingested, procs, 3600, "ingestion")
+                task = progress.add_task("bill run → ClickHouse", total=subscriptions)
+                started = time.perf_counter()
+                issue_bill_run(env.settings, env.bootstrap, PERIOD_END)
+
+                def closed() -> bool:
+                    done = landed("period_end")
+                    progress.update(task, completed=done)
+                    return done >= subscriptions
+
+                _wait(closed, procs, 3600, "the bill run")
+                seconds = time.perf_counter() - started
+            rows = query(
+                env.settings,
+                "SELECT count(), uniqExact(invoice_id) FROM invoices WHERE reason = 'period_end'",
+            )["rows"][0]
+            rss = max(peak_rss_mb(p.proc.pid) for p in rating if p.proc)
+            sink_rss = peak_rss_mb(sink.proc.pid) if sink.proc else 0.0
+            state_mb = (
+                sum(
+                    f.stat().st_size
+                    for f in (env.settings.state_dir / "rating").rglob("*")
+                    if f.is_file()
+                )
+                / 2**20
+            )
+        finally:
+            for p in procs:
+                p.stop()
+    return {
+        "invoices": int(rows[1]),
+        "seconds": round(seconds, 3),
+        "invoices_per_s": round(int(rows[1]) / seconds),
+        "duplicates": int(rows[0]) - int(rows[1]),
+        "peak_rss_mb": round(rss, 1),
+        "sink_peak_rss_mb": round(sink_rss, 1),
+        "state_disk_mb": round(state_mb, 1),
+        "workers": workers,
+    }
+
+
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = runs[0].keys()
+    return {
+        k: statistics.median(r[k] for r in runs)
+        if isinstance(runs[0][k], int | float)
+        else runs[0][k]
+        for k in keys
+    }
