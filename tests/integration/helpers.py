@@ -17,6 +17,21 @@ from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
 from streams.warehouse import query
 
 
+class Procs:
+    """Processes a test started; the `procs` fixture stops them all, whatever happened."""
+
+    def __init__(self) -> None:
+        self.started: list[ProcessorProcess] = []
+
+    def add(self, proc: ProcessorProcess) -> ProcessorProcess:
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+
+
 def start_rating(settings: Settings, bootstrap: str) -> ProcessorProcess:
     return ProcessorProcess(
         settings, bootstrap, "rating", "--catalog", str(DEMO_CATALOG), "--clock", "event"

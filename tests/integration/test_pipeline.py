@@ -27,6 +27,7 @@ from streams.kafka.topics import SUBSCRIPTIONS, USAGE
 from streams.offline import rate_events
 from streams.publish import publish, publish_in_time_order
 from tests.integration.helpers import (
+    Procs,
     json_event,
     run_bill_run,
     scalar,
@@ -83,7 +84,7 @@ def landed_invoices(settings: Settings, prefix: str) -> dict[str, dict]:
 
 
 def test_pipeline_matches_offline_rater_and_replay_adds_nothing(
-    pipeline_env: Settings, kafka_bootstrap: str
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
 ) -> None:
     settings = pipeline_env
     ds = Dataset(accounts=400, seed=3)
@@ -100,146 +101,128 @@ def test_pipeline_matches_offline_rater_and_replay_adds_nothing(
     assert reference.deferred == 0
     expected = {inv.invoice_id: invoice_to_dict(inv) for inv in reference.invoices}
 
-    sink = start_sink(settings, kafka_bootstrap)
-    rating = start_rating(settings, kafka_bootstrap)
-    try:
-        producer = clients.producer(settings, kafka_bootstrap)
-        publish_in_time_order(producer, [(SUBSCRIPTIONS, subs + changes), (USAGE, usage)])
-        run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
-        count = f"SELECT count() FROM invoices FINAL WHERE startsWith(account_id, '{ds.prefix}')"
-        wait_until(lambda: scalar(settings, count) >= len(expected), 120, "invoices", [sink])
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    producer = clients.producer(settings, kafka_bootstrap)
+    publish_in_time_order(producer, [(SUBSCRIPTIONS, subs + changes), (USAGE, usage)])
+    run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
+    count = f"SELECT count() FROM invoices FINAL WHERE startsWith(account_id, '{ds.prefix}')"
+    wait_until(lambda: scalar(settings, count) >= len(expected), 120, "invoices", [sink])
 
-        landed = landed_invoices(settings, ds.prefix)
-        assert set(landed) == set(expected)
-        for invoice_id, ref in expected.items():
-            got = landed[invoice_id]
-            assert got["total"] == Decimal(ref["total"]), invoice_id
-            ref_lines = [
-                (ln["kind"], ln["charge_id"], Decimal(ln["amount"])) for ln in ref["lines"]
-            ]
-            assert got["lines"] == ref_lines, invoice_id
+    landed = landed_invoices(settings, ds.prefix)
+    assert set(landed) == set(expected)
+    for invoice_id, ref in expected.items():
+        got = landed[invoice_id]
+        assert got["total"] == Decimal(ref["total"]), invoice_id
+        ref_lines = [(ln["kind"], ln["charge_id"], Decimal(ln["amount"])) for ln in ref["lines"]]
+        assert got["lines"] == ref_lines, invoice_id
 
-        dead = "SELECT count() FROM dead_letters FINAL"
-        wait_until(
-            lambda: scalar(settings, dead) >= len(reference.dead_letters), 30, "dead letters"
-        )
-        assert scalar(settings, dead) == len(reference.dead_letters)
+    dead = "SELECT count() FROM dead_letters FINAL"
+    wait_until(lambda: scalar(settings, dead) >= len(reference.dead_letters), 30, "dead letters")
+    assert scalar(settings, dead) == len(reference.dead_letters)
 
-        # replay every input: no new invoice, each duplicate is a dead letter, not a row
-        publish(producer, SUBSCRIPTIONS, subs + changes)
-        publish(producer, USAGE, usage)
-        run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
-        replayed = len(subs) + len(changes) + len(usage)
-        wait_until(lambda: scalar(settings, dead) >= len(subs), 60, "dead letters", [sink])
-        time.sleep(2)
-        assert scalar(settings, count) == len(expected)
-        assert scalar(settings, "SELECT count() - uniqExact(invoice_id) FROM invoices FINAL") == 0
-        assert scalar(settings, dead) <= replayed
-    finally:
-        rating.stop()
-        sink.stop()
+    # replay every input: no new invoice, each duplicate is a dead letter, not a row
+    publish(producer, SUBSCRIPTIONS, subs + changes)
+    publish(producer, USAGE, usage)
+    run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
+    replayed = len(subs) + len(changes) + len(usage)
+    wait_until(lambda: scalar(settings, dead) >= len(subs), 60, "dead letters", [sink])
+    time.sleep(2)
+    assert scalar(settings, count) == len(expected)
+    assert scalar(settings, "SELECT count() - uniqExact(invoice_id) FROM invoices FINAL") == 0
+    assert scalar(settings, dead) <= replayed
 
 
 def test_invalid_input_goes_to_dead_letter_and_pipeline_goes_on(
-    pipeline_env: Settings, kafka_bootstrap: str
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
 ) -> None:
     settings = pipeline_env
     ds = Dataset(accounts=20, seed=11)
-    sink = start_sink(settings, kafka_bootstrap)
-    rating = start_rating(settings, kafka_bootstrap)
-    try:
-        producer = clients.producer(settings, kafka_bootstrap)
-        # not Avro at all, truncated Avro, and a valid record with a negative quantity
-        producer.produce(USAGE.name, key=b"acct-x", value=b"\x00garbage that is not avro")
-        good = next(iter(usage_events(ds, CATALOG)))
-        producer.produce(USAGE.name, key=b"acct-x", value=codec("usage_event").encode(good)[:-4])
-        negative = {**good, "event_id": "neg", "quantity": Decimal("-5")}
-        publish(producer, USAGE, [negative])
-        producer.flush()
-        # valid input after the bad one is still processed
-        publish(producer, SUBSCRIPTIONS, list(subscription_events(ds, CATALOG)))
-        publish(producer, USAGE, list(usage_events(ds, CATALOG)))
-        run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
-        want = expected_invoices(ds, CATALOG, DEFAULT_UNTIL)
-        count = "SELECT count() FROM invoices FINAL"
-        wait_until(lambda: scalar(settings, count) == want, 60, "invoices", [sink])
-        reasons = "SELECT groupArray(reason) FROM dead_letters FINAL"
-        wait_until(lambda: len(scalar(settings, reasons)) >= 3, 30, "dead letters", [sink])
-        got = sorted(scalar(settings, reasons))
-        assert got == ["invalid_avro", "invalid_avro", "invalid_event"], got
-        detail = scalar(
-            settings, "SELECT any(detail) FROM dead_letters FINAL WHERE reason = 'invalid_event'"
-        )
-        assert "negative" in detail
-        # the original bytes are kept, unaltered
-        garbage = b"\x00garbage that is not avro".hex()
-        kept = f"SELECT count() FROM dead_letters FINAL WHERE value = unhex('{garbage}')"
-        assert scalar(settings, kept) == 1
-        assert rating.alive and sink.alive
-    finally:
-        rating.stop()
-        sink.stop()
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    producer = clients.producer(settings, kafka_bootstrap)
+    # not Avro at all, truncated Avro, and a valid record with a negative quantity
+    producer.produce(USAGE.name, key=b"acct-x", value=b"\x00garbage that is not avro")
+    good = next(iter(usage_events(ds, CATALOG)))
+    producer.produce(USAGE.name, key=b"acct-x", value=codec("usage_event").encode(good)[:-4])
+    negative = {**good, "event_id": "neg", "quantity": Decimal("-5")}
+    publish(producer, USAGE, [negative])
+    producer.flush()
+    # valid input after the bad one is still processed
+    publish(producer, SUBSCRIPTIONS, list(subscription_events(ds, CATALOG)))
+    publish(producer, USAGE, list(usage_events(ds, CATALOG)))
+    run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])
+    want = expected_invoices(ds, CATALOG, DEFAULT_UNTIL)
+    count = "SELECT count() FROM invoices FINAL"
+    wait_until(lambda: scalar(settings, count) == want, 60, "invoices", [sink])
+    reasons = "SELECT groupArray(reason) FROM dead_letters FINAL"
+    wait_until(lambda: len(scalar(settings, reasons)) >= 3, 30, "dead letters", [sink])
+    got = sorted(scalar(settings, reasons))
+    assert got == ["invalid_avro", "invalid_avro", "invalid_event"], got
+    detail = scalar(
+        settings, "SELECT any(detail) FROM dead_letters FINAL WHERE reason = 'invalid_event'"
+    )
+    assert "negative" in detail
+    # the original bytes are kept, unaltered
+    garbage = b"\x00garbage that is not avro".hex()
+    kept = f"SELECT count() FROM dead_letters FINAL WHERE value = unhex('{garbage}')"
+    assert scalar(settings, kept) == 1
+    assert rating.alive and sink.alive
 
 
 def test_sink_killed_repeatedly_still_lands_each_invoice_once(
-    pipeline_env: Settings, kafka_bootstrap: str
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
 ) -> None:
     settings = pipeline_env
     ds = Dataset(accounts=3000, seed=5)
     producer = clients.producer(settings, kafka_bootstrap)
-    rating = start_rating(settings, kafka_bootstrap)
-    sink = start_sink(settings, kafka_bootstrap)
+    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
     rng = random.Random(1)
     kills = 0
-    try:
-        publish(producer, SUBSCRIPTIONS, subscription_events(ds, CATALOG))
-        publish(producer, USAGE, usage_events(ds, CATALOG))
-        from streams.publish import issue_bill_run
+    publish(producer, SUBSCRIPTIONS, subscription_events(ds, CATALOG))
+    publish(producer, USAGE, usage_events(ds, CATALOG))
+    from streams.publish import issue_bill_run
 
-        issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL)
-        want = expected_invoices(ds, CATALOG, DEFAULT_UNTIL)
-        for _ in range(6):
-            time.sleep(rng.uniform(0.5, 2.0))
-            sink.kill()  # SIGKILL: no flush, no commit, no goodbye
-            kills += 1
-            sink = start_sink(settings, kafka_bootstrap)
-        count = "SELECT count() FROM invoices FINAL"
-        wait_until(lambda: scalar(settings, count) >= want, 180, "invoices", [sink, rating])
-        time.sleep(2)
-        assert kills == 6
-        assert scalar(settings, count) == want
-        assert scalar(settings, "SELECT uniqExact(invoice_id) FROM invoices") == want
-        lines = scalar(settings, "SELECT count() FROM invoice_lines FINAL")
-        assert lines == scalar(settings, "SELECT sum(line_count) FROM invoices FINAL")
-    finally:
-        rating.stop()
-        sink.stop()
+    issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL)
+    want = expected_invoices(ds, CATALOG, DEFAULT_UNTIL)
+    for _ in range(6):
+        time.sleep(rng.uniform(0.5, 2.0))
+        sink.kill()  # SIGKILL: no flush, no commit, no goodbye
+        kills += 1
+        sink = start_sink(settings, kafka_bootstrap)
+    count = "SELECT count() FROM invoices FINAL"
+    wait_until(lambda: scalar(settings, count) >= want, 180, "invoices", [sink, rating])
+    time.sleep(2)
+    assert kills == 6
+    assert scalar(settings, count) == want
+    assert scalar(settings, "SELECT uniqExact(invoice_id) FROM invoices") == want
+    lines = scalar(settings, "SELECT count() FROM invoice_lines FINAL")
+    assert lines == scalar(settings, "SELECT sum(line_count) FROM invoices FINAL")
 
 
-def test_bill_run_for_chosen_accounts_only(pipeline_env: Settings, kafka_bootstrap: str) -> None:
+def test_bill_run_for_chosen_accounts_only(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
+) -> None:
     settings = pipeline_env
     ds = Dataset(accounts=50, seed=9)
-    sink = start_sink(settings, kafka_bootstrap)
-    rating = start_rating(settings, kafka_bootstrap)
-    try:
-        producer = clients.producer(settings, kafka_bootstrap)
-        publish(producer, SUBSCRIPTIONS, subscription_events(ds, CATALOG))
-        from streams.publish import bill_run_done, issue_bill_run
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    producer = clients.producer(settings, kafka_bootstrap)
+    publish(producer, SUBSCRIPTIONS, subscription_events(ds, CATALOG))
+    from streams.publish import bill_run_done, issue_bill_run
 
-        chosen = [ds.account(i) for i in range(0, 50, 5)]
-        offsets = issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, chosen)
-        wait_until(lambda: bill_run_done(settings, kafka_bootstrap, offsets) == len(offsets),
-                   60, "bill run", [rating])  # fmt: skip
-        closed = "SELECT count() FROM invoices FINAL WHERE reason = 'period_end'"
-        wait_until(lambda: scalar(settings, closed) >= len(chosen), 60, "invoices", [sink])
-        time.sleep(1)
-        assert scalar(settings, closed) == len(chosen)
-        got = scalar(
-            settings,
-            "SELECT groupArray(account_id) FROM invoices FINAL WHERE reason = 'period_end'",
-        )
-        assert sorted(got) == sorted(chosen)
-        assert scalar(settings, "SELECT count() FROM invoices FINAL WHERE reason = 'created'") == 50
-    finally:
-        rating.stop()
-        sink.stop()
+    chosen = [ds.account(i) for i in range(0, 50, 5)]
+    offsets = issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, chosen)
+    wait_until(lambda: bill_run_done(settings, kafka_bootstrap, offsets) == len(offsets),
+               60, "bill run", [rating])  # fmt: skip
+    closed = "SELECT count() FROM invoices FINAL WHERE reason = 'period_end'"
+    wait_until(lambda: scalar(settings, closed) >= len(chosen), 60, "invoices", [sink])
+    time.sleep(1)
+    assert scalar(settings, closed) == len(chosen)
+    got = scalar(
+        settings,
+        "SELECT groupArray(account_id) FROM invoices FINAL WHERE reason = 'period_end'",
+    )
+    assert sorted(got) == sorted(chosen)
+    assert scalar(settings, "SELECT count() FROM invoices FINAL WHERE reason = 'created'") == 50
