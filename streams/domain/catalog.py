@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from streams.domain.money import InvalidDecimal, UnknownCurrency, minor_units, parse_decimal
@@ -92,23 +93,38 @@ class Plan:
     currency: str
     interval: Interval
     charges: tuple[Charge, ...]
+    # derived from `charges` once (plans are immutable), read on every usage event
+    _flat: tuple[FlatCharge, ...] = field(init=False, repr=False, compare=False)
+    _usage: tuple[UsageCharge, ...] = field(init=False, repr=False, compare=False)
+    _aggs: Mapping[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flat = tuple(c for c in self.charges if isinstance(c, FlatCharge))
+        usage = tuple(c for c in self.charges if not isinstance(c, FlatCharge))
+        aggs: dict[str, list[str]] = {}
+        for c in usage:
+            names = aggs.setdefault(c.metric, [])
+            if c.aggregation.value not in names:
+                names.append(c.aggregation.value)
+        object.__setattr__(self, "_flat", flat)
+        object.__setattr__(self, "_usage", usage)
+        object.__setattr__(self, "_aggs", MappingProxyType({m: tuple(a) for m, a in aggs.items()}))
 
     @property
     def flat_charges(self) -> tuple[FlatCharge, ...]:
-        return tuple(c for c in self.charges if isinstance(c, FlatCharge))
+        return self._flat
 
     @property
     def usage_charges(self) -> tuple[UsageCharge, ...]:
-        return tuple(c for c in self.charges if not isinstance(c, FlatCharge))
+        return self._usage
 
     def aggregations(self) -> dict[str, tuple[Aggregation, ...]]:
         """metric -> the aggregations some charge of this plan needs (in charge order)."""
-        out: dict[str, list[Aggregation]] = {}
-        for c in self.usage_charges:
-            aggs = out.setdefault(c.metric, [])
-            if c.aggregation not in aggs:
-                aggs.append(c.aggregation)
-        return {m: tuple(a) for m, a in out.items()}
+        return {m: tuple(Aggregation(a) for a in aggs) for m, aggs in self._aggs.items()}
+
+    def aggregation_names(self) -> Mapping[str, tuple[str, ...]]:
+        """Like aggregations(), as plain strings; computed once, read-only."""
+        return self._aggs
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from streams.domain.money import InvalidDecimal, parse_decimal
-from streams.domain.timestamps import InvalidTimestamp, parse_timestamp
+from streams.domain.timestamps import InvalidTimestamp, parse_timestamp, timestamp_from_datetime
 
 CancelMode = Literal["immediate", "end_of_period"]
 CANCEL_MODES: tuple[str, ...] = ("immediate", "end_of_period")
@@ -70,38 +70,53 @@ def _str(d: dict, key: str) -> str:
     return v
 
 
+def _timestamp(d: dict) -> datetime:
+    v = d.get("timestamp")
+    try:
+        if isinstance(v, datetime):
+            return timestamp_from_datetime(v)
+        return parse_timestamp(_str(d, "timestamp"))
+    except InvalidTimestamp as e:
+        raise InvalidEvent(str(e)) from None
+
+
 def parse_event(d: Any) -> Event:
-    """Validate a decoded JSON object. Extra keys (e.g. account_id on non-created
-    events in the streaming pipeline) are ignored."""
+    """Validate a decoded event. Extra keys (e.g. account_id on non-created events in
+    the streaming pipeline) are ignored.
+
+    Two input shapes, validated alike: decoded JSON (the offline rater's contract:
+    ``timestamp`` an ISO 8601 string with an offset, ``quantity`` a decimal string or
+    an integer) and decoded Avro (the streaming path: ``timestamp`` an aware
+    ``datetime``, ``quantity`` a ``decimal.Decimal``). Naive datetimes, floats,
+    negative, non-finite or over-long quantities are refused in both.
+    """
     if not isinstance(d, dict):
         raise InvalidEvent("event must be a JSON object")
     etype = d.get("type")
+    if etype == "usage":  # the hot path first
+        ts = _timestamp(d)
+        sub = _str(d, "subscription_id")
+        event_id = _str(d, "event_id")
+        metric = _str(d, "metric")
+        if "quantity" not in d:
+            raise InvalidEvent("missing field 'quantity'")
+        raw = d["quantity"]
+        try:
+            quantity = parse_decimal(raw, allow_negative=True)
+        except InvalidDecimal as e:
+            raise InvalidEvent(f"invalid quantity: {e}") from None
+        if quantity < 0:
+            raise InvalidEvent(f"negative quantity {raw!r}")
+        return Usage(event_id, ts, sub, metric, quantity)
     if etype not in EVENT_TYPES:
         raise InvalidEvent(f"unknown event type {etype!r}")
-    try:
-        ts = parse_timestamp(_str(d, "timestamp"))
-    except InvalidTimestamp as e:
-        raise InvalidEvent(str(e)) from None
+    ts = _timestamp(d)
     sub = _str(d, "subscription_id")
     if etype == "subscription.created":
         return SubscriptionCreated(ts, _str(d, "account_id"), sub, _str(d, "plan_id"))
     if etype == "subscription.plan_changed":
         return PlanChanged(ts, sub, _str(d, "plan_id"))
-    if etype == "subscription.cancelled":
-        mode = _str(d, "mode")
-        if mode not in CANCEL_MODES:
-            raise InvalidEvent(
-                f"cancellation mode must be immediate or end_of_period, got {mode!r}"
-            )
-        return Cancelled(ts, sub, mode)  # type: ignore[arg-type]
-    event_id = _str(d, "event_id")
-    metric = _str(d, "metric")
-    if "quantity" not in d:
-        raise InvalidEvent("missing field 'quantity'")
-    try:
-        quantity = parse_decimal(d["quantity"], allow_negative=True)
-    except InvalidDecimal as e:
-        raise InvalidEvent(f"invalid quantity: {e}") from None
-    if quantity < 0:
-        raise InvalidEvent(f"negative quantity {d['quantity']!r}")
-    return Usage(event_id, ts, sub, metric, quantity)
+    mode = _str(d, "mode")
+    if mode not in CANCEL_MODES:
+        raise InvalidEvent(f"cancellation mode must be immediate or end_of_period, got {mode!r}")
+    return Cancelled(ts, sub, mode)  # type: ignore[arg-type]

@@ -31,7 +31,8 @@ class UnknownCurrency(ValueError):
 
 
 def parse_decimal(value: object, *, allow_negative: bool = False) -> Decimal:
-    """Parse a JSON decimal string (or integer) exactly.
+    """Parse a JSON decimal string (or integer) exactly; an already decoded
+    ``Decimal`` (Avro ``decimal``) is validated the same way.
 
     JSON floats are refused: by the time orjson has produced a float the exact
     decimal the sender wrote is already lost.
@@ -40,7 +41,9 @@ def parse_decimal(value: object, *, allow_negative: bool = False) -> Decimal:
         raise InvalidDecimal(f"expected a decimal string, got boolean {value!r}")
     if isinstance(value, float):
         raise InvalidDecimal(f"expected a decimal string, got JSON float {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, Decimal):
+        d = value
+    elif isinstance(value, int):
         d = Decimal(value)
     elif isinstance(value, str):
         text = value.strip()
@@ -54,37 +57,50 @@ def parse_decimal(value: object, *, allow_negative: bool = False) -> Decimal:
         raise InvalidDecimal(f"expected a decimal string, got {type(value).__name__}")
     if not d.is_finite():
         raise InvalidDecimal(f"decimal must be finite, got {value!r}")
-    if not d.is_zero():
-        if d.adjusted() >= MAX_INTEGER_DIGITS:
-            raise InvalidDecimal(
-                f"decimal {value!r} is too large (max {MAX_INTEGER_DIGITS} digits)"
-            )
-        if d.as_tuple().exponent < -MAX_FRACTION_DIGITS:
-            # normalize() drops trailing zeros so "1.000…0" is still accepted
-            n = d.normalize(CTX)
-            if n.as_tuple().exponent < -MAX_FRACTION_DIGITS:
-                raise InvalidDecimal(
-                    f"decimal {value!r} has more than {MAX_FRACTION_DIGITS} fractional digits"
-                )
-            d = n
-    if d.is_signed() and not d.is_zero() and not allow_negative:
-        raise InvalidDecimal(f"must not be negative, got {value!r}")
     if d.is_zero():
-        d = d.copy_abs()  # "-0" is just 0
+        return d.copy_abs()  # "-0" is just 0
+    if d.adjusted() >= MAX_INTEGER_DIGITS:
+        raise InvalidDecimal(f"decimal {value!r} is too large (max {MAX_INTEGER_DIGITS} digits)")
+    if d.as_tuple().exponent < -MAX_FRACTION_DIGITS:
+        # normalize() drops trailing zeros so "1.000…0" is still accepted
+        n = d.normalize(CTX)
+        if n.as_tuple().exponent < -MAX_FRACTION_DIGITS:
+            raise InvalidDecimal(
+                f"decimal {value!r} has more than {MAX_FRACTION_DIGITS} fractional digits"
+            )
+        d = n
+    if not allow_negative and d.is_signed():
+        raise InvalidDecimal(f"must not be negative, got {value!r}")
     return d
+
+
+# currency code -> (minor units, quantum); babel's lookups are slow and its data
+# is fixed for the life of the process. Only valid codes are cached, so the cache
+# is bounded by ISO 4217.
+_CURRENCIES: dict[str, tuple[int, Decimal]] = {}
+
+
+def _currency(currency: str) -> tuple[int, Decimal]:
+    try:
+        return _CURRENCIES[currency]
+    except (KeyError, TypeError):
+        pass
+    if not isinstance(currency, str) or not is_currency(currency):
+        # babel's get_currency_precision silently answers 2 for any unknown code
+        raise UnknownCurrency(f"unknown currency code {currency!r}")
+    digits = int(get_currency_precision(currency))
+    entry = _CURRENCIES[currency] = (digits, Decimal(1).scaleb(-digits))
+    return entry
 
 
 def minor_units(currency: str) -> int:
     """Digits after the decimal point for an ISO 4217 code (EUR 2, JPY 0, KWD 3)."""
-    if not isinstance(currency, str) or not is_currency(currency):
-        # babel's get_currency_precision silently answers 2 for any unknown code
-        raise UnknownCurrency(f"unknown currency code {currency!r}")
-    return int(get_currency_precision(currency))
+    return _currency(currency)[0]
 
 
 def round_money(amount: Decimal, currency: str) -> Decimal:
     """Round an exact amount once, half-even, to the currency's minor unit."""
-    q = amount.quantize(Decimal(1).scaleb(-minor_units(currency)), context=CTX)
+    q = amount.quantize(_currency(currency)[1], context=CTX)
     return q.copy_abs() if q.is_zero() else q  # never emit "-0.00"
 
 

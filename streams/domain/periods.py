@@ -20,19 +20,32 @@ class Interval(StrEnum):
         return 1 if self is Interval.MONTH else 12
 
 
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
 def add_months(anchor: datetime, months: int) -> datetime:
     """Same day and time of day ``months`` later, clamped to the month's last day."""
     index = anchor.year * 12 + (anchor.month - 1) + months
     year, month0 = divmod(index, 12)
     month = month0 + 1
-    day = min(anchor.day, calendar.monthrange(year, month)[1])
+    day = anchor.day
+    if day > 28:
+        last = 29 if month == 2 and calendar.isleap(year) else _DAYS_IN_MONTH[month]
+        if day > last:
+            day = last
     return anchor.replace(year=year, month=month, day=day)
 
 
 def period_start(anchor: datetime, interval: Interval, k: int) -> datetime:
     if k < 0:
         raise ValueError("period index must be >= 0")
-    return add_months(anchor, k * Interval(interval).months)
+    if interval is Interval.MONTH:
+        months = 1
+    elif interval is Interval.YEAR:
+        months = 12
+    else:
+        months = Interval(interval).months  # a plain str, or ValueError
+    return add_months(anchor, k * months)
 
 
 def period_bounds(anchor: datetime, interval: Interval, k: int) -> tuple[datetime, datetime]:

@@ -12,7 +12,7 @@ aborted transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
@@ -33,9 +33,9 @@ from streams.domain.invoice import (
     make_invoice,
 )
 from streams.domain.money import CTX, ONE, ZERO, round_money
-from streams.domain.periods import Interval, period_bounds, period_start
+from streams.domain.periods import Interval, period_start
 from streams.domain.pricing import price_usage, prorate
-from streams.domain.timestamps import from_micros, require_utc, to_micros
+from streams.domain.timestamps import require_utc, to_micros
 
 STATUS_ACTIVE = "active"
 STATUS_CANCELLING = "cancelling"  # end_of_period cancellation scheduled
@@ -74,6 +74,11 @@ class SubscriptionState:
     # plan changes applied at the instant segment_start, so that several changes
     # at the same instant still get distinct invoice ids
     changes_at_segment_start: int = 0
+    # period k -> start of period k, for the current (anchor, interval): derived data,
+    # not serialized and not compared (see _period_start)
+    _starts: tuple[datetime, Interval, dict[int, datetime]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def copy(self) -> SubscriptionState:
         return SubscriptionState.from_bytes(self.to_bytes())
@@ -93,7 +98,7 @@ class SubscriptionState:
                 self.period_index,
                 to_micros(self.segment_start),
                 self.status,
-                {m: {a: str(v) for a, v in aggs.items()} for m, aggs in self.usage.items()},
+                _usage_to_json(self.usage),
                 sorted(self.seen_event_ids),
                 self.changes_at_segment_start,
             ],
@@ -103,35 +108,74 @@ class SubscriptionState:
     @classmethod
     def from_bytes(cls, b: bytes) -> SubscriptionState:
         v = orjson.loads(b)
-        if not isinstance(v, list) or not v or v[0] != _STATE_VERSION or len(v) != 13:
+        if type(v) is not list or len(v) != 13 or v[0] != _STATE_VERSION:
             raise ValueError("not a version-1 SubscriptionState")
         status = v[9]
         if status not in _STATUSES:
             raise ValueError(f"invalid status {status!r}")
+        try:
+            interval = _INTERVALS[v[5]]
+        except (KeyError, TypeError):
+            interval = Interval(v[5])  # ValueError, as before
+        usage = {}
+        for m, aggs in v[10].items():
+            usage[m] = values = {}
+            for a, x in aggs.items():
+                values[a] = Decimal(x)
         return cls(
-            subscription_id=v[1],
-            account_id=v[2],
-            plan_id=v[3],
-            currency=v[4],
-            interval=Interval(v[5]),
-            anchor=from_micros(v[6]),
-            period_index=v[7],
-            segment_start=from_micros(v[8]),
-            status=status,
-            usage={m: {a: Decimal(x) for a, x in aggs.items()} for m, aggs in v[10].items()},
-            seen_event_ids=set(v[11]),
-            changes_at_segment_start=v[12],
+            v[1],  # subscription_id
+            v[2],  # account_id
+            v[3],  # plan_id
+            v[4],  # currency
+            interval,
+            _EPOCH + timedelta(0, 0, v[6]),  # anchor (from_micros, inlined)
+            v[7],  # period_index
+            _EPOCH + timedelta(0, 0, v[8]),  # segment_start
+            usage,
+            set(v[11]),  # seen_event_ids
+            status,
+            v[12],  # changes_at_segment_start
         )
 
+    def _period_start(self, k: int) -> datetime:
+        """period_start(anchor, interval, k), memoized per state: close_periods,
+        next_period_end and the transitions ask for the same few periods again and
+        again. Keyed by the identity of anchor and interval, so re-assigning either
+        (which the transitions never do) just starts a new memo."""
+        memo = self._starts
+        if memo is None or memo[0] is not self.anchor or memo[1] is not self.interval:
+            memo = self._starts = (self.anchor, self.interval, {})
+        starts = memo[2]
+        start = starts.get(k)
+        if start is None:
+            if len(starts) >= 8:
+                starts.clear()
+            start = starts[k] = period_start(self.anchor, self.interval, k)
+        return start
+
     def period_bounds(self) -> tuple[datetime, datetime]:
-        return period_bounds(self.anchor, self.interval, self.period_index)
+        k = self.period_index
+        return self._period_start(k), self._period_start(k + 1)
+
+
+_INTERVALS: dict[str, Interval] = {i.value: i for i in Interval}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _usage_to_json(usage: dict[str, dict[str, Decimal]]) -> dict[str, dict[str, str]]:
+    out = {}
+    for m, aggs in usage.items():
+        out[m] = values = {}
+        for a, v in aggs.items():
+            values[a] = str(v)
+    return out
 
 
 def next_period_end(state: SubscriptionState) -> datetime | None:
     """When close_periods next has work to do; None once the subscription ended."""
     if state.status == STATUS_ENDED:
         return None
-    return period_start(state.anchor, state.interval, state.period_index + 1)
+    return state._period_start(state.period_index + 1)
 
 
 # --- line builders ---------------------------------------------------------------
@@ -185,7 +229,7 @@ def close_periods(
     until = min(require_utc(until), HORIZON)
     invoices: list[Invoice] = []
     while state.status != STATUS_ENDED:
-        _, end = state.period_bounds()
+        end = state._period_start(state.period_index + 1)
         if end > until:
             break
         plan = catalog.plan(state.plan_id)
@@ -193,7 +237,7 @@ def close_periods(
         if state.status == STATUS_CANCELLING:
             state.status = STATUS_ENDED  # last invoice: no new flat charge
         else:
-            next_end = period_start(state.anchor, state.interval, state.period_index + 2)
+            next_end = state._period_start(state.period_index + 2)
             lines += _flat_lines(plan, end, next_end)
         invoices.append(_invoice(state, end, REASON_PERIOD_END, lines))
         state.period_index += 1
@@ -275,19 +319,23 @@ def _add_usage(state: SubscriptionState, event: Usage, plan: Plan) -> None:
     state.seen_event_ids.add(event.event_id)
     # A metric the plan has no charge for is not billed: it is valid usage the
     # plan simply does not price, so it is neither aggregated nor dead-lettered.
-    for agg in _aggregations(plan).get(event.metric, ()):
-        values = state.usage.setdefault(event.metric, {})
+    aggs = plan.aggregation_names().get(event.metric)
+    if not aggs:
+        return
+    values = state.usage.setdefault(event.metric, {})
+    q = event.quantity
+    for agg in aggs:
         old = values.get(agg)
-        if agg == Aggregation.SUM:
-            values[agg] = event.quantity if old is None else CTX.add(old, event.quantity)
-        elif agg == Aggregation.MAX:
-            values[agg] = event.quantity if old is None else max(old, event.quantity)
+        if agg == _SUM:
+            values[agg] = q if old is None else CTX.add(old, q)
+        elif agg == _MAX:
+            values[agg] = q if old is None else max(old, q)
         else:
             values[agg] = ONE if old is None else CTX.add(old, ONE)
 
 
-def _aggregations(plan: Plan) -> dict[str, tuple[str, ...]]:
-    return {m: tuple(a.value for a in aggs) for m, aggs in plan.aggregations().items()}
+_SUM = Aggregation.SUM.value
+_MAX = Aggregation.MAX.value
 
 
 def _change_plan(

@@ -47,7 +47,7 @@ from streams.domain.rating import (
     close_periods,
     next_period_end,
 )
-from streams.domain.timestamps import format_timestamp, to_micros
+from streams.domain.timestamps import to_micros
 from streams.kafka import clients
 from streams.kafka.topics import (
     CONTROL,
@@ -68,11 +68,10 @@ NAME = "rating"
 
 
 def record_to_event(topic: str, rec: dict[str, Any]) -> Any:
-    """Avro record -> domain event (the same validation as the offline rater's JSON)."""
-    rec = {**rec, "timestamp": format_timestamp(rec["timestamp"])}
+    """Avro record -> domain event (the same validation as the offline rater's JSON;
+    the decoder's datetime and Decimal values are taken as they are)."""
     if topic == USAGE.name:
         rec["type"] = "usage"
-        rec["quantity"] = str(rec["quantity"])
     return parse_event(rec)
 
 
