@@ -42,6 +42,7 @@ class ProcessorProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_die_with_parent,
         )
         return self
 
@@ -71,6 +72,18 @@ class ProcessorProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the processor when the process that started it dies, so a killed
+    demo, benchmark or test run never leaves processors behind."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def wait_for_warehouse_endpoint(

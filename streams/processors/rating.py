@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
@@ -341,21 +341,26 @@ class RatingProcessor:
         )
         topics[topic].append(pending)
 
+    def _positions(self, topics: list[str], p: int) -> dict[str, int]:
+        """Next offset to be delivered per topic of partition p. A partition that has
+        delivered nothing since it was assigned has no position yet: the committed
+        offset (where its consumption resumed) stands in for it."""
+        tps = [TopicPartition(t, p) for t in topics]
+        positions = {tp.topic: tp.offset for tp in self.consumer.position(tps)}
+        unknown = [TopicPartition(t, p) for t, o in positions.items() if o < 0]
+        if unknown:
+            for tp in self.consumer.committed(unknown, timeout=5.0):
+                positions[tp.topic] = max(tp.offset, 0)
+        return positions
+
     def _caught_up(self, topic: str, p: int) -> bool:
-        tp = TopicPartition(topic, p)
-        position = self.consumer.position([tp])[0].offset
-        if position < 0:  # nothing delivered since assignment: start from the committed offset
-            try:
-                position = max(self.consumer.committed([tp], timeout=1.0)[0].offset, 0)
-            except KafkaException:
-                return False
         # a fresh look at the broker: a cached high watermark can predate records already
         # published, which would let a later event overtake them
         try:
-            high = self.consumer.get_watermark_offsets(tp, timeout=1.0)
+            high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1.0)
+            return self._positions([topic], p)[topic] >= high[1]
         except KafkaException:
             return False
-        return position >= high[1]
 
     def _drain(self, p: int, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
         """Apply partition p's buffered records in event-time order, as far as is safe."""
@@ -439,20 +444,20 @@ class RatingProcessor:
                  until=rec["until"].isoformat(), barrier=rec["barrier"])  # fmt: skip
 
     def _barrier_reached(self, p: int, barrier: dict[str, int]) -> bool:
+        """Has partition p applied every input record published before the run?"""
         if not barrier:
             return True
-        positions = self.consumer.position([TopicPartition(t, p) for t in barrier])
-        fetched = all(
-            barrier[tp.topic] == 0
-            or (tp.offset != OFFSET_INVALID and tp.offset >= barrier[tp.topic])
-            for tp in positions
-        )
-        if not fetched:
+        try:
+            positions = self._positions(list(barrier), p)
+        except KafkaException:
+            return False
+        if any(positions[t] < end for t, end in barrier.items()):
             log.debug("bill run waits for its barrier", partition=p, barrier=barrier,
-                      positions={tp.topic: tp.offset for tp in positions})  # fmt: skip
-        # ... and applied: nothing before the barrier still waits in a buffer
+                      positions=positions)  # fmt: skip
+            return False
+        # ... fetched, and applied: nothing before the barrier still waits in a buffer
         buffers = self.buffers.get(p, {})
-        return fetched and not any(
+        return not any(
             buffers.get(t) and buffers[t][0].msg.offset() < end for t, end in barrier.items()
         )
 
