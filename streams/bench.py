@@ -342,6 +342,9 @@ def bench_billrun(
                 env.settings,
                 "SELECT count(), uniqExact(invoice_id) FROM invoices WHERE reason = 'period_end'",
             )["rows"][0]
+            dead_letters = int(
+                query(env.settings, "SELECT count() FROM dead_letters")["rows"][0][0]
+            )
             rss = max(peak_rss_mb(p.proc.pid) for p in rating if p.proc)
             sink_rss = peak_rss_mb(sink.proc.pid) if sink.proc else 0.0
             state_mb = (
@@ -360,6 +363,7 @@ def bench_billrun(
         "seconds": round(seconds, 3),
         "invoices_per_s": round(int(rows[1]) / seconds),
         "duplicates": int(rows[0]) - int(rows[1]),
+        "dead_letters": dead_letters,  # the input is all valid: must be 0
         "peak_rss_mb": round(rss, 1),
         "sink_peak_rss_mb": round(sink_rss, 1),
         "state_disk_mb": round(state_mb, 1),

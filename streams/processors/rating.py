@@ -353,28 +353,36 @@ class RatingProcessor:
                 positions[tp.topic] = max(tp.offset, 0)
         return positions
 
-    def _caught_up(self, topic: str, p: int) -> bool:
-        # a fresh look at the broker: a cached high watermark can predate records already
-        # published, which would let a later event overtake them
+    def _caught_up(self, topic: str, p: int) -> bool | None:
+        """Has partition p of `topic` delivered everything published so far? None when the
+        broker cannot tell. A fresh look, not the cached high watermark: that can predate
+        records already published, which would let a later event overtake them."""
         try:
             high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1.0)
             return self._positions([topic], p)[topic] >= high[1]
         except KafkaException:
-            return False
+            return None
 
     def _drain(self, p: int, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
-        """Apply partition p's buffered records in event-time order, as far as is safe."""
+        """Apply partition p's buffered records in event-time order, as far as is safe.
+
+        While one topic's buffer is empty, the other's records wait unless that topic is
+        caught up (nothing of it left to fetch), as Kafka Streams does (KIP-695): a record
+        never overtakes an earlier one that is published but not yet fetched. Only when the
+        broker cannot say (errors) do records flow after max_idle seconds."""
         subs, usage = self.buffers[p][SUBSCRIPTIONS.name], self.buffers[p][USAGE.name]
+        checked: dict[str, bool | None] = {}  # one broker look per topic and drain
         while subs or usage:
             if subs and usage:
                 self.blocked_since.pop(p, None)
             else:
-                # once the silent topic has been waited for max_idle, records flow until
-                # it delivers again (Kafka Streams' max.task.idle.ms)
                 empty = SUBSCRIPTIONS.name if not subs else USAGE.name
-                waited = time.monotonic() - self.blocked_since.setdefault(p, time.monotonic())
-                if waited < self.max_idle and not self._caught_up(empty, p):
-                    return  # the other topic may still hold earlier events
+                if empty not in checked:
+                    checked[empty] = self._caught_up(empty, p)
+                if not checked[empty]:
+                    since = self.blocked_since.setdefault(p, time.monotonic())
+                    if checked[empty] is False or time.monotonic() - since < self.max_idle:
+                        return  # the silent topic may still hold earlier events
             if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
                 pending = subs.popleft()
             else:

@@ -32,7 +32,7 @@ def test_bench_billrun_contract(tmp_path: Path, kafka_bootstrap: str) -> None:
     assert report["scenario"] == "billrun"
     assert report["params"]["subscriptions"] == 300
     m = report["metrics"]
-    assert m["invoices"] == 300 and m["duplicates"] == 0
+    assert m["invoices"] == 300 and m["duplicates"] == 0 and m["dead_letters"] == 0
     assert m["seconds"] > 0 and m["invoices_per_s"] > 0 and m["peak_rss_mb"] > 0
 
 
