@@ -46,6 +46,9 @@ def consumer(settings: Settings, bootstrap: str, group_id: str, **overrides: Any
         "max.poll.interval.ms": 300_000,
         "fetch.max.bytes": 52_428_800,
         "max.partition.fetch.bytes": 10_485_760,
+        # prefetch per partition: a worker holds dozens; librdkafka's 64 MiB default
+        # would let prefetched records dominate its memory
+        "queued.max.messages.kbytes": 8_192,
         "partition.assignment.strategy": "cooperative-sticky",
     }
     conf.update(overrides)

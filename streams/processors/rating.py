@@ -64,6 +64,7 @@ from streams.processors.state import PartitionStore, due_key
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
+MAX_BUFFERED = 20_000  # decoded records waiting for event-time order, per topic-partition
 NAME = "rating"
 
 
@@ -156,6 +157,8 @@ class RatingProcessor:
         # partition -> topic -> records in offset order, not yet applied
         self.buffers: dict[int, dict[str, deque[Pending]]] = {}
         self.blocked_since: dict[int, float] = {}
+        # topic-partitions paused because their buffer is full (backpressure)
+        self.throttled: set[tuple[str, int]] = set()
         self.bootstrap = bootstrap
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
@@ -195,6 +198,7 @@ class RatingProcessor:
             # unapplied records are fetched again from the committed offsets
             self.buffers.pop(p, None)
             self.blocked_since.pop(p, None)
+            self.throttled = {(t, q) for t, q in self.throttled if q != p}
         log.info("revoked", partitions=sorted({tp.partition for tp in partitions}))
 
     def _restore(self, p: int) -> PartitionStore:
@@ -284,6 +288,7 @@ class RatingProcessor:
                 self._buffer(msg)
             for p in list(self.buffers):
                 self._drain(p, batch, positions)
+            self._release_backpressure()
             touched_jobs |= self._run_jobs(batch)
             if self.clock == "wall":
                 now = datetime.now(UTC)
@@ -340,6 +345,17 @@ class RatingProcessor:
             msg.partition(), {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
         )
         topics[topic].append(pending)
+        if len(topics[topic]) >= MAX_BUFFERED:
+            # the other topic lags behind in event time: stop fetching this one meanwhile,
+            # so waiting records cannot grow without bound
+            self.consumer.pause([TopicPartition(topic, msg.partition())])
+            self.throttled.add((topic, msg.partition()))
+
+    def _release_backpressure(self) -> None:
+        for topic, p in list(self.throttled):
+            if len(self.buffers.get(p, {}).get(topic, ())) < MAX_BUFFERED // 2:
+                self.consumer.resume([TopicPartition(topic, p)])
+                self.throttled.discard((topic, p))
 
     def _positions(self, topics: list[str], p: int) -> dict[str, int]:
         """Next offset to be delivered per topic of partition p. A partition that has

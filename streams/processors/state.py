@@ -20,6 +20,7 @@ from pathlib import Path
 from rocksdict import Options, Rdict, WriteBatch
 
 CHECKPOINT = b"c|checkpoint"
+MEMTABLE_BYTES = 8 << 20
 
 
 def due_key(period_end_us: int, subscription_id: str) -> bytes:
@@ -36,6 +37,10 @@ class PartitionStore:
         self.path = path
         options = Options(raw_mode=True)
         options.create_if_missing(True)
+        # a worker holds many partitions' stores: RocksDB's default 64 MiB memtables each
+        # would dominate its memory. State is a cache of the changelog; small is fine.
+        options.set_write_buffer_size(MEMTABLE_BYTES)
+        options.set_max_write_buffer_number(2)
         self.db = Rdict(str(path), options)
 
     def get(self, subscription_id: str) -> bytes | None:
