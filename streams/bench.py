@@ -22,7 +22,6 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from streams.codec import codec
 from streams.config import DEPLOY_DIR, Settings
@@ -39,6 +38,7 @@ from streams.kafka.topics import (
     set_namespace,
 )
 from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.ui import progress_bar
 
 CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
 ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
@@ -80,16 +80,6 @@ def bench_env(base: Settings, partitions: int) -> Iterator[Env]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<30}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
 
 
 def peak_rss_mb(pid: int) -> float:

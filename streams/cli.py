@@ -146,10 +146,9 @@ def bill_run(
     """Catch-up bill run: close now, in parallel across partitions, the chosen periods."""
     import time
 
-    from rich.progress import Progress
-
     from streams.kafka.local import bootstrap_servers
     from streams.publish import bill_run_done, issue_bill_run
+    from streams.ui import progress_bar
 
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
@@ -159,7 +158,7 @@ def bill_run(
     if not wait:
         return
     deadline = time.monotonic() + timeout
-    with Progress(console=console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("partitions done", total=len(offsets))
         while (done := bill_run_done(settings, bootstrap, offsets)) < len(offsets):
             progress.update(task, completed=done)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from streams.config import DEPLOY_DIR, Settings
@@ -32,6 +31,7 @@ from streams.kafka.local import bootstrap_servers
 from streams.kafka.topics import SUBSCRIPTIONS, USAGE, ensure_topics
 from streams.publish import bill_run_done, issue_bill_run, publish
 from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.ui import progress_bar
 from streams.warehouse import query
 
 DEMO_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
@@ -45,16 +45,6 @@ class DemoResult:
     distinct_invoice_ids: int
     seconds: float
     by_currency: list[list[Any]]
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
 
 
 def count_invoices(settings: Settings, prefix: str) -> tuple[int, int]:
@@ -90,7 +80,7 @@ def run_demo(
     ).start()
     try:
         wait_for_warehouse_endpoint(settings, sink)
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             producer = clients.producer(settings, bootstrap)
             task = progress.add_task("publish subscriptions", total=accounts)
             publish(producer, SUBSCRIPTIONS, subscription_events(dataset, catalog),
