@@ -122,13 +122,12 @@ def committed_lag(env: Env, group: str, topics: list[str]) -> int:
     probe = clients.consumer(env.settings, env.bootstrap, group)
     try:
         tps = [TopicPartition(t, p) for t in topics for p in range(env.settings.partitions)]
-        committed = probe.committed(tps, timeout=30)
+        committed = clients.retrying(lambda: probe.committed(tps, timeout=30))
         lag = 0
         for tp in committed:
-            high = probe.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)[
-                1
-            ]
-            lag += high - max(tp.offset, 0)
+            one = TopicPartition(tp.topic, tp.partition)
+            high = clients.retrying(lambda one=one: probe.get_watermark_offsets(one, timeout=30))
+            lag += high[1] - max(tp.offset, 0)
         return lag
     finally:
         probe.close()

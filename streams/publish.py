@@ -84,7 +84,9 @@ def publish_mixed(
 
 def end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int]:
     return [
-        consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+        clients.retrying(
+            lambda p=p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+        )[1]
         for p in range(partitions)
     ]
 

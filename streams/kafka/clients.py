@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.config import Settings
+
+T = TypeVar("T")
 
 
 def _base(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -53,3 +57,20 @@ def consumer(settings: Settings, bootstrap: str, group_id: str, **overrides: Any
     }
     conf.update(overrides)
     return Consumer(conf)
+
+
+def retrying(call: Callable[[], T], attempts: int = 40, delay: float = 0.25) -> T:
+    """Run a metadata/offset request again while the cluster answers with a transient
+    error (e.g. NOT_LEADER_FOR_PARTITION right after topics were created or deleted)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            transient = getattr(error, "retriable", lambda: False)() or getattr(
+                error, "code", lambda: None
+            )() in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
