@@ -211,8 +211,9 @@ class RatingProcessor:
             **{"enable.partition.eof": True},
         )
         try:
-            low, high = restorer.get_watermark_offsets(
-                TopicPartition(RATING_CHANGELOG.name, p), timeout=30
+            changelog = TopicPartition(RATING_CHANGELOG.name, p)
+            low, high = clients.retrying(
+                lambda: restorer.get_watermark_offsets(changelog, timeout=30)
             )
             start = max(store.checkpoint, low)
             if start >= high:
