@@ -64,7 +64,7 @@ from streams.processors.state import PartitionStore, due_key
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
-MAX_BUFFERED = 20_000  # decoded records waiting for event-time order, per topic-partition
+MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-partition
 NAME = "rating"
 
 
@@ -145,7 +145,7 @@ class RatingProcessor:
         worker: int = 0,
         clock: str = "event",
         batch_size: int = 5000,
-        close_chunk: int = 5000,
+        close_chunk: int = 2000,
         max_idle: float = 0.5,
     ) -> None:
         self.settings = settings
