@@ -30,10 +30,13 @@ def dead_letter_record(msg: Any, reason: str, detail: str, processor: str) -> di
     }
 
 
-def produce_dead_letter(producer: Any, msg: Any, reason: str, detail: str, processor: str) -> None:
+def produce_dead_letter(
+    producer: Any, msg: Any, reason: str, detail: str, processor: str, **produce_args: Any
+) -> None:
     producer.produce(
         DEAD_LETTER.name,
         key=msg.key(),
         value=codec(DEAD_LETTER.schema).encode(dead_letter_record(msg, reason, detail, processor)),
         partition=msg.partition(),  # co-partitioned with its source
+        **produce_args,
     )

@@ -51,14 +51,13 @@ from streams.domain.timestamps import to_micros
 from streams.kafka import clients
 from streams.kafka.topics import (
     CONTROL,
-    DEAD_LETTER,
     INVOICES,
     RATING_CHANGELOG,
     SUBSCRIPTIONS,
     USAGE,
     group_id,
 )
-from streams.processors.deadletter import dead_letter_record
+from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
 from streams.processors.state import PartitionStore, due_key
 
@@ -250,30 +249,24 @@ class RatingProcessor:
 
     # --- the loop -----------------------------------------------------------------------
 
-    def run(self, until_idle: float | None = None) -> int:
+    def run(self) -> int:
         self.consumer.subscribe(
             [SUBSCRIPTIONS.name, USAGE.name, CONTROL.name],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
         )
-        idle_since = time.monotonic()
         try:
             while not self.stop:
                 msgs = poll_batch(self.consumer, self.batch_size, 0.1)
-                busy = bool(msgs) or bool(self.jobs) or self.clock == "wall"
-                if busy:
-                    worked = self._transaction(msgs)
-                    if worked:
-                        idle_since = time.monotonic()
-                if until_idle is not None and time.monotonic() - idle_since > until_idle:
-                    break
+                if msgs or self.jobs or self.clock == "wall":
+                    self._transaction(msgs)
         finally:
             self.consumer.close()
             for store in self.stores.values():
                 store.close()
         return self.invoices_emitted
 
-    def _transaction(self, msgs: list[Any]) -> bool:
+    def _transaction(self, msgs: list[Any]) -> None:
         batch = Batch()
         positions: dict[tuple[str, int], int] = {}
         touched_jobs: set[int] = set()
@@ -318,7 +311,6 @@ class RatingProcessor:
         self._apply_to_stores(batch)
         self._finish_jobs()
         self.invoices_emitted += batch.invoices
-        return bool(positions) or batch.invoices > 0
 
     # --- events -------------------------------------------------------------------------
 
@@ -437,14 +429,7 @@ class RatingProcessor:
         batch.invoices += len(invoices)
 
     def _dead_letter(self, batch: Batch, msg: Any, reason: str, detail: str) -> None:
-        rec = dead_letter_record(msg, reason, detail, NAME)
-        self.producer.produce(
-            DEAD_LETTER.name,
-            key=msg.key(),
-            value=codec(DEAD_LETTER.schema).encode(rec),
-            partition=msg.partition(),
-            on_delivery=self._on_delivery,
-        )
+        produce_dead_letter(self.producer, msg, reason, detail, NAME, on_delivery=self._on_delivery)
         batch.dead_letters += 1
 
     # --- bill runs and the clock ----------------------------------------------------------

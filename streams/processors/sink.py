@@ -107,20 +107,16 @@ class Sink:
         self.stop = StopFlag()
         self.landed = 0
 
-    def run(self, until_idle: float | None = None) -> int:
-        """Land until stopped (or, with until_idle, until nothing arrived for that long)."""
+    def run(self) -> int:
+        """Land until stopped (SIGTERM/SIGINT): the batch in hand lands and commits first."""
         if self.server:
             self.server.start()
         self.consumer.subscribe(self.topics, on_assign=self._resume_from_warehouse)
-        idle_since = time.monotonic()
         try:
             while not self.stop:
                 batch = self._collect()
                 if batch:
                     self._land(batch)
-                    idle_since = time.monotonic()
-                elif until_idle is not None and time.monotonic() - idle_since > until_idle:
-                    break
         finally:
             self.consumer.close()  # leaves the group at once: no wait for session time-out
             if self.server:
