@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
@@ -65,14 +66,6 @@ log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
 MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-partition
 NAME = "rating"
-
-
-def record_to_event(topic: str, rec: dict[str, Any]) -> Any:
-    """Avro record -> domain event (the same validation as the offline rater's JSON;
-    the decoder's datetime and Decimal values are taken as they are)."""
-    if topic == USAGE.name:
-        rec["type"] = "usage"
-    return parse_event(rec)
 
 
 def invoice_record(inv: Invoice, plan_id: str) -> dict[str, Any]:
@@ -159,6 +152,13 @@ class RatingProcessor:
         # topic-partitions paused because their buffer is full (backpressure)
         self.throttled: set[tuple[str, int]] = set()
         self.bootstrap = bootstrap
+        # the namespace is fixed for a worker's life: resolve topic names once (hot path)
+        self.subscriptions_topic, self.usage_topic = SUBSCRIPTIONS.name, USAGE.name
+        self.control_topic, self.invoices_topic = CONTROL.name, INVOICES.name
+        self.changelog_topic = RATING_CHANGELOG.name
+        self.admin = clients.admin(settings, bootstrap)
+        self.subscriptions_codec = codec(SUBSCRIPTIONS.schema)
+        self.usage_codec = codec(USAGE.schema)
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
         )
@@ -274,14 +274,13 @@ class RatingProcessor:
         try:
             for msg in msgs:
                 topic, p = msg.topic(), msg.partition()
-                if topic == CONTROL.name:
+                if topic == self.control_topic:
                     if p not in self.jobs:  # one run at a time: the partition is paused meanwhile
                         self._start_job(msg)
                         touched_jobs.add(p)
                     continue
                 self._buffer(msg)
-            for p in list(self.buffers):
-                self._drain(p, batch, positions)
+            self._drain_all(batch, positions)
             self._release_backpressure()
             touched_jobs |= self._run_jobs(batch)
             if self.clock == "wall":
@@ -327,16 +326,23 @@ class RatingProcessor:
         topic = msg.topic()
         pending = Pending(float("-inf"), msg)
         try:
-            schema = SUBSCRIPTIONS.schema if topic == SUBSCRIPTIONS.name else USAGE.schema
-            pending.event = record_to_event(topic, codec(schema).decode(msg.value()))
+            if topic == self.usage_topic:
+                rec = self.usage_codec.decode(msg.value())
+                rec["type"] = "usage"
+            else:
+                rec = self.subscriptions_codec.decode(msg.value())
+            pending.event = parse_event(rec)
             pending.timestamp = pending.event.timestamp.timestamp()
         except DecodeError as exc:
             pending.error = (exc.reason, exc.detail)
         except InvalidEvent as exc:
             pending.error = ("invalid_event", exc.reason)
-        topics = self.buffers.setdefault(
-            msg.partition(), {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
-        )
+        topics = self.buffers.get(msg.partition())
+        if topics is None:
+            topics = self.buffers[msg.partition()] = {
+                self.subscriptions_topic: deque(),
+                self.usage_topic: deque(),
+            }
         topics[topic].append(pending)
         if len(topics[topic]) >= MAX_BUFFERED:
             # the other topic lags behind in event time: stop fetching this one meanwhile,
@@ -362,36 +368,68 @@ class RatingProcessor:
                 positions[tp.topic] = max(tp.offset, 0)
         return positions
 
-    def _caught_up(self, topic: str, p: int) -> bool | None:
-        """Has partition p of `topic` delivered everything published so far? None when the
-        broker cannot tell. A fresh look, not the cached high watermark: that can predate
-        records already published, which would let a later event overtake them."""
+    def _caught_up(self, keys: set[tuple[str, int]]) -> dict[tuple[str, int], bool | None]:
+        """Has each (topic, partition) delivered everything committed so far? None when the
+        broker cannot tell. A fresh look (one request for all of them), not the cached high
+        watermark: that can predate records already published, which would let a later
+        event overtake them. Read-committed, so the bound is the last stable offset."""
+        tps = [TopicPartition(t, p) for t, p in sorted(keys)]
         try:
-            high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=1.0)
-            return self._positions([topic], p)[topic] >= high[1]
+            futures = self.admin.list_offsets(
+                {tp: OffsetSpec.latest() for tp in tps},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=5.0,
+            )
+            ends = {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
         except KafkaException:
-            return None
+            return dict.fromkeys(keys)
+        caught = {}
+        for t, p in keys:
+            caught[(t, p)] = self._positions([t], p)[t] >= ends[(t, p)]
+        return caught
 
-    def _drain(self, p: int, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
+    def _drain_all(self, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
+        """Drain every partition; the broker looks that draining needs are made together."""
+        caught: dict[tuple[str, int], bool | None] = {}
+        todo = list(self.buffers)
+        while todo:
+            needs = {}
+            for p in todo:
+                need = self._drain(p, batch, positions, caught)
+                if need is not None:
+                    needs[need] = p
+            if not needs:
+                return
+            caught.update(self._caught_up(set(needs)))
+            todo = list(needs.values())
+
+    def _drain(
+        self,
+        p: int,
+        batch: Batch,
+        positions: dict[tuple[str, int], int],
+        caught: dict[tuple[str, int], bool | None],
+    ) -> tuple[str, int] | None:
         """Apply partition p's buffered records in event-time order, as far as is safe.
 
         While one topic's buffer is empty, the other's records wait unless that topic is
         caught up (nothing of it left to fetch), as Kafka Streams does (KIP-695): a record
         never overtakes an earlier one that is published but not yet fetched. Only when the
-        broker cannot say (errors) do records flow after max_idle seconds."""
-        subs, usage = self.buffers[p][SUBSCRIPTIONS.name], self.buffers[p][USAGE.name]
-        checked: dict[str, bool | None] = {}  # one broker look per topic and drain
+        broker cannot say (errors) do records flow after max_idle seconds. Returns the
+        (topic, p) whose caught-up state must be looked up before it can go on, if any."""
+        subs = self.buffers[p][self.subscriptions_topic]
+        usage = self.buffers[p][self.usage_topic]
         while subs or usage:
             if subs and usage:
                 self.blocked_since.pop(p, None)
             else:
-                empty = SUBSCRIPTIONS.name if not subs else USAGE.name
-                if empty not in checked:
-                    checked[empty] = self._caught_up(empty, p)
-                if not checked[empty]:
+                empty = (self.subscriptions_topic if not subs else self.usage_topic, p)
+                if empty not in caught:
+                    return empty
+                if not caught[empty]:
                     since = self.blocked_since.setdefault(p, time.monotonic())
-                    if checked[empty] is False or time.monotonic() - since < self.max_idle:
-                        return  # the silent topic may still hold earlier events
+                    if caught[empty] is False or time.monotonic() - since < self.max_idle:
+                        return None  # the silent topic may still hold earlier events
             if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
                 pending = subs.popleft()
             else:
@@ -399,6 +437,7 @@ class RatingProcessor:
             msg = pending.msg
             positions[(msg.topic(), p)] = msg.offset() + 1
             self._apply(pending, batch)
+        return None
 
     def _apply(self, pending: Pending, batch: Batch) -> None:
         msg, event = pending.msg, pending.event
@@ -420,7 +459,7 @@ class RatingProcessor:
         for inv in invoices:
             plan_id = state.plan_id if state is not None else ""
             self.producer.produce(
-                INVOICES.name,
+                self.invoices_topic,
                 key=inv.account_id.encode(),
                 value=encode(invoice_record(inv, plan_id)),
                 partition=p,
@@ -530,7 +569,7 @@ class RatingProcessor:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._delivery_error = RuntimeError(f"delivery failed: {err}")
-        elif msg.topic() == RATING_CHANGELOG.name:
+        elif msg.topic() == self.changelog_topic:
             p = msg.partition()
             self.changelog_next[p] = max(self.changelog_next.get(p, 0), msg.offset() + 1)
 
@@ -540,7 +579,7 @@ class RatingProcessor:
             for sub, state in states.items():
                 value = encoded[sub] = state.to_bytes() if state is not None else None
                 self.producer.produce(
-                    RATING_CHANGELOG.name,
+                    self.changelog_topic,
                     key=sub.encode(),
                     value=value,
                     partition=p,
