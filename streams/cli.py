@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from streams.config import DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.logging import configure as configure_logging
 
@@ -100,11 +101,19 @@ class Clock(StrEnum):
     wall = "wall"
 
 
+def _catalog_option() -> Path:
+    return typer.Option(
+        DEPLOY_DIR / "demo" / "catalog.json",
+        envvar="STREAMBILL_CATALOG",
+        exists=True,
+        dir_okay=False,
+        help="catalog JSON (the rating processor prices with it; the sink loads it as plans)",
+    )
+
+
 @run_app.command("rating")
 def run_rating(
-    catalog: Path = typer.Option(
-        Path("deploy/demo/catalog.json"), envvar="STREAMBILL_CATALOG", exists=True
-    ),
+    catalog: Path = _catalog_option(),
     clock: Clock = typer.Option(Clock.wall, help="wall: periods close as real time passes"),
     worker: int = typer.Option(0, help="worker index (stable transactional id)"),
 ) -> None:
@@ -123,8 +132,16 @@ def run_rating(
 
 
 @run_app.command("sink")
-def run_sink() -> None:
+def run_sink(
+    catalog: Path = _catalog_option(),
+    topics: str | None = typer.Option(
+        None, help="comma-separated topic base names to land (default: all of them)"
+    ),
+    max_rows: int = typer.Option(100_000, help="a batch lands at this many messages..."),
+    max_seconds: float = typer.Option(1.0, help="...or after this many seconds"),
+) -> None:
     """The sink: Kafka topics -> ClickHouse; owns an embedded warehouse and serves queries."""
+    from streams.domain.catalog import Catalog
     from streams.kafka import clients
     from streams.kafka.local import bootstrap_servers
     from streams.kafka.topics import ensure_topics
@@ -133,7 +150,10 @@ def run_sink() -> None:
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     ensure_topics(clients.admin(settings, bootstrap), settings)
-    Sink(settings, bootstrap).run()
+    raw = json.loads(catalog.read_text())
+    chosen = [t for t in topics.split(",") if t] if topics else None
+    Sink(settings, bootstrap, topics=chosen, max_rows=max_rows, max_seconds=max_seconds,
+         catalog=(Catalog.from_dict(raw), raw)).run()  # fmt: skip
 
 
 @app.command("bill-run")

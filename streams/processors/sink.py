@@ -1,27 +1,42 @@
 """The sink: lands Kafka topics into ClickHouse in batches, effectively once.
 
-The warehouse is the source of truth for what has landed: each topic's landing table
-records the Kafka partition and offset of every row, and on assignment the sink resumes
-each partition right after the highest offset ClickHouse holds (from the beginning for
-an empty warehouse), whatever the group's committed offsets say. A batch is inserted
-with the offset-bearing table last, so a crash part-way through re-lands at most that
-batch, whose rows carry deterministic ids that ReplacingMergeTree collapses. Kafka
-offsets are still committed after each insert, for lag monitoring.
+The warehouse is the source of truth for what has landed: after every table of a batch
+has its rows, the batch's next offsets go into ``sink_offsets``, and on assignment the
+sink resumes each partition there (from the beginning for an empty warehouse), whatever
+the group's committed offsets say. A crash part-way through a batch re-lands at most
+that batch; every landing table's key ends with the row's deterministic id or Kafka
+coordinates, so ReplacingMergeTree collapses the re-landed rows into one. Kafka offsets
+are still committed after each batch, for lag monitoring.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from decimal import Decimal
+from operator import itemgetter
 from typing import Any
 
+import orjson
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
+from streams.domain.catalog import Catalog, Interval
 from streams.kafka import clients
-from streams.kafka.topics import DEAD_LETTER, INVOICES, group_id, spec_for, spec_for_base
+from streams.kafka.topics import (
+    DEAD_LETTER,
+    ENTITLEMENTS,
+    INVOICES,
+    PAYMENT_RESULTS,
+    REFUND_RESULTS,
+    SUBSCRIPTIONS,
+    USAGE,
+    group_id,
+    spec_for,
+    spec_for_base,
+)
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
 from streams.warehouse import QueryServer, open_warehouse
@@ -30,54 +45,119 @@ log = structlog.get_logger(__name__)
 GROUP = "streambill-sink"  # namespaced by group_id()
 
 Rows = dict[str, list[list[Any]]]
+Mapper = Callable[[dict[str, Any], int, int, Rows], None]
+ZERO = Decimal(0)
 
+COORDINATES = ["_partition", "_offset"]
 COLUMNS: dict[str, list[str]] = {
     "invoices": [
         "invoice_id", "account_id", "subscription_id", "plan_id", "currency", "issued_at",
-        "reason", "total", "line_count", "payment_method", "_partition", "_offset",
+        "reason", "total", "recurring_total", "usage_total", "line_count", "payment_method",
+        *COORDINATES,
     ],
     "invoice_lines": [
         "invoice_id", "line_no", "account_id", "subscription_id", "currency", "issued_at",
         "charge_id", "kind", "period_start", "period_end", "quantity", "amount",
     ],
+    "subscription_events": [
+        "event_id", "type", "timestamp", "account_id", "subscription_id", "plan_id", "mode",
+        "payment_method", *COORDINATES,
+    ],
+    "usage_events": [
+        "event_id", "timestamp", "account_id", "subscription_id", "metric", "quantity",
+        *COORDINATES,
+    ],
+    "payment_attempts": [
+        "payment_id", "invoice_id", "account_id", "attempt", "status", "amount", "currency",
+        "gateway_account", "gateway_reference", "decline_code", "latency_ms", "completed_at",
+        *COORDINATES,
+    ],
+    "refunds": [
+        "refund_id", "invoice_id", "account_id", "status", "amount", "currency", "reason",
+        "gateway_reference", "requested_at", "completed_at", *COORDINATES,
+    ],
+    "entitlements": [
+        "entitlement_id", "account_id", "subscription_id", "action", "cause", "timestamp",
+        *COORDINATES,
+    ],
     "dead_letters": [
         "dead_letter_id", "source_topic", "source_partition", "source_offset", "reason", "detail",
-        "processor", "failed_at", "key", "value", "_partition", "_offset",
+        "processor", "failed_at", "key", "value", *COORDINATES,
     ],
 }  # fmt: skip
+RECURRING_KINDS = frozenset({"flat", "proration_credit", "proration_charge"})
 
 
 def _invoice_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
-    rows["invoices"].append([
-        rec["invoice_id"], rec["account_id"], rec["subscription_id"], rec["plan_id"],
-        rec["currency"], rec["issued_at"], rec["reason"], rec["total"], len(rec["lines"]),
-        rec["payment_method"], partition, offset,
-    ])  # fmt: skip
+    invoice_id, account, sub = rec["invoice_id"], rec["account_id"], rec["subscription_id"]
+    currency, issued_at = rec["currency"], rec["issued_at"]
+    recurring = usage = ZERO
     lines = rows["invoice_lines"]
     for no, line in enumerate(rec["lines"]):
+        amount = line["amount"]
+        if line["kind"] in RECURRING_KINDS:
+            recurring += amount
+        else:
+            usage += amount
         lines.append([
-            rec["invoice_id"], no, rec["account_id"], rec["subscription_id"], rec["currency"],
-            rec["issued_at"], line["charge_id"], line["kind"], line["period_start"],
-            line["period_end"], line["quantity"], line["amount"],
+            invoice_id, no, account, sub, currency, issued_at, line["charge_id"], line["kind"],
+            line["period_start"], line["period_end"], line["quantity"], amount,
         ])  # fmt: skip
+    rows["invoices"].append([
+        invoice_id, account, sub, rec["plan_id"], currency, issued_at, rec["reason"],
+        rec["total"], recurring, usage, len(rec["lines"]), rec["payment_method"],
+        partition, offset,
+    ])  # fmt: skip
+
+
+def _plain(table: str) -> Mapper:
+    """Rows whose columns are the record's fields of the same names, then coordinates."""
+    fields = itemgetter(*[c for c in COLUMNS[table] if c not in COORDINATES])
+
+    def mapper(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
+        rows[table].append([*fields(rec), partition, offset])
+
+    return mapper
 
 
 def _dead_letter_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
+    # key and value are the original bytes: kept as escaped text, readable when textual
+    key, value = rec["key"], rec["value"]
     rows["dead_letters"].append([
         rec["dead_letter_id"], rec["source_topic"], rec["source_partition"], rec["source_offset"],
-        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"], rec["key"],
-        rec["value"], partition, offset,
+        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"],
+        None if key is None else key.decode("utf-8", "backslashreplace"),
+        None if value is None else value.decode("utf-8", "backslashreplace"),
+        partition, offset,
     ])  # fmt: skip
 
 
-# topic -> (the table recording its partition/offset, the row mapper)
-LANDERS: dict[str, tuple[str, Callable[[dict[str, Any], int, int, Rows], None]]] = {
-    INVOICES.base: ("invoices", _invoice_rows),
-    DEAD_LETTER.base: ("dead_letters", _dead_letter_rows),
+# topic base name -> row mapper
+LANDERS: dict[str, Mapper] = {
+    SUBSCRIPTIONS.base: _plain("subscription_events"),
+    USAGE.base: _plain("usage_events"),
+    INVOICES.base: _invoice_rows,
+    PAYMENT_RESULTS.base: _plain("payment_attempts"),
+    REFUND_RESULTS.base: _plain("refunds"),
+    ENTITLEMENTS.base: _plain("entitlements"),
+    DEAD_LETTER.base: _dead_letter_rows,
 }
-OFFSET_TABLES = {table for table, _ in LANDERS.values()}
-# insertion order: dependent rows first, the offset-bearing rows last
-TABLE_ORDER = sorted(COLUMNS, key=lambda t: t in OFFSET_TABLES)
+
+
+def load_catalog(client: Any, catalog: Catalog, raw: dict[str, Any]) -> int:
+    """The catalog as the ``plans`` dimension (MRR needs each plan's recurring amount).
+    Re-loading replaces a plan's row (ReplacingMergeTree by loaded_at)."""
+    raw_plans = {p["plan_id"]: p for p in raw.get("plans", [])}
+    rows = []
+    for plan_id, plan in sorted(catalog.plans.items()):
+        flat = sum((c.amount for c in plan.flat_charges), ZERO)
+        mrr = flat if plan.interval == Interval.MONTH else (flat / 12).quantize(Decimal("1e-9"))
+        charges = orjson.dumps(raw_plans[plan_id].get("charges", [])).decode()
+        rows.append([plan_id, plan.currency, plan.interval.value, flat, mrr, charges])
+    client.insert("plans", rows, column_names=[
+        "plan_id", "currency", "interval", "flat_amount", "mrr", "charges",
+    ])  # fmt: skip
+    return len(rows)
 
 
 class Sink:
@@ -89,12 +169,20 @@ class Sink:
         max_rows: int = 100_000,
         max_seconds: float = 1.0,
         serve_queries: bool = True,
+        catalog: tuple[Catalog, dict[str, Any]] | None = None,
     ) -> None:
+        """topics: base names (default: every landed topic); catalog: parsed and raw, to
+        load as the plans dimension."""
         self.settings = settings
-        self.topics = topics or [spec_for_base(b).name for b in LANDERS]
+        unknown = set(topics or ()) - set(LANDERS)
+        if unknown:
+            raise ValueError(f"no landing table for {sorted(unknown)}; known: {sorted(LANDERS)}")
+        self.topics = [spec_for_base(b).name for b in (topics or LANDERS)]
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.client = open_warehouse(settings)
+        if catalog is not None:
+            load_catalog(self.client, *catalog)
         self.consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
         )
@@ -124,18 +212,15 @@ class Sink:
         return self.landed
 
     def _resume_from_warehouse(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        landed: dict[tuple[str, int], int] = {}
-        for topic in {tp.topic for tp in partitions}:
-            table = LANDERS[spec_for(topic).base][0]
-            result = self.client.query(
-                f"SELECT _partition, max(_offset) FROM {table} GROUP BY _partition"
-            )
-            for p, offset in result.result_rows:
-                landed[(topic, int(p))] = int(offset) + 1
+        result = self.client.query(
+            "SELECT topic, partition, max(next_offset) FROM sink_offsets GROUP BY topic, partition"
+        )
+        landed = {(topic, int(p)): int(o) for topic, p, o in result.result_rows}
         for tp in partitions:
-            tp.offset = landed.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            tp.offset = landed.get((spec_for(tp.topic).base, tp.partition), OFFSET_BEGINNING)
         consumer.assign(partitions)
-        log.info("resuming from the warehouse", positions=len(landed), partitions=len(partitions))
+        log.info("resuming from the warehouse", partitions=len(partitions),
+                 resumed=sum(tp.offset >= 0 for tp in partitions))  # fmt: skip
 
     def _collect(self) -> list[Any]:
         batch: list[Any] = []
@@ -153,25 +238,32 @@ class Sink:
         rows: Rows = {table: [] for table in COLUMNS}
         offsets: dict[tuple[str, int], int] = {}
         bad = 0
+        specs = {}
         for msg in batch:
-            topic = msg.topic()
-            offsets[(topic, msg.partition())] = msg.offset() + 1
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            offsets[(topic, partition)] = offset + 1
+            spec = specs.get(topic) or specs.setdefault(topic, spec_for(topic))
             try:
-                rec = codec(spec_for(topic).schema).decode(msg.value())
+                rec = codec(spec.schema).decode(msg.value())
             except DecodeError as exc:
-                if topic == DEAD_LETTER.name:  # never loop dead letters back into themselves
-                    log.error("undecodable dead letter", offset=msg.offset(), error=str(exc))
+                if spec is DEAD_LETTER:  # never loop dead letters back into themselves
+                    log.error("undecodable dead letter", offset=offset, error=str(exc))
                 else:
                     produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
                 bad += 1
                 continue
-            LANDERS[spec_for(topic).base][1](rec, msg.partition(), msg.offset(), rows)
-        for table in TABLE_ORDER:
-            if rows[table]:
-                self.client.insert(table, rows[table], column_names=COLUMNS[table])
+            LANDERS[spec.base](rec, partition, offset, rows)
+        for table, table_rows in rows.items():
+            if table_rows:
+                self.client.insert(table, table_rows, column_names=COLUMNS[table])
         if bad:
-            self.producer.flush()
-        # ClickHouse has the rows: now the offsets may move
+            self.producer.flush()  # the dead letters are durable before the offsets move
+        # every table has the batch: record it as landed, then commit the group's offsets
+        self.client.insert(
+            "sink_offsets",
+            [[spec_for(t).base, p, o] for (t, p), o in offsets.items()],
+            column_names=["topic", "partition", "next_offset"],
+        )
         self.consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
         )
