@@ -360,6 +360,77 @@ def bench_billrun(
     }
 
 
+def encoded_invoices(rows: int, lines_per_invoice: int) -> list[tuple[bytes, bytes]]:
+    """Invoices of `lines_per_invoice` usage and flat lines, `rows` lines in all."""
+    from streams.kafka.topics import INVOICES
+
+    encode = codec(INVOICES.schema).encode
+    out = []
+    n_invoices = max(1, rows // lines_per_invoice)
+    for i in range(n_invoices):
+        account = f"acct-{i:08d}"
+        lines = [{
+            "charge_id": f"charge-{k}", "kind": "flat" if k == 0 else "usage",
+            "period_start": ANCHOR, "period_end": PERIOD_END,
+            "quantity": Decimal(1 + (i + k) % 997), "amount": Decimal(f"{(i * 31 + k) % 9999}.25"),
+        } for k in range(lines_per_invoice)]  # fmt: skip
+        out.append((account.encode(), encode({
+            "invoice_id": f"inv-{uuid.UUID(int=i)}", "account_id": account,
+            "subscription_id": f"sub-{i:08d}", "plan_id": "growth-eur", "currency": "EUR",
+            "issued_at": PERIOD_END, "reason": "period_end", "lines": lines,
+            "total": sum((ln["amount"] for ln in lines), Decimal(0)), "payment_method": f"tok_{i}",
+        })))  # fmt: skip
+    return out
+
+
+def bench_sink(
+    base: Settings, rows: int, lines_per_invoice: int, console: Console
+) -> dict[str, Any]:
+    """Invoice lines landed in the embedded warehouse by the sink catching up on a topic
+    that already holds them: from the sink having opened the warehouse (it consumes right
+    after) to the last row queryable."""
+    from streams.kafka.topics import INVOICES
+    from streams.warehouse import query
+
+    with bench_env(base, base.partitions) as env:
+        items = encoded_invoices(rows, lines_per_invoice)
+        expected = len(items) * lines_per_invoice
+        with progress_bar(console) as progress:
+            task = progress.add_task("invoices produced (not timed)", total=len(items))
+            produce_encoded(env, INVOICES, items, lambda n: progress.advance(task, n))
+            del items
+            sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
+            try:
+                wait_for_warehouse_endpoint(env.settings, sink)
+                started = time.perf_counter()
+                task = progress.add_task("invoice lines landed", total=expected)
+
+                def landed() -> bool:
+                    sql = "SELECT count() FROM invoice_lines"
+                    done = int(query(env.settings, sql)["rows"][0][0])
+                    progress.update(task, completed=done)
+                    return done >= expected
+
+                _wait(landed, [sink], 3600, "the sink")
+                seconds = time.perf_counter() - started
+                counts = query(
+                    env.settings,
+                    "SELECT (SELECT count() FROM invoice_lines FINAL), "
+                    "(SELECT count() FROM invoices FINAL)",
+                )["rows"][0]
+                rss = peak_rss_mb(sink.proc.pid) if sink.proc else 0.0
+            finally:
+                sink.stop()
+    return {
+        "rows": int(counts[0]),
+        "invoices": int(counts[1]),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(int(counts[0]) / seconds),
+        "invoices_per_s": round(int(counts[1]) / seconds),
+        "peak_rss_mb": round(rss, 1),
+    }
+
+
 def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = runs[0].keys()
     return {

@@ -137,8 +137,8 @@ def run_sink(
     topics: str | None = typer.Option(
         None, help="comma-separated topic base names to land (default: all of them)"
     ),
-    max_rows: int = typer.Option(100_000, help="a batch lands at this many messages..."),
-    max_seconds: float = typer.Option(1.0, help="...or after this many seconds"),
+    max_rows: int = typer.Option(250_000, help="a batch lands at this many messages..."),
+    max_seconds: float = typer.Option(2.0, help="...or after this many seconds"),
 ) -> None:
     """The sink: Kafka topics -> ClickHouse; owns an embedded warehouse and serves queries."""
     from streams.domain.catalog import Catalog
@@ -337,6 +337,21 @@ def bench_billrun(
               "usage_per_subscription": usage_per_subscription}  # fmt: skip
     _run_bench("billrun", params, runs, json_out,
                lambda: run(s, subscriptions, workers, usage_per_subscription, console))  # fmt: skip
+
+
+@bench_app.command("sink")
+def bench_sink(
+    rows: int = typer.Option(1_000_000, min=1, help="invoice-line rows to land"),
+    lines_per_invoice: int = typer.Option(5, min=1),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Invoice lines landed into the embedded warehouse by the sink."""
+    from streams.bench import bench_sink as run
+
+    s = load_settings()
+    params = {"rows": rows, "lines_per_invoice": lines_per_invoice}
+    _run_bench("sink", params, runs, json_out, lambda: run(s, rows, lines_per_invoice, console))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def connect(dsn: str) -> Any:
         return _clients[dsn]
 
 
+def disconnect(dsn: str) -> None:
+    """Close this process's client of `dsn` (for chDB: release the data directory)."""
+    with _clients_lock:
+        client = _clients.pop(dsn, None)
+    if client is not None:
+        client.close()
+
+
 def migration_files() -> list[Path]:
     return sorted(p for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
@@ -61,8 +69,9 @@ def split_statements(sql: str) -> list[str]:
     return [s.strip() for s in body.split(";") if s.strip()]
 
 
-def migrate(client: Any) -> list[str]:
-    """Apply the migrations not yet recorded; idempotent. Returns the versions applied."""
+def migrate(client: Any, files: list[Path] | None = None) -> list[str]:
+    """Apply the migrations (default: all of deploy/clickhouse) not yet recorded;
+    idempotent. Returns the versions applied."""
     client.command(
         f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations "
         "(version String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
@@ -72,7 +81,7 @@ def migrate(client: Any) -> list[str]:
         r[0] for r in client.query(f"SELECT version FROM {DATABASE}.schema_migrations").result_rows
     }
     applied = []
-    for path in migration_files():
+    for path in migration_files() if files is None else files:
         version = path.stem
         if version in done:
             continue

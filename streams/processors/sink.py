@@ -33,10 +33,12 @@ from streams.kafka.topics import (
     REFUND_RESULTS,
     SUBSCRIPTIONS,
     USAGE,
+    TopicSpec,
     group_id,
     spec_for,
     spec_for_base,
 )
+from streams.processors.bulk import BULK_TABLES, BulkLander
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
 from streams.warehouse import QueryServer, open_warehouse
@@ -181,10 +183,21 @@ class Sink:
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.client = open_warehouse(settings)
+        embedded = settings.warehouse_dsn.startswith("chdb://")
+        self.bulk = (
+            BulkLander(self.client, settings.state_dir / "sink", COLUMNS) if embedded else None
+        )
         if catalog is not None:
             load_catalog(self.client, *catalog)
         self.consumer = clients.consumer(
-            settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
+            settings,
+            bootstrap,
+            group_id(GROUP),
+            **{
+                "partition.assignment.strategy": "range",
+                # keep fetching while a batch lands: up to about one more batch ahead
+                "queued.max.messages.kbytes": 65_536,
+            },
         )
         self.producer = clients.producer(settings, bootstrap)  # dead letters only
         self.server = (
@@ -223,36 +236,42 @@ class Sink:
                  resumed=sum(tp.offset >= 0 for tp in partitions))  # fmt: skip
 
     def _collect(self) -> list[Any]:
+        """A batch: up to max_rows messages or max_seconds, and no longer than it takes to
+        catch up (a poll that comes back short means nothing more is waiting)."""
         batch: list[Any] = []
         deadline = time.monotonic() + self.max_seconds
         while len(batch) < self.max_rows and not self.stop:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            batch.extend(
-                poll_batch(self.consumer, min(10_000, self.max_rows - len(batch)), min(left, 0.2))
-            )
+            asked = min(10_000, self.max_rows - len(batch))
+            got = poll_batch(self.consumer, asked, min(left, 0.2))
+            batch.extend(got)
+            if batch and len(got) < asked:
+                break
         return batch
 
     def _land(self, batch: list[Any]) -> None:
         rows: Rows = {table: [] for table in COLUMNS}
         offsets: dict[tuple[str, int], int] = {}
-        bad = 0
-        specs = {}
+        by_topic: dict[str, list[Any]] = {}
         for msg in batch:
-            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-            offsets[(topic, partition)] = offset + 1
-            spec = specs.get(topic) or specs.setdefault(topic, spec_for(topic))
-            try:
-                rec = codec(spec.schema).decode(msg.value())
-            except DecodeError as exc:
-                if spec is DEAD_LETTER:  # never loop dead letters back into themselves
-                    log.error("undecodable dead letter", offset=offset, error=str(exc))
-                else:
-                    produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
-                bad += 1
-                continue
-            LANDERS[spec.base](rec, partition, offset, rows)
+            by_topic.setdefault(msg.topic(), []).append(msg)
+            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+        bad = bulk = 0
+        for topic, msgs in by_topic.items():
+            spec = spec_for(topic)
+            if self.bulk and spec.schema in BULK_TABLES:
+                fast, msgs = self.bulk.split(spec.schema, msgs)
+                if fast:
+                    try:
+                        self.bulk.land(spec.schema, fast)
+                        bulk += len(fast)
+                    except Exception as exc:  # a record ClickHouse will not read: Python's turn
+                        log.warning("bulk landing refused, decoding in Python", topic=topic,
+                                    messages=len(fast), error=str(exc)[:300])  # fmt: skip
+                        msgs = fast + msgs
+            bad += self._map_in_python(spec, msgs, rows)
         for table, table_rows in rows.items():
             if table_rows:
                 self.client.insert(table, table_rows, column_names=COLUMNS[table])
@@ -268,5 +287,23 @@ class Sink:
             offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
         )
         self.landed += len(batch)
-        log.info("batch landed", messages=len(batch), dead_letters=bad,
+        log.info("batch landed", messages=len(batch), in_bulk=bulk, dead_letters=bad,
                  rows={t: len(r) for t, r in rows.items() if r})  # fmt: skip
+
+    def _map_in_python(self, spec: TopicSpec, msgs: list[Any], rows: Rows) -> int:
+        """Decode and map into `rows`; dead-letter what does not decode. Returns how many
+        did not."""
+        bad = 0
+        decode, mapper = codec(spec.schema).decode, LANDERS[spec.base]
+        for msg in msgs:
+            try:
+                rec = decode(msg.value())
+            except DecodeError as exc:
+                if spec is DEAD_LETTER:  # never loop dead letters back into themselves
+                    log.error("undecodable dead letter", offset=msg.offset(), error=str(exc))
+                else:
+                    produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
+                bad += 1
+                continue
+            mapper(rec, msg.partition(), msg.offset(), rows)
+        return bad
