@@ -14,10 +14,11 @@ _NAMESPACE = uuid.UUID("5b0c3f0e-7d59-4c1e-9a35-4b8e8f1f0d11")
 
 def dead_letter_record(msg: Any, reason: str, detail: str, processor: str) -> dict[str, Any]:
     """A dead-letter record for a consumed Kafka message; its id is deterministic
-    (topic, partition, offset), so re-processing after a crash lands it once."""
+    (topic, partition, offset, reason, processor), so re-processing after a crash lands
+    it once."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     return {
-        "dead_letter_id": str(uuid.uuid5(_NAMESPACE, f"{topic}|{partition}|{offset}|{reason}")),
+        "dead_letter_id": str(uuid.uuid5(_NAMESPACE, f"{topic}|{partition}|{offset}|{reason}|{processor}")),
         "source_topic": topic,
         "source_partition": partition,
         "source_offset": offset,

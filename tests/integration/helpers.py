@@ -54,7 +54,8 @@ def wait_until(
     while not check():
         for proc in procs:
             assert proc.alive, f"{proc.name} died:\n{proc.tail()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.3)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -168,37 +167,6 @@ def test_invalid_input_goes_to_dead_letter_and_pipeline_goes_on(
     kept = f"SELECT count() FROM dead_letters FINAL WHERE value = unhex('{garbage}')"
     assert scalar(settings, kept) == 1
     assert rating.alive and sink.alive
-
-
-def test_sink_killed_repeatedly_still_lands_each_invoice_once(
-    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
-) -> None:
-    settings = pipeline_env
-    ds = Dataset(accounts=3000, seed=5)
-    producer = clients.producer(settings, kafka_bootstrap)
-    rating = procs.add(start_rating(settings, kafka_bootstrap))
-    sink = procs.add(start_sink(settings, kafka_bootstrap))
-    rng = random.Random(1)
-    kills = 0
-    publish(producer, SUBSCRIPTIONS, subscription_events(ds, CATALOG))
-    publish(producer, USAGE, usage_events(ds, CATALOG))
-    from streams.publish import issue_bill_run
-
-    issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL)
-    want = expected_invoices(ds, CATALOG, DEFAULT_UNTIL)
-    for _ in range(6):
-        time.sleep(rng.uniform(0.5, 2.0))
-        sink.kill()  # SIGKILL: no flush, no commit, no goodbye
-        kills += 1
-        sink = start_sink(settings, kafka_bootstrap)
-    count = "SELECT count() FROM invoices FINAL"
-    wait_until(lambda: scalar(settings, count) >= want, 180, "invoices", [sink, rating])
-    time.sleep(2)
-    assert kills == 6
-    assert scalar(settings, count) == want
-    assert scalar(settings, "SELECT uniqExact(invoice_id) FROM invoices") == want
-    lines = scalar(settings, "SELECT count() FROM invoice_lines FINAL")
-    assert lines == scalar(settings, "SELECT sum(line_count) FROM invoices FINAL")
 
 
 def test_bill_run_for_chosen_accounts_only(
