@@ -1,0 +1,438 @@
+"""Every example query of the README's "For analysts" section, run against a demo data
+set that went through the real pipeline (Kafka, the rating processor, the sink, chDB),
+its result checked against figures computed here from the events that were published.
+
+Payment results are published directly to billing.payment-results: they stand in for
+the payments processor (issue 4), with outcomes chosen per invoice below."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.config import REPO_ROOT, Settings
+from streams.domain.catalog import Interval
+from streams.domain.invoice import Invoice
+from streams.domain.periods import period_bounds
+from streams.generator import DEFAULT_UNTIL, Dataset, subscription_events, usage_events
+from streams.kafka import clients
+from streams.kafka.topics import PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
+from streams.offline import rate_events
+from streams.publish import publish, publish_in_time_order
+from streams.warehouse import query
+from tests.integration.helpers import (
+    Procs,
+    json_event,
+    run_bill_run,
+    scalar,
+    start_rating,
+    start_sink,
+    wait_until,
+)
+from tests.integration.test_pipeline import CATALOG, lifecycle_events
+
+pytestmark = pytest.mark.kafka
+BAD_USAGE = 3  # undecodable usage records published: dead-lettered by rating and sink
+RECURRING = {"flat", "proration_credit", "proration_charge"}
+
+
+def readme_queries() -> dict[str, str]:
+    """name -> SQL of every ```sql block in the README's "For analysts" section."""
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## For analysts", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for block in re.findall(r"```sql\n(.*?)```", section, re.S):
+        first, sql = block.split("\n", 1)
+        assert first.startswith("-- "), "each README query starts with `-- <name>`"
+        out[first[3:].strip()] = sql.strip()
+    return out
+
+
+@dataclass
+class Truth:
+    """What the published events imply, computed without the warehouse."""
+
+    invoices: list[Invoice]
+    plan_of_invoice: dict[str, str]
+    subs: list[dict]
+    changes: list[dict]
+    usage: list[dict]
+    rating_rejections: int
+    payments: list[dict] = field(default_factory=list)
+
+
+def plan_timeline(subs: list[dict], changes: list[dict]) -> dict[str, list[tuple]]:
+    timeline = defaultdict(list)
+    for e in sorted(subs + changes, key=lambda e: e["timestamp"]):
+        if e["plan_id"]:
+            timeline[e["subscription_id"]].append((e["timestamp"], e["plan_id"]))
+    return timeline
+
+
+def plan_at(timeline: list[tuple], t: datetime) -> str:
+    return [plan for at, plan in timeline if at <= t][-1]
+
+
+def synthetic_payments(invoices: list[Invoice], today: date) -> list[dict]:
+    """Outcomes per invoice with an amount due: 1 in 10 declined (still in dunning), 1 in
+    10 failed, 1 in 10 declined then written off, the rest paid; spread over 4 days."""
+    out = []
+    due = [inv for inv in invoices if inv.total > 0]
+    for i, inv in enumerate(due):
+        day = datetime.combine(today - timedelta(days=i % 4), time(12), tzinfo=UTC)
+        base = {"invoice_id": inv.invoice_id, "account_id": inv.account_id,
+                "amount": inv.total, "currency": inv.currency,
+                "gateway_account": f"gw-{i % 4}", "latency_ms": 120.0 + i % 50}  # fmt: skip
+
+        def attempt(n: int, status: str, at: datetime, base: dict = base) -> dict:
+            return {
+                **base,
+                "payment_id": f"{base['invoice_id']}-{n}",
+                "attempt": n,
+                "status": status,
+                "completed_at": at,
+                "decline_code": "insufficient_funds" if status == "declined" else None,
+                "gateway_reference": f"ch_{base['invoice_id']}" if status == "succeeded" else None,
+            }
+
+        if i % 10 == 0:
+            out.append(attempt(1, "declined", day))
+        elif i % 10 == 1:
+            out.append(attempt(1, "failed", day))
+        elif i % 10 == 2:
+            out += [attempt(1, "declined", day - timedelta(days=7)),
+                    attempt(2, "uncollectible", day)]  # fmt: skip
+        else:
+            out.append(attempt(1, "succeeded", day))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """The demo data set through the whole pipeline, once for every query."""
+    from streams.kafka.topics import namespace, set_namespace
+
+    home: Path = tmp_path_factory.mktemp("analysts") / "home"
+    ns = f"t{uuid.uuid4().hex[:10]}."
+    env = {"STREAMBILL_NAMESPACE": ns, "STREAMBILL_HOME": str(home),
+           "STREAMBILL_PARTITIONS": "4", "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}  # fmt: skip
+    previous_ns = namespace()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("CLICKHOUSE_DSN", raising=False)
+        set_namespace(ns)
+        procs = Procs()
+        try:
+            settings = Settings()
+            ensure_topics(clients.admin(settings, kafka_bootstrap), settings)
+            yield settings, build(settings, kafka_bootstrap, procs)
+        finally:
+            procs.stop_all()
+            set_namespace(previous_ns)
+
+
+def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
+    ds = Dataset(accounts=500, seed=13)
+    subs = list(subscription_events(ds, CATALOG))
+    usage = list(usage_events(ds, CATALOG))
+    changes = lifecycle_events(ds)
+    lines = [json_event("sub", r) for r in subs + changes] + [json_event("usage", r) for r in usage]
+    reference = rate_events(CATALOG, lines, DEFAULT_UNTIL)
+    timelines = plan_timeline(subs, changes)
+    truth = Truth(
+        invoices=reference.invoices,
+        plan_of_invoice={
+            inv.invoice_id: plan_at(timelines[inv.subscription_id], inv.issued_at)
+            for inv in reference.invoices
+        },
+        subs=subs,
+        changes=changes,
+        usage=usage,
+        rating_rejections=len(reference.dead_letters),
+        payments=synthetic_payments(reference.invoices, datetime.now(UTC).date()),
+    )
+
+    sink = procs.add(start_sink(settings, bootstrap))
+    rating = procs.add(start_rating(settings, bootstrap))
+    producer = clients.producer(settings, bootstrap)
+    publish_in_time_order(producer, [(SUBSCRIPTIONS, subs + changes), (USAGE, usage)])
+    for n in range(BAD_USAGE):
+        producer.produce(USAGE.name, key=b"acct-bad", value=b"\xc3\x01garbage%d" % n)
+    producer.flush()
+    run_bill_run(settings, bootstrap, DEFAULT_UNTIL, [sink, rating])
+    publish(producer, PAYMENT_RESULTS, truth.payments)
+
+    landed = {
+        "invoices": len(truth.invoices),
+        "payment_attempts": len(truth.payments),
+        "usage_events": len(usage),
+        "subscription_events": len(subs) + len(changes),
+        "dead_letters": truth.rating_rejections + 2 * BAD_USAGE,
+    }
+    for table, n in landed.items():
+        sql = f"SELECT count() FROM {table} FINAL"
+        wait_until(lambda sql=sql, n=n: scalar(settings, sql) >= n, 120, table, [sink, rating])
+    return truth
+
+
+# --- checks: one per README query, each from the published events -------------------
+
+
+def D(x: Any) -> Decimal:
+    return Decimal(str(x))
+
+
+def check_top_accounts_by_revenue(rows: list, t: Truth) -> None:
+    revenue, count = Counter(), Counter()
+    for inv in t.invoices:
+        if inv.currency == "EUR":
+            revenue[inv.account_id] += inv.total
+            count[inv.account_id] += 1
+    top = sorted(revenue, key=lambda a: (-revenue[a], a))[:10]
+    assert [(r[0], D(r[1]), int(r[2])) for r in rows] == [(a, revenue[a], count[a]) for a in top]
+
+
+def _month(d: datetime | date) -> str:
+    return f"{d.year:04d}-{d.month:02d}-01"
+
+
+def check_revenue_by_month_and_plan(rows: list, t: Truth) -> None:
+    want: dict[tuple, list] = defaultdict(lambda: [Decimal(0)] * 3)
+    for inv in t.invoices:
+        acc = want[(_month(inv.issued_at), inv.currency, t.plan_of_invoice[inv.invoice_id])]
+        acc[0] += inv.total
+        for ln in inv.lines:
+            acc[1 if ln.kind in RECURRING else 2] += ln.amount
+    got = {(str(r[0])[:10], r[1], r[2]): [D(x) for x in r[3:]] for r in rows}
+    assert got == dict(want)
+    assert len(rows) == len(want)
+
+
+def mrr_of(plan_id: str) -> Decimal:
+    plan = CATALOG.plan(plan_id)
+    flat = sum((c.amount for c in plan.flat_charges), Decimal(0))
+    return flat if plan.interval == Interval.MONTH else (flat / 12).quantize(Decimal("1e-9"))
+
+
+def mrr_movements(t: Truth) -> list[tuple]:
+    """(at, subscription, account, currency, movement, delta) from the lifecycle events."""
+    out = []
+    created = {e["subscription_id"]: e for e in t.subs}
+    current = {s: e["plan_id"] for s, e in created.items()}
+    for e in t.subs:
+        plan = CATALOG.plan(e["plan_id"])
+        out.append((e["timestamp"], e["subscription_id"], e["account_id"], plan.currency,
+                    "new", mrr_of(e["plan_id"])))  # fmt: skip
+    for e in sorted(t.changes, key=lambda e: e["timestamp"]):
+        sub, at = e["subscription_id"], e["timestamp"]
+        currency = CATALOG.plan(current[sub]).currency
+        if e["type"] == "subscription.plan_changed":
+            delta = mrr_of(e["plan_id"]) - mrr_of(current[sub])
+            if delta:
+                kind = "expansion" if delta > 0 else "contraction"
+                out.append((at, sub, e["account_id"], currency, kind, delta))
+            current[sub] = e["plan_id"]
+            continue
+        if e["mode"] == "end_of_period":  # churns at the end of the period it falls in
+            plan = CATALOG.plan(current[sub])
+            anchor, k = created[sub]["timestamp"], 0
+            while period_bounds(anchor, plan.interval, k)[1] <= at:
+                k += 1
+            at = period_bounds(anchor, plan.interval, k)[1]
+            if at > DEFAULT_UNTIL:
+                continue
+        if mrr_of(current[sub]):
+            out.append((at, sub, e["account_id"], currency, "churn", -mrr_of(current[sub])))
+    return out
+
+
+def check_mrr_by_month(rows: list, t: Truth) -> None:
+    per_month: dict[tuple, Counter] = defaultdict(Counter)
+    for at, _, _, currency, kind, delta in mrr_movements(t):
+        per_month[(currency, _month(at))][kind] += delta
+    want, running = [], Counter()
+    for currency, month in sorted(per_month):
+        moves = per_month[(currency, month)]
+        running[currency] += sum(moves.values())
+        want.append((month, currency, running[currency], moves["new"], moves["expansion"],
+                     moves["contraction"], moves["churn"]))  # fmt: skip
+    got = [(str(r[0])[:10], r[1], *(D(x) for x in r[2:])) for r in rows]
+    assert got == want
+
+
+def check_churned_in_february(rows: list, t: Truth) -> None:
+    want = sorted(
+        (sub, acct, currency, -delta)
+        for at, sub, acct, currency, kind, delta in mrr_movements(t)
+        if kind == "churn" and _month(at) == "2026-02-01"
+    )
+    assert want, "the data set must have churn in February"
+    assert [(r[0], r[1], r[2], D(r[3])) for r in rows] == want
+
+
+def _yesterday() -> date:
+    return datetime.now(UTC).date() - timedelta(days=1)
+
+
+def check_failed_payments_yesterday(rows: list, t: Truth) -> None:
+    want = sorted(
+        (
+            p["invoice_id"],
+            p["account_id"],
+            p["amount"],
+            p["currency"],
+            p["status"],
+            p["decline_code"],
+            p["gateway_account"],
+        )
+        for p in t.payments
+        if p["status"] in ("declined", "failed") and p["completed_at"].date() == _yesterday()
+    )
+    assert want
+    assert [(r[0], r[1], D(r[2]), *r[3:]) for r in rows] == want
+
+
+def check_success_rate_by_gateway(rows: list, t: Truth) -> None:
+    since = datetime.now(UTC).date() - timedelta(days=6)
+    attempts, ok = Counter(), Counter()
+    for p in t.payments:
+        if p["status"] != "uncollectible" and p["completed_at"].date() >= since:
+            attempts[p["gateway_account"]] += 1
+            ok[p["gateway_account"]] += p["status"] == "succeeded"
+    assert [(r[0], int(r[1]), int(r[2])) for r in rows] == [
+        (g, attempts[g], ok[g]) for g in sorted(attempts)
+    ]
+    for r in rows:
+        assert abs(float(r[3]) - ok[r[0]] / attempts[r[0]]) < 1e-4
+
+
+def check_receivables_by_age(rows: list, t: Truth) -> None:
+    closed = {p["invoice_id"] for p in t.payments if p["status"] in ("succeeded", "uncollectible")}
+    declined = {p["invoice_id"] for p in t.payments if p["status"] == "declined"}
+    today = datetime.now(UTC).date()
+    want: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0), 0])
+    for inv in t.invoices:
+        if inv.total <= 0 or inv.invoice_id in closed:
+            continue
+        age = (today - inv.issued_at.date()).days
+        bucket = "0-30" if age <= 30 else "31-60" if age <= 60 else "61-90" if age <= 90 else "90+"
+        acc = want[(inv.currency, bucket)]
+        acc[0] += 1
+        acc[1] += inv.total
+        acc[2] += inv.invoice_id in declined
+    got = {(r[0], r[1]): [int(r[2]), D(r[3]), int(r[4])] for r in rows}
+    assert got == dict(want)
+
+
+def check_usage_first_week(rows: list, t: Truth) -> None:
+    first: dict[tuple, dict] = {}
+    for u in t.usage:
+        first.setdefault((u["subscription_id"], u["event_id"]), u)
+    want: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0)])
+    for u in first.values():
+        day = u["timestamp"].date()
+        if date(2026, 1, 1) <= day <= date(2026, 1, 7):
+            want[(str(day), u["metric"])][0] += 1
+            want[(str(day), u["metric"])][1] += u["quantity"]
+    assert [(str(r[0])[:10], r[1], int(r[2]), D(r[3])) for r in rows] == [
+        (*k, *want[k]) for k in sorted(want)
+    ]
+
+
+def check_dead_letters_last_day(rows: list, t: Truth) -> None:
+    want = [("rating", "rejected", t.rating_rejections), ("rating", "unknown_schema", BAD_USAGE),
+            ("sink", "unknown_schema", BAD_USAGE)]  # fmt: skip
+    assert [(r[0], r[1], int(r[2])) for r in rows] == [w for w in want if w[2]]
+
+
+def check_largest_invoice_lines(rows: list, t: Truth) -> None:
+    largest = sorted(t.invoices, key=lambda inv: (-inv.total, inv.invoice_id))[0]
+    want = [
+        (n, ln.charge_id, ln.kind, ln.quantity, ln.amount) for n, ln in enumerate(largest.lines)
+    ]
+    assert [(int(r[0]), r[1], r[2], D(r[3]), D(r[4])) for r in rows] == want
+
+
+def check_subscriptions_by_plan_and_status(rows: list, t: Truth) -> None:
+    plan = {e["subscription_id"]: e["plan_id"] for e in t.subs}
+    status = dict.fromkeys(plan, "active")
+    for e in sorted(t.changes, key=lambda e: e["timestamp"]):
+        if e["type"] == "subscription.plan_changed":
+            plan[e["subscription_id"]] = e["plan_id"]
+        else:
+            status[e["subscription_id"]] = "cancelled" if e["mode"] == "immediate" else "cancelling"
+    want = Counter((plan[s], status[s]) for s in plan)
+    assert {"cancelled", "cancelling"} <= set(status.values())
+    assert [(r[0], r[1], int(r[2])) for r in rows] == sorted(
+        (p, s, n) for (p, s), n in want.items()
+    )
+
+
+def check_arpa_february(rows: list, t: Truth) -> None:
+    total: Counter = Counter()
+    accounts: dict[tuple, set] = defaultdict(set)
+    for inv in t.invoices:
+        if _month(inv.issued_at) == "2026-02-01":
+            key = (t.plan_of_invoice[inv.invoice_id], inv.currency)
+            total[key] += inv.total
+            accounts[key].add(inv.account_id)
+    assert [(r[0], r[1]) for r in rows] == sorted(total)
+    for r in rows:
+        key = (r[0], r[1])
+        assert abs(D(r[2]) - total[key] / len(accounts[key])) <= Decimal("0.005")
+
+
+CHECKS: dict[str, Callable[[list, Truth], None]] = {
+    name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
+}
+
+
+def test_readme_has_at_least_ten_checked_queries() -> None:
+    queries = readme_queries()
+    assert len(queries) >= 10
+    assert set(queries) == set(CHECKS), "every README query has a check, and only those"
+
+
+@pytest.mark.parametrize("name", sorted(readme_queries()))
+def test_readme_query(demo: tuple[Settings, Truth], name: str) -> None:
+    settings, truth = demo
+    rows = query(settings, readme_queries()[name])["rows"]
+    assert rows, f"{name}: no rows"
+    CHECKS[name](rows, truth)
+
+
+def test_query_formats(demo: tuple[Settings, Truth]) -> None:
+    """`streambill query --format table|csv|json` through the running sink."""
+    import csv
+    import io
+    import json
+    import subprocess
+    import sys
+
+    _settings, truth = demo
+    sql = "SELECT reason, count() AS n FROM invoices FINAL GROUP BY reason ORDER BY reason"
+    want = sorted(Counter(inv.reason for inv in truth.invoices).items())
+
+    def run(fmt: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "streams.cli", "query", sql, "--format", fmt],
+            capture_output=True, text=True, check=True, env=os.environ | {"COLUMNS": "200"},
+        ).stdout  # fmt: skip
+
+    assert [(r["reason"], int(r["n"])) for r in json.loads(run("json"))] == want
+    rows = list(csv.reader(io.StringIO(run("csv"))))
+    assert rows[0] == ["reason", "n"] and [(r[0], int(r[1])) for r in rows[1:]] == want
+    table = run("table")
+    for reason, n in want:
+        assert re.search(rf"{reason}\s*│\s*{n}\b", table), table
