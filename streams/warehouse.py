@@ -108,7 +108,13 @@ def endpoint_file(settings: Settings) -> Path:
 
 def run_query(client: Any, sql: str) -> dict[str, Any]:
     result = client.query(sql)
-    return {"columns": list(result.column_names), "rows": [list(r) for r in result.result_rows]}
+    rows = [[_readable(v) for v in r] for r in result.result_rows]
+    return {"columns": list(result.column_names), "rows": rows}
+
+
+def _readable(value: Any) -> Any:
+    """Raw bytes (e.g. a dead letter's original value) as text, escaped where not UTF-8."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 class QueryServer:

@@ -17,8 +17,9 @@ def dead_letter_record(msg: Any, reason: str, detail: str, processor: str) -> di
     (topic, partition, offset, reason, processor), so re-processing after a crash lands
     it once."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    identity = f"{topic}|{partition}|{offset}|{reason}|{processor}"
     return {
-        "dead_letter_id": str(uuid.uuid5(_NAMESPACE, f"{topic}|{partition}|{offset}|{reason}|{processor}")),
+        "dead_letter_id": str(uuid.uuid5(_NAMESPACE, identity)),
         "source_topic": topic,
         "source_partition": partition,
         "source_offset": offset,

@@ -123,14 +123,11 @@ def _plain(table: str) -> Mapper:
 
 
 def _dead_letter_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
-    # key and value are the original bytes: kept as escaped text, readable when textual
-    key, value = rec["key"], rec["value"]
+    # key and value: the original bytes, unaltered (ClickHouse strings are bytes)
     rows["dead_letters"].append([
         rec["dead_letter_id"], rec["source_topic"], rec["source_partition"], rec["source_offset"],
-        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"],
-        None if key is None else key.decode("utf-8", "backslashreplace"),
-        None if value is None else value.decode("utf-8", "backslashreplace"),
-        partition, offset,
+        rec["reason"], rec["detail"], rec["processor"], rec["failed_at"], rec["key"],
+        rec["value"], partition, offset,
     ])  # fmt: skip
 
 
