@@ -198,3 +198,21 @@ def test_bulk_landing_reads_a_record_with_trailing_bytes_as_its_complete_prefix(
     assert [tuple(r) for r in rows.result_rows] == [
         ("u-0", Decimal("0.5")), ("u-1", Decimal("1.5")), ("u-2", Decimal("2.5"))
     ]  # fmt: skip
+
+
+def test_query_opens_the_embedded_warehouse_itself_when_no_sink_runs(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"STREAMBILL_HOME": str(tmp_path / "home")}
+    env.pop("CLICKHOUSE_DSN", None)
+    sql = "SELECT count() AS n, (SELECT count() FROM system.tables WHERE database = 'streambill'"
+    sql += " AND name = 'usage_daily') AS views FROM invoices"
+    out = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "query", sql, "--format", "json"],
+        capture_output=True, text=True, check=True, env=env,
+    ).stdout  # fmt: skip
+    assert json.loads(out) == [{"n": 0, "views": 1}]
+    assert (tmp_path / "home" / "warehouse").is_dir()
