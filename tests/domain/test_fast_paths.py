@@ -14,11 +14,13 @@ from streams.domain.rating import SubscriptionState, apply_event, close_periods,
 
 from .helpers import D, catalog, created, ts, usage
 
-# A version-1 state as written before the optimizations: the format is unchanged.
+# A version-1 state as written before the optimizations (and before payment methods):
+# still read; written back as version 2, which only appends the payment method.
 GOLDEN = (
     b'[1,"s1","a1","basic","EUR","month",1769853600000000,1,1772272800000000,"active",'
     b'{"api_calls":{"sum":"1000.5"},"seats":{"max":"3"}},["e1","e2"],0]'
 )
+GOLDEN_V2 = GOLDEN.replace(b"[1,", b"[2,", 1)[:-1] + b',"tok_9"]'
 
 
 def test_golden_state_bytes_still_read_and_written_identically():
@@ -29,7 +31,10 @@ def test_golden_state_bytes_still_read_and_written_identically():
     assert s.usage == {"api_calls": {"sum": D("1000.5")}, "seats": {"max": D(3)}}
     assert s.seen_event_ids == {"e1", "e2"}
     assert s.period_bounds() == (ts("2026-02-28T10:00:00"), ts("2026-03-31T10:00:00"))
-    assert s.to_bytes() == GOLDEN
+    assert s.payment_method is None
+    assert s.to_bytes() == GOLDEN_V2.replace(b'"tok_9"', b"null")
+    v2 = SubscriptionState.from_bytes(GOLDEN_V2)
+    assert v2.payment_method == "tok_9" and v2.to_bytes() == GOLDEN_V2
 
 
 @pytest.mark.parametrize(
@@ -40,6 +45,7 @@ def test_golden_state_bytes_still_read_and_written_identically():
         GOLDEN.replace(b'"month"', b'"week"'),
         GOLDEN.replace(b'"month"', b'["month"]'),
         GOLDEN.replace(b",0]", b"]"),
+        GOLDEN_V2[:-9] + b"]",
         b"{}",
     ],
 )

@@ -1,0 +1,90 @@
+"""Flow control towards one merchant account: an AIMD concurrency limit and a circuit
+breaker. Pure state machines (the caller passes the time), so they are tested alone.
+
+AIMD (as TCP): each success raises the limit by 1/limit (about +1 per round of
+requests), each 429 cuts it by `decrease`; the limit never exceeds `cap`, which leaves
+the account's reserved slots to the priority lane. The dispatcher thus converges on what
+the gateway allows instead of hammering it, and follows it when it changes.
+
+Circuit breaker: after `failure_threshold` consecutive transient failures the circuit
+opens: no request is sent until `open_seconds` have passed (doubling while the gateway
+keeps failing, up to `max_open_seconds`); then one probe is let through (half-open);
+its success closes the circuit, its failure opens it again. Work waits meanwhile; it is
+never dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AimdLimit:
+    cap: int
+    limit: float = 10.0
+    decrease: float = 0.9
+    floor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cap < 1:
+            raise ValueError("cap must be at least 1")
+        self.limit = min(max(self.limit, self.floor), self.cap)
+
+    @property
+    def allowed(self) -> int:
+        return max(1, int(self.limit))
+
+    def on_success(self) -> None:
+        self.limit = min(self.cap, self.limit + 1.0 / self.limit)
+
+    def on_overload(self) -> None:
+        self.limit = max(self.floor, self.limit * self.decrease)
+
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclass
+class CircuitBreaker:
+    failure_threshold: int = 20
+    open_seconds: float = 1.0
+    max_open_seconds: float = 30.0
+    state: str = CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    current_open: float = field(default=0.0)
+    probing: bool = False
+    opened_count: int = 0
+
+    def allow(self, now: float) -> bool:
+        """May a request go now? In half-open state only one probe at a time."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and now - self.opened_at >= self.current_open:
+            self.state = HALF_OPEN
+        if self.state == HALF_OPEN and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until `allow` may say yes (0 when it may now)."""
+        if self.state == OPEN:
+            return max(0.0, self.opened_at + self.current_open - now)
+        return 0.0 if self.state == CLOSED or not self.probing else 0.05
+
+    def on_success(self) -> None:
+        self.state, self.failures, self.probing, self.current_open = CLOSED, 0, False, 0.0
+
+    def on_failure(self, now: float) -> None:
+        if self.state == HALF_OPEN:
+            self.probing = False
+            self._open(now, min(self.max_open_seconds, self.current_open * 2))
+            return
+        self.failures += 1
+        if self.state == CLOSED and self.failures >= self.failure_threshold:
+            self._open(now, self.open_seconds)
+
+    def _open(self, now: float, seconds: float) -> None:
+        self.state, self.opened_at, self.current_open = OPEN, now, seconds
+        self.opened_count += 1

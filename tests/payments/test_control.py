@@ -1,0 +1,79 @@
+"""AIMD limit and circuit breaker: pure state machines, driven with a fake clock."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streams.payments.control import CLOSED, HALF_OPEN, OPEN, AimdLimit, CircuitBreaker
+
+
+@given(st.lists(st.booleans(), max_size=2000), st.integers(1, 300))
+def test_aimd_limit_stays_between_one_and_the_cap(events, cap) -> None:
+    limit = AimdLimit(cap=cap)
+    for overload in events:
+        limit.on_overload() if overload else limit.on_success()
+        assert 1 <= limit.allowed <= cap
+
+
+def test_aimd_converges_to_what_the_gateway_allows() -> None:
+    """A gateway allowing 200 in flight answers 429 above it: the limit saws just under
+    it, using the account at over 90 % of its capacity without exceeding it for long;
+    with a gateway allowing more, the cap (the priority reserve) holds."""
+    for gateway_allows, cap in ((200, 240), (250, 240)):
+        limit, seen = AimdLimit(cap=cap, limit=10), []
+        for _ in range(100_000):
+            if limit.allowed > gateway_allows:
+                limit.on_overload()
+            else:
+                limit.on_success()
+            seen.append(limit.allowed)
+        tail = seen[-20_000:]
+        ceiling = min(gateway_allows, cap)
+        assert max(tail) <= ceiling + 1
+        assert sum(tail) / len(tail) >= 0.9 * ceiling
+
+
+def test_aimd_backs_off_multiplicatively() -> None:
+    limit = AimdLimit(cap=250, limit=200)
+    limit.on_overload()
+    assert limit.allowed == 180
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_until_recovery() -> None:
+    b = CircuitBreaker(failure_threshold=3, open_seconds=1.0, max_open_seconds=4.0)
+    now = 100.0
+    for _ in range(3):
+        assert b.allow(now)
+        b.on_failure(now)
+    assert b.state == OPEN and not b.allow(now + 0.5)
+    assert b.retry_in(now + 0.5) == 0.5
+    assert b.allow(now + 1.0) and b.state == HALF_OPEN  # one probe
+    assert not b.allow(now + 1.0)  # ... only one
+    b.on_failure(now + 1.2)  # the probe failed: open again, for twice as long
+    assert b.state == OPEN and b.current_open == 2.0
+    assert not b.allow(now + 3.0)
+    assert b.allow(now + 3.2)
+    b.on_success()
+    assert b.state == CLOSED and b.allow(now + 3.3) and b.failures == 0
+
+
+def test_a_success_resets_the_failure_count() -> None:
+    b = CircuitBreaker(failure_threshold=3)
+    b.on_failure(0)
+    b.on_failure(0)
+    b.on_success()
+    b.on_failure(0)
+    b.on_failure(0)
+    assert b.state == CLOSED
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(0, 5)), max_size=300))
+def test_breaker_open_time_is_bounded(events) -> None:
+    b, now = CircuitBreaker(failure_threshold=2, open_seconds=0.5, max_open_seconds=8), 0.0
+    for fail, dt in events:
+        now += dt
+        if b.allow(now):
+            b.on_failure(now) if fail else b.on_success()
+        assert b.current_open <= 8
+        assert b.retry_in(now) <= 8
