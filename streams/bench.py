@@ -431,6 +431,98 @@ def bench_sink(
     }
 
 
+def encoded_due_invoices(n: int, issued_at: datetime) -> list[tuple[bytes, bytes]]:
+    """n invoices with an amount due and a card token on file (tokens decide declines)."""
+    from streams.kafka.topics import INVOICES
+
+    encode = codec(INVOICES.schema).encode
+    out = []
+    for i in range(n):
+        account = f"acct-{i:08d}"
+        amount = Decimal(f"{10 + i % 490}.{i % 100:02d}")
+        line = {"charge_id": "base", "kind": "flat", "period_start": issued_at,
+                "period_end": issued_at + timedelta(days=30), "quantity": Decimal(1),
+                "amount": amount}  # fmt: skip
+        out.append((account.encode(), encode({
+            "invoice_id": f"inv-pay-{uuid.UUID(int=i)}", "account_id": account,
+            "subscription_id": f"sub-{i:08d}", "plan_id": "pro-usd", "currency": "USD",
+            "issued_at": issued_at, "reason": "period_end", "lines": [line], "total": amount,
+            "payment_method": f"tok_{i:08d}",
+        })))  # fmt: skip
+    return out
+
+
+def bench_payment_run(
+    base: Settings, payments: int, decline_rate: float, transient_rate: float, console: Console
+) -> dict[str, Any]:
+    """The payments processor against the simulator (4 merchant accounts): from the
+    first due invoice published to the last first-attempt result in ClickHouse."""
+    import math
+
+    from streams.kafka.topics import INVOICES
+    from streams.payments.reconcile import collect, reconcile
+    from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+    from streams.warehouse import query
+
+    account = AccountConfig(decline_rate=decline_rate, transient_rate=transient_rate)
+    config = SimulatorConfig(accounts={f"merchant-{n}": account for n in range(1, 5)}, seed=7)
+    sigma = math.log(account.latency_p99_ms / account.latency_median_ms) / 2.3263479
+    mean_latency_s = account.latency_median_ms * math.exp(sigma**2 / 2) / 1000
+    ceiling_per_min = len(config.accounts) * account.max_concurrency / mean_latency_s * 60
+
+    with bench_env(base, base.partitions) as env:
+        items = encoded_due_invoices(payments, datetime.now(UTC))
+        simulator = SimulatorProcess.start(config, env.settings.home / "logs")
+        gateway_env = {
+            "STREAMBILL_GATEWAY": "simulator",
+            "STREAMBILL_GATEWAY_URL": simulator.url,
+            "STREAMBILL_MERCHANT_ACCOUNTS": ",".join(config.accounts),
+            "STREAMBILL_GATEWAY_MAX_CONCURRENCY": str(account.max_concurrency),
+        }
+        sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
+        payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env)
+        procs = [sink, payer.start()]
+        try:
+            wait_for_warehouse_endpoint(env.settings, sink)
+            with progress_bar(console) as progress:
+                task = progress.add_task("payments → ClickHouse", total=len(items))
+                started = time.perf_counter()
+                produce_encoded(env, INVOICES, items, lambda n: None)
+
+                def landed() -> bool:
+                    sql = "SELECT uniqExact(invoice_id) FROM payment_attempts WHERE attempt = 1"
+                    done = int(query(env.settings, sql)["rows"][0][0])
+                    progress.update(task, completed=done)
+                    return done >= len(items)
+
+                _wait(landed, procs, 3600, "the payment run")
+                seconds = time.perf_counter() - started
+            time.sleep(1.0)  # anything landing twice would show now
+            ledger, results, landed_rows = collect(env.settings, env.bootstrap, simulator.url)
+            report = reconcile(ledger, results, landed_rows)
+            statuses = query(env.settings, "SELECT status, count() FROM payment_attempts FINAL "
+                             "WHERE attempt = 1 GROUP BY status")["rows"]  # fmt: skip
+            rss = peak_rss_mb(payer.proc.pid) if payer.proc else 0.0
+        finally:
+            for p in procs:
+                p.stop()
+            simulator.stop()
+    per_min = payments / seconds * 60
+    return {
+        "payments": payments,
+        "seconds": round(seconds, 3),
+        "payments_per_min": round(per_min),
+        "gateway_ceiling_per_min": round(ceiling_per_min),
+        "ceiling_ratio": round(per_min / ceiling_per_min, 3),
+        "double_charges": report.double_charges,
+        "reconciled": report.reconciled,
+        "differences": len(report.differences),
+        "first_attempt_outcomes": {s: int(n) for s, n in statuses},
+        "ledger_entries": len(ledger),
+        "payments_peak_rss_mb": round(rss, 1),
+    }
+
+
 def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = runs[0].keys()
     return {

@@ -15,6 +15,7 @@ from rich.console import Console
 from streams.config import DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.logging import configure as configure_logging
+from streams.payments.cli import gateway_app
 
 app = typer.Typer(
     help="streambill: subscription billing as a Kafka stream-processing pipeline.",
@@ -27,6 +28,7 @@ app.add_typer(run_app, name="run")
 app.add_typer(kafka_app, name="kafka")
 bench_app = typer.Typer(help="Benchmarks: start what they need, print figures, write JSON.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(gateway_app, name="gateway")
 console = Console(stderr=True)
 out = Console()
 
@@ -154,6 +156,87 @@ def run_sink(
     chosen = [t for t in topics.split(",") if t] if topics else None
     Sink(settings, bootstrap, topics=chosen, max_rows=max_rows, max_seconds=max_seconds,
          catalog=(Catalog.from_dict(raw), raw)).run()  # fmt: skip
+
+
+@run_app.command("payments")
+def run_payments() -> None:
+    """The payments processor: due invoices -> gateway -> billing.payment-results."""
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ensure_topics
+    from streams.processors.payments import PaymentsProcessor, make_gateway
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    PaymentsProcessor(settings, bootstrap, make_gateway(settings)).run()
+
+
+@app.command("payment-run")
+def payment_run(
+    until: str = typer.Option(..., help="collect every payment due at or before this instant"),
+    wait: bool = typer.Option(True, help="wait until everything due has an outcome"),
+    timeout: float = typer.Option(3600, help="seconds to wait at most"),
+) -> None:
+    """Collect now, in parallel, every payment due up to a date (dunning retries included)."""
+    import time
+
+    from streams.kafka.local import bootstrap_servers
+    from streams.payments.progress import payment_run_progress
+    from streams.publish import issue_payment_run
+    from streams.ui import progress_bar
+
+    settings = load_settings()
+    at = _parse_ts(until)
+    run_id = issue_payment_run(settings, bootstrap_servers(settings), at)
+    console.print(f"payment run {run_id} issued (due up to {at.isoformat()})")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    with progress_bar(console) as progress:
+        task = None
+        while True:
+            done, due = payment_run_progress(settings, at)
+            if task is None:
+                task = progress.add_task("payments with an outcome", total=due)
+            progress.update(task, completed=done, total=due)
+            if done >= due:
+                break
+            if time.monotonic() > deadline:
+                console.print("[red]timed out[/] (is the payments processor running?)")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+
+
+@app.command()
+def reconcile(
+    json_out: Path | None = typer.Option(None, "--json", help="write the report here"),
+) -> None:
+    """Compare the gateway ledger, billing.payment-results and ClickHouse."""
+    from rich.table import Table
+
+    from streams.kafka.local import bootstrap_servers
+    from streams.payments.reconcile import collect
+    from streams.payments.reconcile import reconcile as run
+
+    settings = load_settings()
+    report = run(*collect(settings, bootstrap_servers(settings)))
+    payload = report.to_json()
+    _write_json(json_out, payload)
+    table = Table(title="reconciliation")
+    table.add_column("currency")
+    for source in ("gateway", "results", "warehouse"):
+        table.add_column(f"paid per {source}", justify="right")
+    for currency, per in sorted(report.totals.items()):
+        table.add_row(currency, *(str(per.get(s, 0)) for s in ("gateway", "results", "warehouse")))
+    out.print(table)
+    out.print(f"invoices: {payload['invoices']}  double charges: {report.double_charges}")
+    for d in report.differences[:50]:
+        out.print(f"[red]difference[/] {d}")
+    if report.differences:
+        out.print(f"[red]{len(report.differences)} differences[/]")
+        raise typer.Exit(1)
+    out.print("[green]reconciled[/]: every invoice is paid once, open or uncollectible")
 
 
 @app.command("bill-run")
@@ -352,6 +435,23 @@ def bench_sink(
     s = load_settings()
     params = {"rows": rows, "lines_per_invoice": lines_per_invoice}
     _run_bench("sink", params, runs, json_out, lambda: run(s, rows, lines_per_invoice, console))
+
+
+@bench_app.command("payment-run")
+def bench_payment_run(
+    payments: int = typer.Option(150_000, min=1),
+    decline_rate: float = typer.Option(0.05, min=0, max=1),
+    transient_rate: float = typer.Option(0.01, min=0, max=1),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Due invoices collected through the gateway simulator (4 merchant accounts)."""
+    from streams.bench import bench_payment_run as run
+
+    s = load_settings()
+    params = {"payments": payments, "decline_rate": decline_rate, "transient_rate": transient_rate}
+    _run_bench("payment-run", params, runs, json_out,
+               lambda: run(s, payments, decline_rate, transient_rate, console))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ _KAFKA_SECURITY_ENV = {
 }
 
 
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
 def _home() -> Path:
     return Path(os.environ.get("STREAMBILL_HOME", REPO_ROOT / ".streambill")).resolve()
 
@@ -45,6 +49,31 @@ class Settings:
             key: os.environ[env] for env, key in _KAFKA_SECURITY_ENV.items() if os.environ.get(env)
         }
     )
+
+    # payments: which gateway, its merchant accounts and limits, the dunning schedule
+    gateway: str = field(default_factory=lambda: _env("STREAMBILL_GATEWAY", "simulator"))
+    gateway_url: str = field(
+        default_factory=lambda: _env("STREAMBILL_GATEWAY_URL", "http://127.0.0.1:18080")
+    )
+    merchant_accounts: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            a.strip()
+            for a in _env(
+                "STREAMBILL_MERCHANT_ACCOUNTS", "merchant-1,merchant-2,merchant-3,merchant-4"
+            ).split(",")
+            if a.strip()
+        )
+    )
+    gateway_max_concurrency: int = field(
+        default_factory=lambda: int(_env("STREAMBILL_GATEWAY_MAX_CONCURRENCY", "250"))
+    )  # per merchant account, as the gateway allows
+    priority_reserve: int = field(
+        default_factory=lambda: int(_env("STREAMBILL_PRIORITY_RESERVE", "10"))
+    )  # slots per merchant account that bulk payments never take
+    dunning: str = field(default_factory=lambda: _env("STREAMBILL_DUNNING", "1d,3d,7d"))
+    gateway_timeout_s: float = field(
+        default_factory=lambda: float(_env("STREAMBILL_GATEWAY_TIMEOUT", "5"))
+    )  # per call; a timed-out call is retried with the same idempotency key
 
     @property
     def warehouse_dsn(self) -> str:

@@ -140,3 +140,55 @@ def bill_run_done(settings: Settings, bootstrap: str, offsets: dict[int, int]) -
     finally:
         probe.close()
     return sum(1 for tp in committed if tp.offset > offsets[tp.partition])
+
+
+def issue_payment_run(settings: Settings, bootstrap: str, until: datetime) -> str:
+    """Ask every payments partition to collect now everything due up to `until`."""
+    from streams.kafka.topics import PAYMENT_CONTROL
+
+    probe = clients.consumer(settings, bootstrap, group_id("streambill-paymentrun"))
+    try:
+        n = partition_count(probe, PAYMENT_CONTROL.name)
+    finally:
+        probe.close()
+    run_id = str(uuid.uuid4())
+    record = {"run_id": run_id, "until": until, "issued_at": datetime.now(UTC)}
+    value = codec(PAYMENT_CONTROL.schema).encode(record)
+    producer = clients.producer(settings, bootstrap)
+    for p in range(n):
+        producer.produce(PAYMENT_CONTROL.name, value=value, partition=p)
+    if producer.flush(30):
+        raise DeliveryError("payment run not delivered to every partition")
+    return run_id
+
+
+def read_topic(settings: Settings, bootstrap: str, topic: TopicSpec) -> list[dict[str, Any]]:
+    """Every committed record of a topic, decoded, read to its current end (records
+    that do not decode are skipped: they are the dead-letter topic's business)."""
+    from contextlib import suppress
+
+    from confluent_kafka import KafkaError
+
+    from streams.codec import DecodeError
+
+    consumer = clients.consumer(
+        settings, bootstrap, group_id(f"streambill-reader-{uuid.uuid4().hex}"),
+        **{"enable.partition.eof": True},
+    )  # fmt: skip
+    decode = codec(topic.schema).decode
+    out: list[dict[str, Any]] = []
+    try:
+        n = partition_count(consumer, topic.name)
+        consumer.assign([TopicPartition(topic.name, p, 0) for p in range(n)])
+        at_end: set[int] = set()
+        while len(at_end) < n:
+            for msg in consumer.consume(10_000, timeout=1.0):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                    continue
+                with suppress(DecodeError):
+                    out.append(decode(msg.value()))
+        return out
+    finally:
+        consumer.close()

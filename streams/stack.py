@@ -16,8 +16,16 @@ from streams.warehouse import endpoint_file
 
 
 class ProcessorProcess:
-    def __init__(self, settings: Settings, bootstrap: str, name: str, *args: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
+        self.extra_env = env or {}
         self.bootstrap = bootstrap
         self.name = name
         self.args = [name, *args]
@@ -30,6 +38,7 @@ class ProcessorProcess:
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "STREAMBILL_HOME": str(self.settings.home),
+            **self.extra_env,
         }
         if self.settings.clickhouse_dsn:
             env["CLICKHOUSE_DSN"] = self.settings.clickhouse_dsn

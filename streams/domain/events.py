@@ -26,6 +26,7 @@ class SubscriptionCreated:
     account_id: str
     subscription_id: str
     plan_id: str
+    payment_method: str | None = None  # a gateway token: where invoices are collected from
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,10 @@ def parse_event(d: Any) -> Event:
     ts = _timestamp(d)
     sub = _str(d, "subscription_id")
     if etype == "subscription.created":
-        return SubscriptionCreated(ts, _str(d, "account_id"), sub, _str(d, "plan_id"))
+        method = d.get("payment_method")
+        if method is not None and (not isinstance(method, str) or not method):
+            raise InvalidEvent("field 'payment_method' must be a non-empty string or null")
+        return SubscriptionCreated(ts, _str(d, "account_id"), sub, _str(d, "plan_id"), method)
     if etype == "subscription.plan_changed":
         return PlanChanged(ts, sub, _str(d, "plan_id"))
     mode = _str(d, "mode")

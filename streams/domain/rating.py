@@ -46,7 +46,7 @@ _STATUSES = (STATUS_ACTIVE, STATUS_CANCELLING, STATUS_ENDED)
 # keeps datetime (max year 9999) from overflowing.
 HORIZON = datetime(9000, 1, 1, tzinfo=UTC)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added payment_method; version 1 states are still read
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,7 @@ class SubscriptionState:
     # plan changes applied at the instant segment_start, so that several changes
     # at the same instant still get distinct invoice ids
     changes_at_segment_start: int = 0
+    payment_method: str | None = None  # gateway token given at creation
     # period k -> start of period k, for the current (anchor, interval): derived data,
     # not serialized and not compared (see _period_start)
     _starts: tuple[datetime, Interval, dict[int, datetime]] | None = field(
@@ -101,6 +102,7 @@ class SubscriptionState:
                 _usage_to_json(self.usage),
                 sorted(self.seen_event_ids),
                 self.changes_at_segment_start,
+                self.payment_method,
             ],
             option=orjson.OPT_SORT_KEYS,
         )
@@ -108,8 +110,8 @@ class SubscriptionState:
     @classmethod
     def from_bytes(cls, b: bytes) -> SubscriptionState:
         v = orjson.loads(b)
-        if type(v) is not list or len(v) != 13 or v[0] != _STATE_VERSION:
-            raise ValueError("not a version-1 SubscriptionState")
+        if type(v) is not list or (v[0], len(v)) not in ((1, 13), (2, 14)):
+            raise ValueError("not a version-1 or version-2 SubscriptionState")
         status = v[9]
         if status not in _STATUSES:
             raise ValueError(f"invalid status {status!r}")
@@ -135,6 +137,7 @@ class SubscriptionState:
             set(v[11]),  # seen_event_ids
             status,
             v[12],  # changes_at_segment_start
+            v[13] if len(v) > 13 else None,  # payment_method
         )
 
     def _period_start(self, k: int) -> datetime:
@@ -308,6 +311,7 @@ def _create(
         anchor=t,
         period_index=0,
         segment_start=t,
+        payment_method=event.payment_method,
     )
     start, end = state.period_bounds()
     return state, [_invoice(state, t, REASON_CREATED, _flat_lines(plan, start, end))], []

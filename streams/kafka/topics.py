@@ -56,7 +56,16 @@ REFUND_RESULTS = TopicSpec("billing.refund-results", "refund_result")
 ENTITLEMENTS = TopicSpec("billing.entitlements", "entitlement")
 DEAD_LETTER = TopicSpec("billing.dead-letter", "dead_letter")
 CONTROL = TopicSpec("billing.control", "bill_run")
+PAYMENT_CONTROL = TopicSpec("billing.payment-control", "payment_run")
 RATING_CHANGELOG = TopicSpec("billing.rating-changelog", None, compacted=True)
+# dunning: attempt n+1 waits in retry topic n. One topic per step, so each holds one
+# constant delay and its records come due in offset order: the dispatcher pauses a
+# partition at its first record not yet due, never skipping past it.
+MAX_DUNNING_STEPS = 5
+PAYMENT_RETRIES = tuple(
+    TopicSpec(f"billing.payment-retry-{n}", "payment_request")
+    for n in range(1, MAX_DUNNING_STEPS + 1)
+)
 
 ALL_TOPICS = (
     SUBSCRIPTIONS,
@@ -69,7 +78,9 @@ ALL_TOPICS = (
     ENTITLEMENTS,
     DEAD_LETTER,
     CONTROL,
+    PAYMENT_CONTROL,
     RATING_CHANGELOG,
+    *PAYMENT_RETRIES,
 )
 
 

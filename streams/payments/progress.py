@@ -21,18 +21,18 @@ def payment_run_progress(settings: Settings, until: datetime) -> tuple[int, int]
     sql = f"""
         WITH [{delays}] AS delays, toDateTime64('{instant}', 6, 'UTC') AS until
         SELECT
-            countIf(a.attempts > 0 AND (a.status IN ('succeeded', 'uncollectible')
-                OR a.attempt > length(delays)
-                OR a.completed_at + toIntervalSecond(delays[a.attempt]) > until)),
+            countIf(a.attempts > 0 AND (a.last_status IN ('succeeded', 'uncollectible')
+                OR a.last_attempt > length(delays)
+                OR a.last_completed + toIntervalSecond(delays[a.last_attempt]) > until)),
             count()
         FROM (
             SELECT invoice_id FROM invoices FINAL
             WHERE total > 0 AND payment_method IS NOT NULL AND issued_at <= until
         ) AS i
         LEFT JOIN (
-            SELECT invoice_id, count() AS attempts, max(attempt) AS attempt,
-                   argMax(status, (attempt, status = 'uncollectible')) AS status,
-                   argMax(completed_at, attempt) AS completed_at
+            SELECT invoice_id, count() AS attempts, max(attempt) AS last_attempt,
+                   argMax(status, (attempt, status = 'uncollectible')) AS last_status,
+                   argMax(completed_at, attempt) AS last_completed
             FROM payment_attempts FINAL GROUP BY invoice_id
         ) AS a ON a.invoice_id = i.invoice_id
     """

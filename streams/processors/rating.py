@@ -68,7 +68,7 @@ MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-
 NAME = "rating"
 
 
-def invoice_record(inv: Invoice, plan_id: str) -> dict[str, Any]:
+def invoice_record(inv: Invoice, plan_id: str, payment_method: str | None) -> dict[str, Any]:
     return {
         "invoice_id": inv.invoice_id,
         "account_id": inv.account_id,
@@ -89,7 +89,7 @@ def invoice_record(inv: Invoice, plan_id: str) -> dict[str, Any]:
             for ln in inv.lines
         ],
         "total": inv.total,
-        "payment_method": None,
+        "payment_method": payment_method,
     }
 
 
@@ -458,10 +458,11 @@ class RatingProcessor:
         encode = codec(INVOICES.schema).encode
         for inv in invoices:
             plan_id = state.plan_id if state is not None else ""
+            method = state.payment_method if state is not None else None
             self.producer.produce(
                 self.invoices_topic,
                 key=inv.account_id.encode(),
-                value=encode(invoice_record(inv, plan_id)),
+                value=encode(invoice_record(inv, plan_id, method)),
                 partition=p,
                 on_delivery=self._on_delivery,
             )

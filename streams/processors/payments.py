@@ -1,0 +1,487 @@
+"""The payments processor: due invoices -> gateway charges -> billing.payment-results.
+
+Many charges are in flight at once (asyncio): each merchant account has its own lane,
+an AIMD concurrency limit under the account's cap minus the slots reserved for the
+priority lane, and a circuit breaker (``streams.payments.control``). Every attempt has a
+deterministic idempotency key (``streams.domain.payments``), so sending it again after
+a crash, a replay or a rebalance returns the first outcome instead of charging twice.
+
+- Transient errors (unavailable, time-out, lost connection) are retried with the same
+  key, with exponential backoff and jitter, for as long as it takes: the outcome of such
+  a call is unknown, and only the same key can learn it without risking a second charge.
+  The breaker stops a failing account's traffic and probes it until it recovers.
+- 429s shrink the lane's limit and wait for the gateway's Retry-After.
+- A decline (or a gateway refusal of the request) is an attempt's outcome: the result is
+  published, and dunning schedules attempt n+1 by producing it to retry topic n (one
+  topic per step, see ``streams.kafka.topics``). Records there wait, partition paused,
+  until due: no consumer sleeps, nothing is skipped. After the last step the invoice is
+  ``uncollectible``.
+
+Offsets are committed per partition up to the first record whose outputs are not yet
+acknowledged by Kafka; after a crash the rest is processed again, idempotently. A
+payment run (``billing.payment-control``) makes everything due up to its instant due now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, TopicPartition
+
+from streams.codec import DecodeError, codec
+from streams.config import Settings
+from streams.domain.payments import (
+    Final,
+    Retry,
+    after_attempt,
+    backoff,
+    idempotency_key,
+    parse_schedule,
+    payable,
+    payment_id,
+)
+from streams.kafka import clients
+from streams.kafka.topics import (
+    INVOICES,
+    PAYMENT_CONTROL,
+    PAYMENT_REQUESTS,
+    PAYMENT_RESULTS,
+    PAYMENT_RETRIES,
+    group_id,
+)
+from streams.payments.control import AimdLimit, CircuitBreaker
+from streams.payments.gateway import (
+    ChargeOutcome,
+    ChargeRequest,
+    Gateway,
+    RateLimited,
+    TransientError,
+)
+from streams.processors.deadletter import produce_dead_letter
+from streams.processors.runtime import StopFlag
+
+log = structlog.get_logger(__name__)
+GROUP = "streambill-payments"
+NAME = "payments"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TP = tuple[str, int]
+
+
+def route(account_id: str, merchant_accounts: tuple[str, ...]) -> str:
+    """A customer account's merchant account: stable, spread evenly (crc32, not hash(),
+    which changes per process)."""
+    import zlib
+
+    return merchant_accounts[zlib.crc32(account_id.encode()) % len(merchant_accounts)]
+
+
+class OffsetTracker:
+    """Per partition: the records started, in offset order, and which are finished; the
+    commit position is the first unfinished one."""
+
+    def __init__(self) -> None:
+        self.started: dict[TP, deque[int]] = {}
+        self.finished: dict[TP, set[int]] = {}
+        self.position: dict[TP, int] = {}
+        self.dirty: set[TP] = set()
+
+    def start(self, tp: TP, offset: int) -> None:
+        self.started.setdefault(tp, deque()).append(offset)
+        self.finished.setdefault(tp, set())
+
+    def finish(self, tp: TP, offset: int) -> None:
+        started, finished = self.started.get(tp), self.finished.get(tp)
+        if started is None or finished is None:
+            return  # the partition was revoked meanwhile: its new owner redoes the record
+        finished.add(offset)
+        last = None
+        while started and started[0] in finished:
+            last = started.popleft()
+            finished.discard(last)
+        if last is not None:
+            self.position[tp] = started[0] if started else last + 1
+            self.dirty.add(tp)
+
+    def forget(self, tp: TP) -> None:
+        self.started.pop(tp, None)
+        self.finished.pop(tp, None)
+        self.position.pop(tp, None)
+        self.dirty.discard(tp)
+
+    def commits(self) -> list[TopicPartition]:
+        out = [TopicPartition(t, p, self.position[(t, p)]) for t, p in self.dirty]
+        self.dirty.clear()
+        return out
+
+    def in_progress(self) -> int:
+        return sum(len(q) for q in self.started.values())
+
+
+class Lane:
+    """One merchant account's flow control: AIMD concurrency limit + circuit breaker."""
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = name
+        self.limit = AimdLimit(cap=cap, limit=min(cap, 32))
+        self.breaker = CircuitBreaker()
+        self.in_flight = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self._was_open = False
+
+    async def acquire(self) -> None:
+        while True:
+            if self.in_flight < self.limit.allowed:
+                if self.breaker.allow(time.monotonic()):
+                    self.in_flight += 1
+                    return
+                await asyncio.sleep(max(0.01, self.breaker.retry_in(time.monotonic())))
+                continue
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+
+    def release(self, outcome: str) -> None:
+        """outcome: ok (an answer), overload (429) or failure (transient)."""
+        self.in_flight -= 1
+        now = time.monotonic()
+        if outcome == "ok":
+            self.limit.on_success()
+            self.breaker.on_success()
+        elif outcome == "overload":
+            self.limit.on_overload()
+            self.breaker.probing = False  # a 429 is an answer: the account is up
+        else:
+            opened = self.breaker.opened_count
+            self.breaker.on_failure(now)
+            if self.breaker.opened_count > opened:
+                log.warning(
+                    "circuit open: gateway account keeps failing, probing it",
+                    merchant_account=self.name,
+                    seconds=self.breaker.current_open,
+                )
+        if self.breaker.state == "closed" and self._was_open:
+            log.info("circuit closed: gateway account recovered", merchant_account=self.name)
+        self._was_open = self.breaker.state != "closed"
+        while self.waiters and self.in_flight < self.limit.allowed:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+
+@dataclass
+class Attempt:
+    request: dict[str, Any]  # a payment_request record
+    source: TP
+    offset: int
+
+
+class PaymentsProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        bootstrap: str,
+        gateway: Gateway,
+        max_pending: int = 20_000,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.schedule = parse_schedule(settings.dunning)
+        if len(self.schedule) > len(PAYMENT_RETRIES):
+            raise ValueError(f"at most {len(PAYMENT_RETRIES)} dunning steps are supported")
+        self.accounts = settings.merchant_accounts
+        cap = settings.gateway_max_concurrency - settings.priority_reserve
+        if cap < 1:
+            raise ValueError("the priority reserve leaves no slot for payments")
+        self.lanes = {a: Lane(a, cap) for a in self.accounts}
+        self.max_pending = max_pending
+        self.consumer: Consumer = clients.consumer(settings, bootstrap, group_id(GROUP))
+        self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 5})
+        self.topics = {
+            "invoices": INVOICES.name,
+            "requests": PAYMENT_REQUESTS.name,
+            "control": PAYMENT_CONTROL.name,
+            "retries": [t.name for t in PAYMENT_RETRIES[: len(self.schedule)]],
+        }
+        self.retry_topics = {t.name: n for n, t in enumerate(PAYMENT_RETRIES, 1)}
+        self.tracker = OffsetTracker()
+        self.held: dict[TP, deque[Attempt]] = {}  # waiting until due, partition paused
+        self.horizon = EPOCH  # a payment run's instant: due up to it means due now
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stop = StopFlag()
+        self.rng = random.Random()
+        self.completed = 0
+        self._delivery_error: str | None = None
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            import uvloop
+
+            return uvloop.run(self.run_async())
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            return asyncio.run(self.run_async())
+
+    async def run_async(self) -> int:
+        topics = [self.topics["invoices"], self.topics["requests"], self.topics["control"]]
+        self.consumer.subscribe(topics + self.topics["retries"], on_revoke=self._on_revoke)
+        last_commit = last_due_check = 0.0
+        try:
+            while not self.stop:
+                busy = len(self.tasks) >= self.max_pending
+                msgs = [] if busy else self.consumer.consume(500, timeout=0)
+                for msg in msgs:
+                    if msg.error() is None:
+                        self._handle(msg)
+                now = time.monotonic()
+                if now - last_due_check > 0.2:
+                    self._release_due()
+                    last_due_check = now
+                self.producer.poll(0)
+                if now - last_commit > 0.5:
+                    self._commit()
+                    last_commit = now
+                if self._delivery_error:
+                    raise RuntimeError(self._delivery_error)
+                await asyncio.sleep(0 if msgs else 0.005)
+            await self._drain()
+        finally:
+            self.consumer.close()
+            await self.gateway.close()
+        return self.completed
+
+    async def _drain(self) -> None:
+        """SIGTERM: no new work; in-flight charges finish and their results are sent, so
+        no payment is left half-done; then the final commit."""
+        if self.tasks:
+            log.info("stopping: finishing in-flight payments", in_flight=len(self.tasks))
+            await asyncio.wait(self.tasks, timeout=30)
+        self.producer.flush(30)
+        self._commit()
+
+    def _commit(self) -> None:
+        offsets = self.tracker.commits()
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit()
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.tracker.forget(key)
+            self.held.pop(key, None)
+
+    # --- records --------------------------------------------------------------------
+
+    def _handle(self, msg: Any) -> None:
+        tp, offset = (msg.topic(), msg.partition()), msg.offset()
+        self.tracker.start(tp, offset)
+        topic = tp[0]
+        try:
+            if topic == self.topics["invoices"]:
+                self._invoice(msg, tp, offset)
+            elif topic == self.topics["control"]:
+                run = codec(PAYMENT_CONTROL.schema).decode(msg.value())
+                self.horizon = max(self.horizon, run["until"])
+                log.info("payment run", run_id=run["run_id"], until=run["until"].isoformat())
+                self.tracker.finish(tp, offset)
+            else:
+                request = codec(PAYMENT_REQUESTS.schema).decode(msg.value())
+                self._schedule(Attempt(request, tp, offset))
+        except DecodeError as exc:
+            produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
+                                on_delivery=self._finisher(tp, offset, 1))  # fmt: skip
+
+    def _invoice(self, msg: Any, tp: TP, offset: int) -> None:
+        inv = codec(INVOICES.schema).decode(msg.value())
+        if not payable(inv["total"], inv["payment_method"]):
+            self.tracker.finish(tp, offset)  # nothing to collect (credit, zero, no method)
+            return
+        now = datetime.now(UTC)
+        request = {
+            "payment_id": payment_id(inv["invoice_id"], 1),
+            "idempotency_key": idempotency_key(inv["invoice_id"], 1),
+            "invoice_id": inv["invoice_id"],
+            "account_id": inv["account_id"],
+            "attempt": 1,
+            "amount": inv["total"],
+            "currency": inv["currency"],
+            "payment_method": inv["payment_method"],
+            "gateway_account": route(inv["account_id"], self.accounts),
+            "not_before": inv["issued_at"],
+            "requested_at": now,
+        }
+        self._spawn(Attempt(request, tp, offset))
+
+    def _schedule(self, attempt: Attempt) -> None:
+        held = self.held.get(attempt.source)
+        if held is None and self._due(attempt.request):
+            self._spawn(attempt)
+            return
+        if held is None:
+            held = self.held[attempt.source] = deque()
+            # nothing after a record that is not due can be: stop fetching meanwhile
+            self.consumer.pause([TopicPartition(*attempt.source)])
+        held.append(attempt)
+
+    def _due(self, request: dict[str, Any]) -> bool:
+        return request["not_before"] <= max(datetime.now(UTC), self.horizon)
+
+    def _release_due(self) -> None:
+        for tp, held in list(self.held.items()):
+            while held and self._due(held[0].request):
+                self._spawn(held.popleft())
+            if not held:
+                del self.held[tp]
+                self.consumer.resume([TopicPartition(*tp)])
+
+    def _spawn(self, attempt: Attempt) -> None:
+        task = asyncio.get_running_loop().create_task(self._attempt(attempt))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._delivery_error = f"payment task failed: {task.exception()!r}"
+
+    # --- one attempt ------------------------------------------------------------------
+
+    async def _attempt(self, attempt: Attempt) -> None:
+        req = attempt.request
+        lane = self.lanes.get(req["gateway_account"])
+        if lane is None:  # a request routed to an account this dispatcher does not know
+            lane = self.lanes[route(req["account_id"], self.accounts)]
+            req["gateway_account"] = lane.name
+        charge = ChargeRequest(
+            merchant_account=lane.name,
+            idempotency_key=req["idempotency_key"],
+            invoice_id=req["invoice_id"],
+            account_id=req["account_id"],
+            amount=req["amount"],
+            currency=req["currency"],
+            payment_method=req["payment_method"],
+        )
+        started = time.monotonic()
+        transient = 0
+        while True:
+            await lane.acquire()
+            try:
+                outcome = await self.gateway.charge(charge)
+            except RateLimited as exc:
+                lane.release("overload")
+                await asyncio.sleep(exc.retry_after * self.rng.uniform(0.5, 1.5))
+                continue
+            except TransientError:
+                lane.release("failure")
+                transient += 1
+                await asyncio.sleep(backoff(min(transient, 8), rng=self.rng))
+                continue
+            except ValueError as exc:  # the gateway refused the request itself
+                lane.release("ok")
+                outcome = ChargeOutcome("declined", None, f"invalid_request: {exc}"[:200])
+                status = "failed"
+                break
+            lane.release("ok")
+            status = outcome.status
+            break
+        self._complete(attempt, status, outcome, (time.monotonic() - started) * 1000)
+
+    def _complete(
+        self, attempt: Attempt, status: str, outcome: ChargeOutcome, latency_ms: float
+    ) -> None:
+        req = attempt.request
+        now = datetime.now(UTC)
+        results = [self._result(req, status, outcome, latency_ms, now)]
+        follow_up: tuple[str, dict[str, Any]] | None = None
+        step = after_attempt(status, req["attempt"], now, self.schedule)  # type: ignore[arg-type]
+        if isinstance(step, Retry):
+            follow_up = (
+                PAYMENT_RETRIES[req["attempt"] - 1].name,
+                {
+                    **req,
+                    "payment_id": payment_id(req["invoice_id"], step.attempt),
+                    "idempotency_key": idempotency_key(req["invoice_id"], step.attempt),
+                    "attempt": step.attempt,
+                    "not_before": step.not_before,
+                    "requested_at": now,
+                },
+            )
+        elif isinstance(step, Final) and step.status == "uncollectible":
+            verdict = ChargeOutcome("declined", None, outcome.decline_code)
+            result = self._result(req, "uncollectible", verdict, 0.0, now)
+            result["payment_id"] = f"{req['invoice_id']}:uncollectible"
+            results.append(result)
+        done = self._finisher(attempt.source, attempt.offset, len(results) + bool(follow_up))
+        encode_result = codec(PAYMENT_RESULTS.schema).encode
+        key = req["account_id"].encode()
+        if follow_up:
+            topic, request = follow_up
+            self._produce(topic, key, codec(PAYMENT_REQUESTS.schema).encode(request), done)
+        for result in results:
+            self._produce(PAYMENT_RESULTS.name, key, encode_result(result), done)
+        self.completed += 1
+
+    @staticmethod
+    def _result(
+        req: dict[str, Any], status: str, outcome: ChargeOutcome, latency_ms: float, at: datetime
+    ) -> dict[str, Any]:
+        return {
+            "payment_id": req["payment_id"],
+            "invoice_id": req["invoice_id"],
+            "account_id": req["account_id"],
+            "attempt": req["attempt"],
+            "status": status,
+            "amount": Decimal(req["amount"]),
+            "currency": req["currency"],
+            "gateway_account": req["gateway_account"],
+            "gateway_reference": outcome.reference,
+            "decline_code": outcome.decline_code if status != "succeeded" else None,
+            "latency_ms": round(latency_ms, 3),
+            "completed_at": at,
+        }
+
+    def _produce(self, topic: str, key: bytes, value: bytes, on_delivery: Callable) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _finisher(self, tp: TP, offset: int, outputs: int) -> Callable[[Any, Any], None]:
+        """A delivery callback: the source record is finished once all its outputs are
+        acknowledged by Kafka."""
+        left = [outputs]
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self._delivery_error = f"delivery failed: {err}"
+                return
+            left[0] -= 1
+            if left[0] == 0:
+                self.tracker.finish(tp, offset)
+
+        return delivered
+
+
+def make_gateway(settings: Settings) -> Gateway:
+    if settings.gateway == "simulator":
+        from streams.payments.http_gateway import SimulatorGateway
+
+        return SimulatorGateway(settings.gateway_url, timeout_s=settings.gateway_timeout_s)
+    if settings.gateway == "stripe":
+        from streams.payments.stripe_gateway import stripe_gateway_from_env
+
+        return stripe_gateway_from_env()
+    raise ValueError(f"STREAMBILL_GATEWAY must be simulator or stripe, not {settings.gateway!r}")

@@ -1,0 +1,174 @@
+"""The payments processor on the real broker, chDB and the gateway simulator (a real
+HTTP server in its own process): charges, transient failures retried with the same key,
+dunning through the retry topics, crashes, an outage behind the circuit breaker, a
+payment run, and reconciliation of the ledger, the results topic and ClickHouse."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from streams.codec import codec
+from streams.config import Settings
+from streams.kafka import clients
+from streams.kafka.topics import INVOICES
+from streams.payments.http_gateway import fetch_ledger
+from streams.payments.reconcile import collect, reconcile
+from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+from streams.stack import ProcessorProcess
+from tests.integration.helpers import Procs, scalar, start_sink, wait_until
+
+pytestmark = pytest.mark.kafka
+
+
+def invoice(i: int, token: str, total: str = "25.50") -> dict[str, Any]:
+    now = datetime.now(UTC)
+    amount = Decimal(total)
+    return {
+        "invoice_id": f"inv-{i:05d}", "account_id": f"acct-{i:05d}",
+        "subscription_id": f"sub-{i:05d}", "plan_id": "pro-usd", "currency": "USD",
+        "issued_at": now, "reason": "period_end",
+        "lines": [{"charge_id": "base", "kind": "flat", "period_start": now,
+                   "period_end": now + timedelta(days=30), "quantity": Decimal(1),
+                   "amount": amount}],
+        "total": amount, "payment_method": token,
+    }  # fmt: skip
+
+
+def publish_invoices(settings: Settings, bootstrap: str, invoices: list[dict]) -> None:
+    producer = clients.producer(settings, bootstrap)
+    encode = codec(INVOICES.schema).encode
+    for inv in invoices:
+        producer.produce(INVOICES.name, key=inv["account_id"].encode(), value=encode(inv))
+    assert producer.flush(30) == 0
+
+
+@pytest.fixture
+def simulator(pipeline_env: Settings, request: pytest.FixtureRequest) -> Iterator[Any]:
+    account = AccountConfig(
+        max_concurrency=20, latency_median_ms=15, latency_p99_ms=60, decline_rate=0.0,
+        transient_rate=getattr(request, "param", 0.15), timeout_delay_s=1.0,
+    )  # fmt: skip
+    config = SimulatorConfig(accounts={"merchant-1": account, "merchant-2": account}, seed=3)
+    sim = SimulatorProcess.start(config, pipeline_env.home / "logs")
+    yield sim
+    sim.stop()
+
+
+def start_payments(settings: Settings, bootstrap: str, url: str, dunning: str) -> ProcessorProcess:
+    env = {"STREAMBILL_GATEWAY_URL": url, "STREAMBILL_MERCHANT_ACCOUNTS": "merchant-1,merchant-2",
+           "STREAMBILL_GATEWAY_MAX_CONCURRENCY": "20", "STREAMBILL_PRIORITY_RESERVE": "2",
+           "STREAMBILL_DUNNING": dunning, "STREAMBILL_GATEWAY_TIMEOUT": "0.5"}  # fmt: skip
+    return ProcessorProcess(settings, bootstrap, "payments", env=env).start()
+
+
+def statuses(settings: Settings) -> Counter:
+    rows = scalar(settings, "SELECT groupArray((status, attempt)) FROM payment_attempts FINAL")
+    return Counter((s, int(a)) for s, a in rows)
+
+
+def test_payments_survive_crashes_and_transient_failures_without_a_double_charge(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any
+) -> None:
+    settings = pipeline_env
+    declining = set(range(0, 300, 10))
+    invoices = [invoice(i, f"tok_decline_{i}" if i in declining else f"tok_ok_{i}")
+                for i in range(300)]  # fmt: skip
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    payer = procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1s,2s"))
+    publish_invoices(settings, kafka_bootstrap, invoices)
+
+    rng = random.Random(11)
+    for _ in range(3):  # SIGKILL in the middle of charging, retrying and dunning
+        time.sleep(rng.uniform(0.5, 2.0))
+        payer.kill()
+        payer = procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1s,2s"))
+
+    def settled() -> bool:
+        got = statuses(settings)
+        return got[("succeeded", 1)] == 270 and got[("uncollectible", 3)] == 30
+
+    wait_until(settled, 120, "every invoice paid or uncollectible", [sink, payer, simulator])
+    time.sleep(1.5)
+    got = statuses(settings)
+    assert got == Counter({("succeeded", 1): 270, ("declined", 1): 30, ("declined", 2): 30,
+                           ("declined", 3): 30, ("uncollectible", 3): 30})  # fmt: skip
+
+    ledger = asyncio.run(fetch_ledger(simulator.url))
+    paid = Counter(e["invoice_id"] for e in ledger
+                   if e["kind"] == "charge" and e["status"] == "succeeded")  # fmt: skip
+    assert len(paid) == 270 and set(paid.values()) == {1}  # never twice
+    keys = Counter(e["idempotency_key"] for e in ledger if e["kind"] == "charge")
+    assert set(keys.values()) == {1}  # one ledger entry per idempotency key
+    assert len(keys) == 270 + 30 * 3
+
+    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url))
+    assert report.reconciled, report.differences[:10]
+    assert report.invoices == {"paid": 270, "uncollectible": 30}
+    assert report.totals["USD"]["gateway"] == Decimal("25.50") * 270
+
+
+@pytest.mark.parametrize("simulator", [0.0], indirect=True)
+def test_an_outage_opens_the_circuit_and_nothing_is_lost(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any
+) -> None:
+    import json
+    import urllib.request
+
+    settings = pipeline_env
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    payer = procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d"))
+    outage = urllib.request.Request(
+        f"{simulator.url}/v1/admin/outage", data=json.dumps({"seconds": 4}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    urllib.request.urlopen(outage, timeout=5).read()
+    publish_invoices(settings, kafka_bootstrap, [invoice(i, f"tok_ok_{i}") for i in range(100)])
+    paid = "SELECT count() FROM payment_attempts FINAL WHERE status = 'succeeded'"
+    time.sleep(2)
+    assert scalar(settings, paid) == 0  # the gateway is down
+    wait_until(lambda: scalar(settings, paid) == 100, 90, "payments", [sink, payer, simulator])
+    log = payer.log_path.read_text()
+    assert "circuit open" in log and "circuit closed" in log
+    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url))
+    assert report.reconciled and report.invoices == {"paid": 100}
+
+
+@pytest.mark.parametrize("simulator", [0.0], indirect=True)
+def test_payment_run_collects_dunning_retries_due_by_its_date(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any
+) -> None:
+    settings = pipeline_env
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    payer = procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d,3d"))
+    invoices = [invoice(i, f"tok_decline_{i}" if i < 5 else f"tok_ok_{i}") for i in range(20)]
+    publish_invoices(settings, kafka_bootstrap, invoices)
+    wait_until(lambda: sum(statuses(settings).values()) >= 20, 60, "first attempts",
+               [sink, payer])  # fmt: skip
+    time.sleep(1)
+    assert statuses(settings) == Counter({("succeeded", 1): 15, ("declined", 1): 5})
+
+    # the retries wait a day: a payment run up to two days ahead collects them now
+    until = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
+                          "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = statuses(settings)
+    assert got[("declined", 2)] == 5 and got[("declined", 3)] == 0  # 3rd attempt: day 4
+    until = (datetime.now(UTC) + timedelta(days=5)).isoformat()
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
+                          "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = statuses(settings)
+    assert got[("declined", 3)] == 5 and got[("uncollectible", 3)] == 5
+    assert payer.alive
