@@ -453,7 +453,12 @@ def encoded_due_invoices(n: int, issued_at: datetime) -> list[tuple[bytes, bytes
 
 
 def bench_payment_run(
-    base: Settings, payments: int, decline_rate: float, transient_rate: float, console: Console
+    base: Settings,
+    payments: int,
+    workers: int,
+    decline_rate: float,
+    transient_rate: float,
+    console: Console,
 ) -> dict[str, Any]:
     """The payments processor against the simulator (4 merchant accounts): from the
     first due invoice published to the last first-attempt result in ClickHouse."""
@@ -480,8 +485,12 @@ def bench_payment_run(
             "STREAMBILL_GATEWAY_MAX_CONCURRENCY": str(account.max_concurrency),
         }
         sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
-        payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env)
-        procs = [sink, payer.start()]
+        payers = []
+        for w in range(workers):
+            payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env)
+            payer.log_path = payer.log_path.with_name(f"payments-{w}.log")
+            payers.append(payer.start())
+        procs = [sink, *payers]
         try:
             wait_for_warehouse_endpoint(env.settings, sink)
             with progress_bar(console) as progress:
@@ -502,7 +511,7 @@ def bench_payment_run(
             report = reconcile(ledger, results, landed_rows)
             statuses = query(env.settings, "SELECT status, count() FROM payment_attempts FINAL "
                              "WHERE attempt = 1 GROUP BY status")["rows"]  # fmt: skip
-            rss = peak_rss_mb(payer.proc.pid) if payer.proc else 0.0
+            rss = max(peak_rss_mb(p.proc.pid) for p in payers if p.proc)
         finally:
             for p in procs:
                 p.stop()
@@ -520,6 +529,7 @@ def bench_payment_run(
         "first_attempt_outcomes": {s: int(n) for s, n in statuses},
         "ledger_entries": len(ledger),
         "payments_peak_rss_mb": round(rss, 1),
+        "workers": workers,
     }
 
 

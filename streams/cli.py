@@ -440,6 +440,7 @@ def bench_sink(
 @bench_app.command("payment-run")
 def bench_payment_run(
     payments: int = typer.Option(150_000, min=1),
+    workers: int = typer.Option(2, min=1, help="payments processes in the consumer group"),
     decline_rate: float = typer.Option(0.05, min=0, max=1),
     transient_rate: float = typer.Option(0.01, min=0, max=1),
     runs: int = typer.Option(1, min=1),
@@ -449,9 +450,11 @@ def bench_payment_run(
     from streams.bench import bench_payment_run as run
 
     s = load_settings()
-    params = {"payments": payments, "decline_rate": decline_rate, "transient_rate": transient_rate}
+    params = {"payments": payments, "workers": workers, "decline_rate": decline_rate,
+              "transient_rate": transient_rate}  # fmt: skip
     _run_bench("payment-run", params, runs, json_out,
-               lambda: run(s, payments, decline_rate, transient_rate, console))  # fmt: skip
+               lambda: run(s, payments, workers, decline_rate, transient_rate,
+                           console))  # fmt: skip
 
 
 if __name__ == "__main__":

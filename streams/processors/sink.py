@@ -168,6 +168,7 @@ class Sink:
         max_rows: int = 100_000,
         max_seconds: float = 1.0,
         serve_queries: bool = True,
+        min_seconds: float = 0.25,
         catalog: tuple[Catalog, dict[str, Any]] | None = None,
     ) -> None:
         """topics: base names (default: every landed topic); catalog: parsed and raw, to
@@ -179,6 +180,7 @@ class Sink:
         self.topics = [spec_for_base(b).name for b in (topics or LANDERS)]
         self.max_rows = max_rows
         self.max_seconds = max_seconds
+        self.min_seconds = min(min_seconds, max_seconds)
         self.client = open_warehouse(settings)
         embedded = settings.warehouse_dsn.startswith("chdb://")
         self.bulk = (
@@ -233,18 +235,22 @@ class Sink:
                  resumed=sum(tp.offset >= 0 for tp in partitions))  # fmt: skip
 
     def _collect(self) -> list[Any]:
-        """A batch: up to max_rows messages or max_seconds, and no longer than it takes to
-        catch up (a poll that comes back short means nothing more is waiting)."""
+        """A batch: up to max_rows messages or max_seconds; once caught up (a poll comes
+        back short), no longer than min_seconds after its first message, so that a
+        trickle still lands in batches worth an insert."""
         batch: list[Any] = []
         deadline = time.monotonic() + self.max_seconds
+        first = 0.0
         while len(batch) < self.max_rows and not self.stop:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             asked = min(10_000, self.max_rows - len(batch))
-            got = poll_batch(self.consumer, asked, min(left, 0.2))
+            got = poll_batch(self.consumer, asked, min(left, 0.1))
+            if got and not batch:
+                first = time.monotonic()
             batch.extend(got)
-            if batch and len(got) < asked:
+            if batch and len(got) < asked and time.monotonic() - first >= self.min_seconds:
                 break
         return batch
 
