@@ -440,7 +440,7 @@ def bench_sink(
 @bench_app.command("payment-run")
 def bench_payment_run(
     payments: int = typer.Option(150_000, min=1),
-    workers: int = typer.Option(2, min=1, help="payments processes in the consumer group"),
+    workers: int = typer.Option(1, min=1, help="payments processes in the consumer group"),
     decline_rate: float = typer.Option(0.05, min=0, max=1),
     transient_rate: float = typer.Option(0.01, min=0, max=1),
     runs: int = typer.Option(1, min=1),

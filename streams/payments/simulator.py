@@ -55,6 +55,8 @@ import orjson
 import structlog
 from aiohttp import web
 
+from streams.stack import ChildProcess, _die_with_parent
+
 log = structlog.get_logger(__name__)
 
 Z_99 = 2.3263479  # the standard normal's 99th percentile
@@ -762,7 +764,7 @@ def run_server(
 # --- a simulator in its own process ------------------------------------------------------
 
 
-class SimulatorProcess:
+class SimulatorProcess(ChildProcess):
     """``streambill gateway serve`` as a subprocess, for tests and benchmarks (its own
     process, so it takes a core of its own and the client's load is measured fairly)."""
 
@@ -777,8 +779,6 @@ class SimulatorProcess:
     def start(
         cls, config: SimulatorConfig, log_dir: Path, timeout: float = 30.0
     ) -> SimulatorProcess:
-        from streams.stack import _die_with_parent
-
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         config_file = log_dir / "gateway-config.json"
@@ -822,31 +822,6 @@ class SimulatorProcess:
             time.sleep(0.05)
         started.stop()
         raise TimeoutError(f"the gateway simulator was not ready in {timeout}s:\n{started.tail()}")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
     def __enter__(self) -> SimulatorProcess:
         return self

@@ -159,16 +159,18 @@ def test_payment_run_collects_dunning_retries_due_by_its_date(
     assert statuses(settings) == Counter({("succeeded", 1): 15, ("declined", 1): 5})
 
     # the retries wait a day: a payment run up to two days ahead collects them now
-    until = (datetime.now(UTC) + timedelta(days=2)).isoformat()
-    run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
-                          "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    payment_run(days_ahead=2)
     got = statuses(settings)
     assert got[("declined", 2)] == 5 and got[("declined", 3)] == 0  # 3rd attempt: day 4
-    until = (datetime.now(UTC) + timedelta(days=5)).isoformat()
-    run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
-                          "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
+    payment_run(days_ahead=5)
     got = statuses(settings)
     assert got[("declined", 3)] == 5 and got[("uncollectible", 3)] == 5
     assert payer.alive
+
+
+def payment_run(days_ahead: int) -> None:
+    """`streambill payment-run` up to `days_ahead` days from now; it waits for the run."""
+    until = (datetime.now(UTC) + timedelta(days=days_ahead)).isoformat()
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
+                          "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
