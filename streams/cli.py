@@ -172,6 +172,20 @@ def run_payments() -> None:
     PaymentsProcessor(settings, bootstrap, make_gateway(settings)).run()
 
 
+@run_app.command("refunds")
+def run_refunds_cmd() -> None:
+    """The refunds processor (priority lane): refund -> entitlement -> refund result."""
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ensure_topics
+    from streams.processors.refunds import run_refunds
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    run_refunds(settings, bootstrap)
+
+
 @app.command("payment-run")
 def payment_run(
     until: str = typer.Option(..., help="collect every payment due at or before this instant"),

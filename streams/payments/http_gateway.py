@@ -7,6 +7,7 @@ use and close it on one event loop.
 
 from __future__ import annotations
 
+import contextlib
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +16,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from streams.domain.money import UnknownCurrency, minor_units
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -67,7 +69,7 @@ class SimulatorGateway:
             {
                 "invoice_id": request.invoice_id,
                 "account_id": request.account_id,
-                "amount": _amount_text(request.amount),
+                "amount": _amount_text(request.amount, request.currency),
                 "currency": request.currency,
                 "payment_method": request.payment_method,
             },
@@ -81,7 +83,7 @@ class SimulatorGateway:
             {
                 "charge_id": request.charge_reference,
                 "invoice_id": request.invoice_id,
-                "amount": _amount_text(request.amount),
+                "amount": _amount_text(request.amount, request.currency),
                 "currency": request.currency,
             },
         )
@@ -123,9 +125,15 @@ class SimulatorGateway:
             self._session = None
 
 
-def _amount_text(amount: Decimal | str) -> str:
-    # plain notation: str(Decimal("1E+2")) would be "1E+2", which the gateway refuses
-    return format(amount if isinstance(amount, Decimal) else Decimal(amount), "f")
+def _amount_text(amount: Decimal | str, currency: str) -> str:
+    """Plain notation (str(Decimal("1E+2")) would be "1E+2", which the gateway refuses),
+    with the currency's minor-unit digits when that is exact: 40.000000000 -> 40.00."""
+    value = amount if isinstance(amount, Decimal) else Decimal(amount)
+    with contextlib.suppress(UnknownCurrency):
+        exact = value.quantize(Decimal(1).scaleb(-minor_units(currency)))
+        if exact == value:
+            value = exact
+    return format(value, "f")
 
 
 def _charge_outcome(body: dict[str, Any]) -> ChargeOutcome:

@@ -65,10 +65,14 @@ def simulator(pipeline_env: Settings, request: pytest.FixtureRequest) -> Iterato
     sim.stop()
 
 
+def gateway_env(url: str) -> dict[str, str]:
+    return {"STREAMBILL_GATEWAY_URL": url, "STREAMBILL_MERCHANT_ACCOUNTS": "merchant-1,merchant-2",
+            "STREAMBILL_GATEWAY_MAX_CONCURRENCY": "20", "STREAMBILL_PRIORITY_RESERVE": "2",
+            "STREAMBILL_GATEWAY_TIMEOUT": "0.5"}  # fmt: skip
+
+
 def start_payments(settings: Settings, bootstrap: str, url: str, dunning: str) -> ProcessorProcess:
-    env = {"STREAMBILL_GATEWAY_URL": url, "STREAMBILL_MERCHANT_ACCOUNTS": "merchant-1,merchant-2",
-           "STREAMBILL_GATEWAY_MAX_CONCURRENCY": "20", "STREAMBILL_PRIORITY_RESERVE": "2",
-           "STREAMBILL_DUNNING": dunning, "STREAMBILL_GATEWAY_TIMEOUT": "0.5"}  # fmt: skip
+    env = {**gateway_env(url), "STREAMBILL_DUNNING": dunning}
     return ProcessorProcess(settings, bootstrap, "payments", env=env).start()
 
 

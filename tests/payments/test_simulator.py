@@ -411,10 +411,11 @@ def test_bad_requests_are_refused_and_record_nothing() -> None:
             await s.gateway.lookup("merchant-9", "k")
         assert await s.gateway.lookup("merchant-1", "never/seen %") is None
         assert await s.ledger() == []
-        # exponent notation is sent in plain form; odd keys survive the URL
+        # exponent notation is sent in plain form, with the currency's minor units; odd keys
+        # survive the URL
         done = await s.gateway.charge(charge("a/b c%", amount="1E+2"))
         assert await s.gateway.lookup("merchant-1", "a/b c%") == done
-        assert (await s.ledger())[0]["amount"] == "100"
+        assert (await s.ledger())[0]["amount"] == "100.00"
 
     run(config(), scenario)
 

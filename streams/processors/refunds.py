@@ -1,0 +1,371 @@
+"""The refunds processor: the priority lane. billing.refunds -> gateway refund ->
+entitlement deactivation on billing.entitlements -> billing.refund-results.
+
+It runs in its own consumer group and process, so refunds never queue behind bulk work,
+and its gateway lane uses the slots of each merchant account that the payments
+processor never takes (``STREAMBILL_PRIORITY_RESERVE``): bulk traffic cannot take the
+last slots of an account.
+
+What it must know to judge a request it learns from the topics it shares a key
+(account_id) and so a partition with: ``billing.payment-results`` (which invoices were
+paid, through which charge), ``billing.invoices`` (an invoice's subscription) and its
+own ``billing.refund-results`` (what was refunded already; the first result of every
+refund id). These are read from the beginning into memory when a partition is assigned,
+before its requests are served. (A RocksDB store with a changelog, as the rating
+processor has, is the way to bound memory for very large histories.)
+
+Outcomes: ``refunded``; or ``rejected`` with a reason: ``unknown_invoice``,
+``invoice_not_paid``, ``currency_mismatch``, ``amount_not_positive``,
+``amount_exceeds_paid`` (more than what was paid minus what was refunded already), or
+the gateway's own refusal. A request repeating a refund id gets the first result again,
+never a second refund. Gateway calls carry the key ``streambill-refund:<refund_id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from streams.codec import DecodeError, codec
+from streams.config import Settings
+from streams.domain.payments import backoff
+from streams.kafka import clients
+from streams.kafka.topics import (
+    ENTITLEMENTS,
+    INVOICES,
+    PAYMENT_RESULTS,
+    REFUND_RESULTS,
+    REFUNDS,
+    group_id,
+)
+from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
+from streams.processors.deadletter import produce_dead_letter
+from streams.processors.payments import Lane, OffsetTracker, make_gateway
+from streams.processors.runtime import StopFlag
+
+log = structlog.get_logger(__name__)
+GROUP = "streambill-refunds"
+NAME = "refunds"
+ZERO = Decimal(0)
+
+
+@dataclass
+class Paid:
+    charge_reference: str | None
+    merchant_account: str
+    amount: Decimal
+    currency: str
+
+
+@dataclass
+class PartitionState:
+    paid: dict[str, Paid] = field(default_factory=dict)
+    subscription_of: dict[str, str] = field(default_factory=dict)
+    refunded: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # refund_id -> first
+    in_flight: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    ready: bool = False  # state topics read up to their end at assignment
+
+
+def entitlement_id(refund_id: str) -> str:
+    return f"refund:{refund_id}:deactivate"
+
+
+class RefundsProcessor:
+    def __init__(self, settings: Settings, bootstrap: str, gateway: Gateway) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.gateway = gateway
+        self.lanes = {a: Lane(a, max(1, settings.priority_reserve)) for a in
+                      settings.merchant_accounts}  # fmt: skip
+        self.consumer: Consumer = clients.consumer(
+            settings, bootstrap, group_id(GROUP),
+            **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5,
+               "enable.partition.eof": True},
+        )  # fmt: skip
+        # latency first: no batching delay on the way out
+        self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
+        self.names = {
+            "refunds": REFUNDS.name,
+            "results": PAYMENT_RESULTS.name,
+            "invoices": INVOICES.name,
+            "refund_results": REFUND_RESULTS.name,
+        }
+        self.state: dict[int, PartitionState] = {}
+        self.waiting: dict[int, list[Any]] = defaultdict(list)  # requests before `ready`
+        self.pending_ends: set[tuple[str, int]] = set()
+        self.tracker = OffsetTracker()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stop = StopFlag()
+        self.rng = random.Random()
+        self._error: str | None = None
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        import uvloop
+
+        uvloop.run(self.run_async())
+
+    async def run_async(self) -> None:
+        self.consumer.subscribe(list(self.names.values()), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)  # fmt: skip
+        last_commit = 0.0
+        try:
+            while not self.stop:
+                msgs = self.consumer.consume(1000, timeout=0)
+                for msg in msgs:
+                    if msg.error() is None:
+                        self._handle(msg)
+                    elif msg.error().code() == KafkaError._PARTITION_EOF:
+                        self._at_end(msg.topic(), msg.partition())
+                self.producer.poll(0)
+                now = time.monotonic()
+                if now - last_commit > 0.2:
+                    self._commit()
+                    last_commit = now
+                if self._error:
+                    raise RuntimeError(self._error)
+                await asyncio.sleep(0 if msgs else 0.001)
+            if self.tasks:
+                await asyncio.wait(self.tasks, timeout=30)
+            self.producer.flush(30)
+            self._commit()
+        finally:
+            self.consumer.close()
+            await self.gateway.close()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """State topics are read from their beginning; requests resume where committed."""
+        for tp in partitions:
+            if tp.topic != self.names["refunds"]:
+                tp.offset = OFFSET_BEGINNING
+            self.state.setdefault(tp.partition, PartitionState())
+        # a partition serves requests once each of its state topics reported its end
+        self.pending_ends = {
+            (tp.topic, tp.partition) for tp in partitions if tp.topic != self.names["refunds"]
+        }
+        consumer.assign(partitions)
+        log.info("assigned", partitions=sorted({tp.partition for tp in partitions}))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit()
+        for tp in partitions:
+            self.tracker.forget((tp.topic, tp.partition))
+            self.state.pop(tp.partition, None)
+            self.waiting.pop(tp.partition, None)
+
+    def _at_end(self, topic: str, partition: int) -> None:
+        self.pending_ends.discard((topic, partition))
+        state = self.state.get(partition)
+        if state is None or state.ready:
+            return
+        if not any(p == partition for _, p in self.pending_ends):
+            state.ready = True
+            for msg in self.waiting.pop(partition, []):
+                self._request(msg)
+
+    def _commit(self) -> None:
+        offsets = self.tracker.commits()
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    # --- records --------------------------------------------------------------------
+
+    def _handle(self, msg: Any) -> None:
+        topic, p = msg.topic(), msg.partition()
+        state = self.state.setdefault(p, PartitionState())
+        if topic == self.names["refunds"]:
+            self.tracker.start((topic, p), msg.offset())
+            if state.ready:
+                self._request(msg)
+            else:
+                self.waiting[p].append(msg)
+            return
+        try:
+            if topic == self.names["results"]:
+                r = codec(PAYMENT_RESULTS.schema).decode(msg.value())
+                if r["status"] == "succeeded":
+                    state.paid[r["invoice_id"]] = Paid(
+                        r["gateway_reference"], r["gateway_account"], r["amount"], r["currency"]
+                    )
+            elif topic == self.names["invoices"]:
+                inv = codec(INVOICES.schema).decode(msg.value())
+                state.subscription_of[inv["invoice_id"]] = inv["subscription_id"]
+            else:
+                r = codec(REFUND_RESULTS.schema).decode(msg.value())
+                if r["refund_id"] not in state.results:
+                    state.results[r["refund_id"]] = r
+                    if r["status"] == "refunded":
+                        state.refunded[r["invoice_id"]] += r["amount"]
+        except DecodeError:
+            pass  # not ours to dead-letter: the topic's own consumers do
+
+    def _request(self, msg: Any) -> None:
+        tp = (msg.topic(), msg.partition())
+        try:
+            req = codec(REFUNDS.schema).decode(msg.value())
+        except DecodeError as exc:
+            produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
+                                on_delivery=self._finisher(tp, msg.offset(), 1))  # fmt: skip
+            return
+        task = asyncio.get_running_loop().create_task(self._refund(req, tp, msg.offset()))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._error = f"refund task failed: {task.exception()!r}"
+
+    # --- one refund -------------------------------------------------------------------
+
+    async def _refund(self, req: dict[str, Any], tp: tuple[str, int], offset: int) -> None:
+        state = self.state[tp[1]]
+        refund_id = req["refund_id"]
+        first = state.results.get(refund_id)
+        if first is None and refund_id in state.in_flight:
+            first = await asyncio.shield(state.in_flight[refund_id])
+        if first is not None:  # a duplicate: the first result again, nothing refunded
+            self._publish(first, None, tp, offset)
+            return
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        state.in_flight[refund_id] = done
+        try:
+            result, entitlement = await self._decide(state, req)
+            state.results[refund_id] = result
+            if result["status"] == "refunded":
+                state.refunded[req["invoice_id"]] += result["amount"]
+            done.set_result(result)
+        finally:
+            state.in_flight.pop(refund_id, None)
+            if not done.done():
+                done.cancel()
+        self._publish(result, entitlement, tp, offset)
+
+    async def _decide(
+        self, state: PartitionState, req: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        invoice_id, amount = req["invoice_id"], req["amount"]
+
+        def rejected(reason: str) -> tuple[dict[str, Any], None]:
+            return self._result(req, "rejected", reason, None), None
+
+        paid = state.paid.get(invoice_id)
+        if paid is None:
+            known = invoice_id in state.subscription_of
+            return rejected("invoice_not_paid" if known else "unknown_invoice")
+        if req["currency"] != paid.currency:
+            return rejected("currency_mismatch")
+        if amount <= ZERO:
+            return rejected("amount_not_positive")
+        if amount > paid.amount - state.refunded[invoice_id]:
+            return rejected("amount_exceeds_paid")
+        # concurrent requests of the same invoice see this one's amount as taken already
+        state.refunded[invoice_id] += amount
+        try:
+            outcome = await self._call(paid, req)
+        finally:
+            state.refunded[invoice_id] -= amount
+        if outcome.status != "refunded":
+            return rejected(outcome.reason or "refused_by_gateway")
+        result = self._result(req, "refunded", None, outcome.reference)
+        entitlement = None
+        subscription = state.subscription_of.get(invoice_id)
+        if req["deactivate"] and subscription:
+            entitlement = {
+                "entitlement_id": entitlement_id(req["refund_id"]),
+                "account_id": req["account_id"],
+                "subscription_id": subscription,
+                "action": "deactivate",
+                "cause": f"refund:{req['refund_id']}",
+                "timestamp": datetime.now(UTC),
+            }
+        return result, entitlement
+
+    async def _call(self, paid: Paid, req: dict[str, Any]) -> Any:
+        lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1)
+        self.lanes[paid.merchant_account] = lane
+        request = RefundRequest(
+            merchant_account=paid.merchant_account,
+            idempotency_key=f"streambill-refund:{req['refund_id']}",
+            charge_reference=paid.charge_reference or "",
+            invoice_id=req["invoice_id"],
+            amount=req["amount"],
+            currency=req["currency"],
+        )
+        retries = 0
+        while True:
+            await lane.acquire()
+            try:
+                outcome = await self.gateway.refund(request)
+            except RateLimited as exc:
+                lane.release("overload")
+                await asyncio.sleep(min(exc.retry_after, 0.05) * self.rng.uniform(0.5, 1.5))
+                continue
+            except TransientError:
+                lane.release("failure")
+                retries += 1
+                await asyncio.sleep(backoff(min(retries, 6), base=0.02, cap=2.0, rng=self.rng))
+                continue
+            lane.release("ok")
+            return outcome
+
+    @staticmethod
+    def _result(
+        req: dict[str, Any], status: str, reason: str | None, reference: str | None
+    ) -> dict[str, Any]:
+        return {
+            "refund_id": req["refund_id"],
+            "invoice_id": req["invoice_id"],
+            "account_id": req["account_id"],
+            "status": status,
+            "amount": req["amount"],
+            "currency": req["currency"],
+            "reason": reason,
+            "gateway_reference": reference,
+            "requested_at": req["requested_at"],
+            "completed_at": datetime.now(UTC),
+        }
+
+    def _publish(
+        self,
+        result: dict[str, Any],
+        entitlement: dict[str, Any] | None,
+        tp: tuple[str, int],
+        offset: int,
+    ) -> None:
+        done = self._finisher(tp, offset, 1 + (entitlement is not None))
+        key = result["account_id"].encode()
+        if entitlement is not None:
+            value = codec(ENTITLEMENTS.schema).encode(entitlement)
+            self.producer.produce(ENTITLEMENTS.name, key=key, value=value, on_delivery=done)
+        value = codec(REFUND_RESULTS.schema).encode(result)
+        self.producer.produce(REFUND_RESULTS.name, key=key, value=value, on_delivery=done)
+        self.producer.poll(0)
+
+    def _finisher(self, tp: tuple[str, int], offset: int, outputs: int) -> Any:
+        left = [outputs]
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self._error = f"delivery failed: {err}"
+                return
+            left[0] -= 1
+            if left[0] == 0:
+                self.tracker.finish(tp, offset)
+
+        return delivered
+
+
+def run_refunds(settings: Settings, bootstrap: str) -> None:
+    RefundsProcessor(settings, bootstrap, make_gateway(settings)).run()
