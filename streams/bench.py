@@ -12,6 +12,7 @@ import shutil
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -431,23 +432,25 @@ def bench_sink(
     }
 
 
-def encoded_due_invoices(n: int, issued_at: datetime) -> list[tuple[bytes, bytes]]:
+def encoded_due_invoices(
+    n: int, issued_at: datetime, prefix: str = "", token: str = "tok_"
+) -> list[tuple[bytes, bytes]]:
     """n invoices with an amount due and a card token on file (tokens decide declines)."""
     from streams.kafka.topics import INVOICES
 
     encode = codec(INVOICES.schema).encode
     out = []
     for i in range(n):
-        account = f"acct-{i:08d}"
+        account = f"{prefix}acct-{i:08d}"
         amount = Decimal(f"{10 + i % 490}.{i % 100:02d}")
         line = {"charge_id": "base", "kind": "flat", "period_start": issued_at,
                 "period_end": issued_at + timedelta(days=30), "quantity": Decimal(1),
                 "amount": amount}  # fmt: skip
         out.append((account.encode(), encode({
-            "invoice_id": f"inv-pay-{uuid.UUID(int=i)}", "account_id": account,
-            "subscription_id": f"sub-{i:08d}", "plan_id": "pro-usd", "currency": "USD",
+            "invoice_id": f"{prefix}inv-pay-{uuid.UUID(int=i)}", "account_id": account,
+            "subscription_id": f"{prefix}sub-{i:08d}", "plan_id": "pro-usd", "currency": "USD",
             "issued_at": issued_at, "reason": "period_end", "lines": [line], "total": amount,
-            "payment_method": f"tok_{i:08d}",
+            "payment_method": f"{token}{i:08d}",
         })))  # fmt: skip
     return out
 
@@ -530,6 +533,203 @@ def bench_payment_run(
         "ledger_entries": len(ledger),
         "payments_peak_rss_mb": round(rss, 1),
         "workers": workers,
+    }
+
+
+class ArrivalClock:
+    """Notes when each refund's result and entitlement reach Kafka (a consumer of both
+    topics in its own thread, starting at their current end)."""
+
+    def __init__(self, env: Env) -> None:
+        import threading
+
+        from streams.kafka.topics import ENTITLEMENTS, REFUND_RESULTS
+
+        self.results: dict[str, float] = {}
+        self.entitlements: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._consumer = clients.consumer(env.settings, env.bootstrap,
+                                          group_id(f"bench-clock-{uuid.uuid4().hex[:6]}"),
+                                          **{"fetch.wait.max.ms": 5})  # fmt: skip
+        parts = []
+        for topic in (REFUND_RESULTS.name, ENTITLEMENTS.name):
+            for p in range(env.settings.partitions):
+                tp = TopicPartition(topic, p)
+                high = self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+                parts.append(TopicPartition(topic, p, high))
+        self._consumer.assign(parts)
+        self._result_schema, self._results_topic = REFUND_RESULTS.schema, REFUND_RESULTS.name
+        self._entitlement_schema = ENTITLEMENTS.schema
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        decode_result = codec(self._result_schema).decode
+        decode_entitlement = codec(self._entitlement_schema).decode
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(1000, timeout=0.01):
+                if msg.error():
+                    continue
+                now = time.time()
+                if msg.topic() == self._results_topic:
+                    self.results.setdefault(decode_result(msg.value())["refund_id"], now)
+                else:
+                    cause = decode_entitlement(msg.value())["cause"]
+                    self.entitlements.setdefault(cause.removeprefix("refund:"), now)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._consumer.close()
+
+
+def _refund_phase(
+    env: Env, targets: list[tuple[str, str, Decimal]], seconds: float, every: float, tag: str
+) -> dict[str, Any]:
+    """One refund request every `every` s for `seconds` s; latency from its produce to
+    both its result and its entitlement on Kafka."""
+    from streams.kafka.topics import REFUNDS
+
+    clock = ArrivalClock(env)
+    producer = clients.producer(env.settings, env.bootstrap, **{"linger.ms": 0})
+    encode = codec(REFUNDS.schema).encode
+    sent: dict[str, float] = {}
+    try:
+        start = time.monotonic()
+        n = 0
+        while time.monotonic() - start < seconds and n < len(targets):
+            invoice_id, account, amount = targets[n]
+            refund_id = f"{tag}-{n}"
+            value = encode({"refund_id": refund_id, "invoice_id": invoice_id,
+                            "account_id": account, "amount": amount, "currency": "USD",
+                            "reason": "benchmark", "deactivate": True,
+                            "requested_at": datetime.now(UTC)})  # fmt: skip
+            sent[refund_id] = time.time()
+            producer.produce(REFUNDS.name, key=account.encode(), value=value)
+            producer.poll(0)
+            n += 1
+            time.sleep(max(0.0, start + n * every - time.monotonic()))
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            r in clock.results and r in clock.entitlements for r in sent
+        ):
+            time.sleep(0.1)
+    finally:
+        clock.close()
+    done = [r for r in sent if r in clock.results and r in clock.entitlements]
+    latencies = sorted(
+        (max(clock.results[r], clock.entitlements[r]) - sent[r]) * 1000 for r in done
+    )
+
+    def pct(q: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
+
+    return {"refunds": len(done), "sent": len(sent), "lost": len(sent) - len(done),
+            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 1)}  # fmt: skip
+
+
+def bench_refund_latency(
+    base: Settings,
+    seconds: float,
+    payments: int,
+    subscriptions: int,
+    console: Console,
+) -> dict[str, Any]:
+    """Refund latency with the bulk load off, then during a payment run and a bill run."""
+    import asyncio
+    import math
+
+    from streams.kafka.topics import INVOICES
+    from streams.payments.http_gateway import fetch_ledger
+    from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+    from streams.processors.rating import GROUP
+    from streams.publish import issue_bill_run
+    from streams.warehouse import query
+
+    account = AccountConfig(refund_latency_median_ms=100, refund_latency_p99_ms=300)
+    config = SimulatorConfig(accounts={f"merchant-{n}": account for n in range(1, 5)}, seed=9)
+    every = 0.05
+    per_phase = int(seconds / every) + 1
+    with bench_env(base, base.partitions) as env:
+        simulator = SimulatorProcess.start(config, env.settings.home / "logs")
+        gateway_env = {"STREAMBILL_GATEWAY": "simulator", "STREAMBILL_GATEWAY_URL": simulator.url,
+                       "STREAMBILL_MERCHANT_ACCOUNTS": ",".join(config.accounts)}  # fmt: skip
+        sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
+        payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env).start()
+        refunder = ProcessorProcess(env.settings, env.bootstrap, "refunds", env=gateway_env)
+        procs = [sink, payer, refunder.start(), *_start_rating(env, 1)]
+        try:
+            wait_for_warehouse_endpoint(env.settings, sink)
+            now = datetime.now(UTC)
+            refundable = encoded_due_invoices(2 * per_phase, now, prefix="r", token="tok_ok_")
+            with progress_bar(console) as progress:
+                task = progress.add_task("refundable invoices paid (not timed)",
+                                         total=len(refundable))  # fmt: skip
+                produce_encoded(env, INVOICES, refundable, lambda n: None)
+                paid_sql = (
+                    "SELECT count() FROM payment_attempts "
+                    "WHERE status = 'succeeded' AND startsWith(invoice_id, 'rinv')"
+                )
+
+                def paid() -> bool:
+                    done = int(query(env.settings, paid_sql)["rows"][0][0])
+                    progress.update(task, completed=done)
+                    return done >= len(refundable)
+
+                _wait(paid, procs, 600, "refundable invoices paid")
+                bulk_subs = encoded_subscriptions(subscriptions, monthly_plans())
+                task = progress.add_task("bill-run subscriptions rated (not timed)",
+                                         total=len(bulk_subs))  # fmt: skip
+                produce_encoded(env, SUBSCRIPTIONS, bulk_subs, lambda n: None)
+                del bulk_subs
+                group = group_id(GROUP)
+                _wait(lambda: committed_lag(env, group, [SUBSCRIPTIONS.name]) == 0, procs, 3600,
+                      "subscriptions rated")  # fmt: skip
+            targets = [
+                (f"rinv-pay-{uuid.UUID(int=i)}", f"racct-{i:08d}",
+                 Decimal(f"{10 + i % 490}.{i % 100:02d}"))
+                for i in range(2 * per_phase)
+            ]  # fmt: skip
+            console.print(f"refunds, bulk load off: {seconds:.0f} s")
+            quiet = _refund_phase(env, targets[:per_phase], seconds, every, "quiet")
+            console.print(f"refunds during a {payments:,}-payment run and a "
+                          f"{subscriptions:,}-subscription bill run: {seconds:.0f} s")  # fmt: skip
+            bulk_invoices = encoded_due_invoices(payments, datetime.now(UTC), prefix="b")
+            produce_encoded(env, INVOICES, bulk_invoices, lambda n: None)
+            del bulk_invoices
+            issue_bill_run(env.settings, env.bootstrap, PERIOD_END)
+            busy = _refund_phase(env, targets[per_phase:], seconds, every, "busy")
+            ledger = asyncio.run(fetch_ledger(simulator.url))
+            bulk_sql = (
+                "SELECT (SELECT count() FROM payment_attempts"
+                " WHERE startsWith(invoice_id, 'binv')),"
+                " (SELECT count() FROM invoices WHERE reason = 'period_end'"
+                " AND startsWith(account_id, 'acct-'))"
+            )
+            bulk_done = query(env.settings, bulk_sql)["rows"][0]
+        finally:
+            for p in procs:
+                p.stop()
+            simulator.stop()
+    refunds_in_ledger = Counter(
+        e["idempotency_key"] for e in ledger if e["kind"] == "refund" and e["status"] == "refunded"
+    )
+    sigma = math.log(account.refund_latency_p99_ms / account.refund_latency_median_ms) / 2.3263479
+    return {
+        "refunds": busy["refunds"],
+        "p50_ms": busy["p50_ms"],
+        "p99_ms": busy["p99_ms"],
+        "max_ms": busy["max_ms"],
+        "gateway_p99_ms": round(account.refund_latency_median_ms * math.exp(2.3263479 * sigma)),
+        "lost": busy["lost"] + quiet["lost"],
+        "doubled": sum(1 for n in refunds_in_ledger.values() if n > 1),
+        "bulk_off": quiet,
+        "bulk_progress_during_phase": {
+            "payments": int(bulk_done[0]),
+            "bill_run_invoices": int(bulk_done[1]),
+        },
+        "bulk": {"payments": payments, "subscriptions": subscriptions},
     }
 
 

@@ -471,5 +471,24 @@ def bench_payment_run(
                            console))  # fmt: skip
 
 
+@bench_app.command("refund-latency")
+def bench_refund_latency(
+    seconds: float = typer.Option(60, min=1, help="length of each phase"),
+    payments: int = typer.Option(150_000, min=0, help="the bulk payment run"),
+    subscriptions: int = typer.Option(1_000_000, min=0, help="the bulk bill run"),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Refund latency (request produced -> result and entitlement on Kafka), without and
+    with a bulk payment run and bill run in flight."""
+    from streams.bench import bench_refund_latency as run
+
+    s = load_settings()
+    params = {"seconds": seconds, "payments": payments, "subscriptions": subscriptions,
+              "every_ms": 50}  # fmt: skip
+    _run_bench("refund-latency", params, runs, json_out,
+               lambda: run(s, seconds, payments, subscriptions, console))  # fmt: skip
+
+
 if __name__ == "__main__":
     app()
