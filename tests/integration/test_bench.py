@@ -42,3 +42,29 @@ def test_bench_kafka_and_usage_contracts(tmp_path: Path, kafka_bootstrap: str) -
     assert kafka["metrics"]["messages"] == 20000 and kafka["metrics"]["msgs_per_s"] > 0
     usage = bench(tmp_path, kafka_bootstrap, "usage", "--events", "5000", "--workers", "1")
     assert usage["metrics"]["events"] == 5000 and usage["metrics"]["events_per_s"] > 0
+
+
+def test_bench_sink_and_payment_run_contracts(tmp_path: Path, kafka_bootstrap: str) -> None:
+    sink = bench(tmp_path, kafka_bootstrap, "sink", "--rows", "5000")
+    m = sink["metrics"]
+    assert sink["scenario"] == "sink" and m["rows"] == 5000 and m["invoices"] == 1000
+    assert m["rows_per_s"] > 0 and m["seconds"] > 0
+    pay = bench(tmp_path, kafka_bootstrap, "payment-run", "--payments", "1500")
+    m = pay["metrics"]
+    assert pay["scenario"] == "payment-run" and m["payments"] == 1500
+    assert m["double_charges"] == 0 and m["reconciled"] is True and m["differences"] == 0
+    assert sum(m["first_attempt_outcomes"].values()) == 1500
+    assert m["payments_per_min"] > 0 and 0 < m["ceiling_ratio"] < 1
+    assert m["gateway_ceiling_per_min"] == pytest.approx(200_956, rel=0.01)
+
+
+def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> None:
+    report = bench(tmp_path, kafka_bootstrap, "refund-latency", "--seconds", "2",
+                   "--payments", "500", "--subscriptions", "500")  # fmt: skip
+    m = report["metrics"]
+    assert report["scenario"] == "refund-latency"
+    # one request every 50 ms for 2 s per phase: about 40 each, every one answered
+    assert 35 <= m["refunds"] <= 41 and m["lost"] == 0 and m["doubled"] == 0
+    assert m["bulk_off"]["refunds"] == m["bulk_off"]["sent"] >= 35
+    assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
+    assert m["gateway_p99_ms"] == 300
