@@ -57,9 +57,13 @@ class ProcessorProcess(ChildProcess):
         name: str,
         *args: str,
         env: dict[str, str] | None = None,
+        nice: int = 0,
     ) -> None:
+        """nice > 0: a lower CPU priority (bulk work), so that on shared cores the OS runs
+        the priority lane's processes first."""
         self.settings = settings
         self.extra_env = env or {}
+        self.nice = nice
         self.bootstrap = bootstrap
         self.name = name
         self.args = [name, *args]
@@ -85,9 +89,14 @@ class ProcessorProcess(ChildProcess):
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=self._prepare_child,
         )
         return self
+
+    def _prepare_child(self) -> None:
+        _die_with_parent()
+        if self.nice:
+            os.nice(self.nice)
 
 
 def _die_with_parent() -> None:
