@@ -89,6 +89,7 @@ class OffsetTracker:
     commit position is the first unfinished one."""
 
     def __init__(self) -> None:
+        self.error: str | None = None  # a failed delivery: the processor must stop
         self.started: dict[TP, deque[int]] = {}
         self.finished: dict[TP, set[int]] = {}
         self.position: dict[TP, int] = {}
@@ -121,6 +122,21 @@ class OffsetTracker:
         out = [TopicPartition(t, p, self.position[(t, p)]) for t, p in self.dirty]
         self.dirty.clear()
         return out
+
+    def finisher(self, tp: TP, offset: int, outputs: int) -> Callable[[Any, Any], None]:
+        """A delivery callback: the source record is finished once all its `outputs` are
+        acknowledged by Kafka."""
+        left = [outputs]
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self.error = f"delivery failed: {err}"
+                return
+            left[0] -= 1
+            if left[0] == 0:
+                self.finish(tp, offset)
+
+        return delivered
 
     def in_progress(self) -> int:
         return sum(len(q) for q in self.started.values())
@@ -251,8 +267,8 @@ class PaymentsProcessor:
                 if now - last_commit > 0.5:
                     self._commit()
                     last_commit = now
-                if self._delivery_error:
-                    raise RuntimeError(self._delivery_error)
+                if self._delivery_error or self.tracker.error:
+                    raise RuntimeError(self._delivery_error or self.tracker.error)
                 await asyncio.sleep(0 if msgs else 0.005)
             await self._drain()
         finally:
@@ -300,7 +316,7 @@ class PaymentsProcessor:
                 self._schedule(Attempt(request, tp, offset))
         except DecodeError as exc:
             produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
-                                on_delivery=self._finisher(tp, offset, 1))  # fmt: skip
+                                on_delivery=self.tracker.finisher(tp, offset, 1))  # fmt: skip
 
     def _invoice(self, msg: Any, tp: TP, offset: int) -> None:
         inv = codec(INVOICES.schema).decode(msg.value())
@@ -422,7 +438,7 @@ class PaymentsProcessor:
             result = self._result(req, "uncollectible", verdict, 0.0, now)
             result["payment_id"] = f"{req['invoice_id']}:uncollectible"
             results.append(result)
-        done = self._finisher(attempt.source, attempt.offset, len(results) + bool(follow_up))
+        done = self.tracker.finisher(attempt.source, attempt.offset, len(results) + bool(follow_up))
         encode_result = codec(PAYMENT_RESULTS.schema).encode
         key = req["account_id"].encode()
         if follow_up:
@@ -458,21 +474,6 @@ class PaymentsProcessor:
                 return
             except BufferError:
                 self.producer.poll(0.05)
-
-    def _finisher(self, tp: TP, offset: int, outputs: int) -> Callable[[Any, Any], None]:
-        """A delivery callback: the source record is finished once all its outputs are
-        acknowledged by Kafka."""
-        left = [outputs]
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                self._delivery_error = f"delivery failed: {err}"
-                return
-            left[0] -= 1
-            if left[0] == 0:
-                self.tracker.finish(tp, offset)
-
-        return delivered
 
 
 def make_gateway(settings: Settings) -> Gateway:

@@ -133,8 +133,8 @@ class RefundsProcessor:
                 if now - last_commit > 0.2:
                     self._commit()
                     last_commit = now
-                if self._error:
-                    raise RuntimeError(self._error)
+                if self._error or self.tracker.error:
+                    raise RuntimeError(self._error or self.tracker.error)
                 await asyncio.sleep(0 if msgs else 0.001)
             if self.tasks:
                 await asyncio.wait(self.tasks, timeout=30)
@@ -216,7 +216,7 @@ class RefundsProcessor:
             req = codec(REFUNDS.schema).decode(msg.value())
         except DecodeError as exc:
             produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
-                                on_delivery=self._finisher(tp, msg.offset(), 1))  # fmt: skip
+                                on_delivery=self.tracker.finisher(tp, msg.offset(), 1))  # fmt: skip
             return
         task = asyncio.get_running_loop().create_task(self._refund(req, tp, msg.offset()))
         self.tasks.add(task)
@@ -344,7 +344,7 @@ class RefundsProcessor:
         tp: tuple[str, int],
         offset: int,
     ) -> None:
-        done = self._finisher(tp, offset, 1 + (entitlement is not None))
+        done = self.tracker.finisher(tp, offset, 1 + (entitlement is not None))
         key = result["account_id"].encode()
         if entitlement is not None:
             value = codec(ENTITLEMENTS.schema).encode(entitlement)
@@ -352,19 +352,6 @@ class RefundsProcessor:
         value = codec(REFUND_RESULTS.schema).encode(result)
         self.producer.produce(REFUND_RESULTS.name, key=key, value=value, on_delivery=done)
         self.producer.poll(0)
-
-    def _finisher(self, tp: tuple[str, int], offset: int, outputs: int) -> Any:
-        left = [outputs]
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                self._error = f"delivery failed: {err}"
-                return
-            left[0] -= 1
-            if left[0] == 0:
-                self.tracker.finish(tp, offset)
-
-        return delivered
 
 
 def run_refunds(settings: Settings, bootstrap: str) -> None:
