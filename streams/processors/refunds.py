@@ -10,8 +10,11 @@ What it must know to judge a request it learns from the topics it shares a key
 (account_id) and so a partition with: ``billing.payment-results`` (which invoices were
 paid, through which charge), ``billing.invoices`` (an invoice's subscription) and its
 own ``billing.refund-results`` (what was refunded already; the first result of every
-refund id). These are read from the beginning into memory when a partition is assigned,
-before its requests are served. (A RocksDB store with a changelog, as the rating
+refund id). A second consumer reads these from the beginning into memory when a
+partition is assigned, before its requests are served, and then in chunks of
+``STATE_CHUNK`` between polls of the request consumer, so that bulk history never
+queues ahead of a request; a request for an invoice not (yet) known as paid waits for
+that state to catch up before it is refused. (A RocksDB store with a changelog, as the rating
 processor has, is the way to bound memory for very large histories.)
 
 Outcomes: ``refunded``; or ``rejected`` with a reason: ``unknown_invoice``,
@@ -56,6 +59,8 @@ log = structlog.get_logger(__name__)
 GROUP = "streambill-refunds"
 NAME = "refunds"
 ZERO = Decimal(0)
+STATE_CHUNK = 500  # state records per loop turn: requests wait at most one chunk
+CATCH_UP_WAIT = 30.0  # seconds an unknown invoice waits for the state to catch up
 
 
 @dataclass
@@ -87,10 +92,15 @@ class RefundsProcessor:
         self.gateway = gateway
         self.lanes = {a: Lane(a, max(1, settings.priority_reserve)) for a in
                       settings.merchant_accounts}  # fmt: skip
+        # requests have a consumer of their own, served first; the state topics are read
+        # by a second one in bounded chunks, so bulk history never delays a request
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP),
-            **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5,
-               "enable.partition.eof": True},
+            **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5},
+        )  # fmt: skip
+        self.state_consumer: Consumer = clients.consumer(
+            settings, bootstrap, group_id(f"{GROUP}-state"),
+            **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
         )  # fmt: skip
         # latency first: no batching delay on the way out
         self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
@@ -117,15 +127,19 @@ class RefundsProcessor:
         uvloop.run(self.run_async())
 
     async def run_async(self) -> None:
-        self.consumer.subscribe(list(self.names.values()), on_assign=self._on_assign,
+        self.consumer.subscribe([self.names["refunds"]], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)  # fmt: skip
         last_commit = 0.0
         try:
             while not self.stop:
-                msgs = self.consumer.consume(1000, timeout=0)
-                for msg in msgs:
+                requests = self.consumer.consume(200, timeout=0)
+                for msg in requests:
                     if msg.error() is None:
-                        self._handle(msg)
+                        self._handle_request(msg)
+                history = self.state_consumer.consume(STATE_CHUNK, timeout=0)
+                for msg in history:
+                    if msg.error() is None:
+                        self._apply_state(msg)
                     elif msg.error().code() == KafkaError._PARTITION_EOF:
                         self._at_end(msg.topic(), msg.partition())
                 self.producer.poll(0)
@@ -135,27 +149,30 @@ class RefundsProcessor:
                     last_commit = now
                 if self._error or self.tracker.error:
                     raise RuntimeError(self._error or self.tracker.error)
-                await asyncio.sleep(0 if msgs else 0.001)
+                await asyncio.sleep(0 if requests or history else 0.001)
             if self.tasks:
                 await asyncio.wait(self.tasks, timeout=30)
             self.producer.flush(30)
             self._commit()
         finally:
             self.consumer.close()
+            self.state_consumer.close()
             await self.gateway.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """State topics are read from their beginning; requests resume where committed."""
-        for tp in partitions:
-            if tp.topic != self.names["refunds"]:
-                tp.offset = OFFSET_BEGINNING
-            self.state.setdefault(tp.partition, PartitionState())
-        # a partition serves requests once each of its state topics reported its end
-        self.pending_ends = {
-            (tp.topic, tp.partition) for tp in partitions if tp.topic != self.names["refunds"]
-        }
-        consumer.assign(partitions)
-        log.info("assigned", partitions=sorted({tp.partition for tp in partitions}))
+        """Requests resume where committed; the same partitions of the state topics are
+        read from their beginning, and a partition serves requests once each of them
+        reported its end."""
+        owned = sorted({tp.partition for tp in partitions})
+        self.state = {p: self.state.get(p) or PartitionState() for p in owned}
+        state_topics = [self.names[k] for k in ("results", "invoices", "refund_results")]
+        self.pending_ends = {(t, p) for t in state_topics for p in owned}
+        self.state_consumer.assign(
+            [TopicPartition(t, p, OFFSET_BEGINNING) for t in state_topics for p in owned]
+        )
+        for state in self.state.values():
+            state.ready = False
+        log.info("assigned", partitions=owned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit()
@@ -163,13 +180,14 @@ class RefundsProcessor:
             self.tracker.forget((tp.topic, tp.partition))
             self.state.pop(tp.partition, None)
             self.waiting.pop(tp.partition, None)
+        self.state_consumer.assign([])
 
     def _at_end(self, topic: str, partition: int) -> None:
-        self.pending_ends.discard((topic, partition))
         state = self.state.get(partition)
-        if state is None or state.ready:
+        if state is None:
             return
-        if not any(p == partition for _, p in self.pending_ends):
+        self.pending_ends.discard((topic, partition))
+        if not state.ready and not any(p == partition for _, p in self.pending_ends):
             state.ready = True
             for msg in self.waiting.pop(partition, []):
                 self._request(msg)
@@ -181,15 +199,19 @@ class RefundsProcessor:
 
     # --- records --------------------------------------------------------------------
 
-    def _handle(self, msg: Any) -> None:
+    def _handle_request(self, msg: Any) -> None:
+        p = msg.partition()
+        self.tracker.start((msg.topic(), p), msg.offset())
+        state = self.state.get(p)
+        if state is not None and state.ready:
+            self._request(msg)
+        else:
+            self.waiting[p].append(msg)
+
+    def _apply_state(self, msg: Any) -> None:
         topic, p = msg.topic(), msg.partition()
-        state = self.state.setdefault(p, PartitionState())
-        if topic == self.names["refunds"]:
-            self.tracker.start((topic, p), msg.offset())
-            if state.ready:
-                self._request(msg)
-            else:
-                self.waiting[p].append(msg)
+        state = self.state.get(p)
+        if state is None:
             return
         try:
             if topic == self.names["results"]:
@@ -241,7 +263,7 @@ class RefundsProcessor:
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         state.in_flight[refund_id] = done
         try:
-            result, entitlement = await self._decide(state, req)
+            result, entitlement = await self._decide(state, req, tp[1])
             state.results[refund_id] = result
             if result["status"] == "refunded":
                 state.refunded[req["invoice_id"]] += result["amount"]
@@ -252,8 +274,19 @@ class RefundsProcessor:
                 done.cancel()
         self._publish(result, entitlement, tp, offset)
 
+    def _caught_up(self, partition: int) -> bool:
+        """Has the state consumer read partition p of every state topic up to the end it
+        last heard of? (Local figures, no broker round trip.)"""
+        for topic in (self.names[k] for k in ("results", "invoices", "refund_results")):
+            tp = TopicPartition(topic, partition)
+            position = self.state_consumer.position([tp])[0].offset
+            high = self.state_consumer.get_watermark_offsets(tp, cached=True)[1]
+            if high > 0 and position < high:  # (an unknown position is negative)
+                return False
+        return True
+
     async def _decide(
-        self, state: PartitionState, req: dict[str, Any]
+        self, state: PartitionState, req: dict[str, Any], partition: int
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         invoice_id, amount = req["invoice_id"], req["amount"]
 
@@ -261,6 +294,13 @@ class RefundsProcessor:
             return self._result(req, "rejected", reason, None), None
 
         paid = state.paid.get(invoice_id)
+        if paid is None:
+            # before refusing, let the state catch up with what was published before the
+            # request (its payment result may be queued behind bulk history)
+            deadline = time.monotonic() + CATCH_UP_WAIT
+            while time.monotonic() < deadline and not self._caught_up(partition):
+                await asyncio.sleep(0.01)
+            paid = state.paid.get(invoice_id)
         if paid is None:
             known = invoice_id in state.subscription_of
             return rejected("invoice_not_paid" if known else "unknown_invoice")
