@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,8 +80,6 @@ TP = tuple[str, int]
 def route(account_id: str, merchant_accounts: tuple[str, ...]) -> str:
     """A customer account's merchant account: stable, spread evenly (crc32, not hash(),
     which changes per process)."""
-    import zlib
-
     return merchant_accounts[zlib.crc32(account_id.encode()) % len(merchant_accounts)]
 
 
@@ -137,9 +136,6 @@ class OffsetTracker:
                 self.finish(tp, offset)
 
         return delivered
-
-    def in_progress(self) -> int:
-        return sum(len(q) for q in self.started.values())
 
 
 class Lane:
