@@ -663,7 +663,9 @@ def bench_refund_latency(
         sink = ProcessorProcess(env.settings, env.bootstrap, "sink", **bulk).start()
         payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env,
                                  **bulk).start()  # fmt: skip
-        refunder = ProcessorProcess(env.settings, env.bootstrap, "refunds", env=gateway_env)
+        refunder = ProcessorProcess(
+            env.settings, env.bootstrap, "lane", "priority", env=gateway_env
+        )
         procs = [sink, payer, refunder.start(), *_start_rating(env, 2, nice=BULK_NICE)]
         try:
             wait_for_warehouse_endpoint(env.settings, sink)

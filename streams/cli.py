@@ -172,18 +172,32 @@ def run_payments() -> None:
     PaymentsProcessor(settings, bootstrap, make_gateway(settings)).run()
 
 
-@run_app.command("refunds")
-def run_refunds_cmd() -> None:
-    """The refunds processor (priority lane): refund -> entitlement -> refund result."""
+@run_app.command("lane")
+def run_lane_cmd(
+    lane: str = typer.Argument("priority", help="priority | standard"),
+) -> None:
+    """A lane processor: the urgent workflows (priority) or the others (standard);
+    STREAMBILL_URGENT_WORKFLOWS says which is which (default: refund,cancellation)."""
     from streams.kafka import clients
     from streams.kafka.local import bootstrap_servers
     from streams.kafka.topics import ensure_topics
-    from streams.processors.refunds import run_refunds
+    from streams.lanes import LaneConfigError, parse_urgent, workflows_of
+    from streams.processors.lane import run_lane
 
     settings = load_settings()
+    try:
+        workflows_of(lane, parse_urgent(settings.urgent_workflows))
+    except LaneConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     bootstrap = bootstrap_servers(settings)
     ensure_topics(clients.admin(settings, bootstrap), settings)
-    run_refunds(settings, bootstrap)
+    run_lane(settings, bootstrap, lane)
+
+
+@run_app.command("refunds", hidden=True)
+def run_refunds_cmd() -> None:
+    """The priority lane (its former name)."""
+    run_lane_cmd("priority")
 
 
 @app.command("payment-run")

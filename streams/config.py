@@ -70,6 +70,9 @@ class Settings:
     priority_reserve: int = field(
         default_factory=lambda: int(_env("STREAMBILL_PRIORITY_RESERVE", "10"))
     )  # slots per merchant account that bulk payments never take
+    urgent_workflows: str = field(
+        default_factory=lambda: _env("STREAMBILL_URGENT_WORKFLOWS", "refund,cancellation")
+    )  # served by the priority lane; see streams/lanes.py
     dunning: str = field(default_factory=lambda: _env("STREAMBILL_DUNNING", "1d,3d,7d"))
     gateway_timeout_s: float = field(
         default_factory=lambda: float(_env("STREAMBILL_GATEWAY_TIMEOUT", "5"))

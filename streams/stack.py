@@ -68,7 +68,8 @@ class ProcessorProcess(ChildProcess):
         self.name = name
         self.args = [name, *args]
         self.proc: subprocess.Popen | None = None
-        self.log_path: Path = settings.home / "logs" / f"{name}.log"
+        label = f"{name}-{args[0]}" if args and not args[0].startswith("-") else name
+        self.log_path: Path = settings.home / "logs" / f"{label}.log"
 
     def start(self) -> ProcessorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ INVOICES = TopicSpec("billing.invoices", "invoice")
 PAYMENT_REQUESTS = TopicSpec("billing.payment-requests", "payment_request")
 PAYMENT_RESULTS = TopicSpec("billing.payment-results", "payment_result")
 REFUNDS = TopicSpec("billing.refunds", "refund_request")
+# a cancellation request is a subscription.cancelled event addressed to a lane first
+CANCELLATIONS = TopicSpec("billing.cancellations", "subscription_event")
 REFUND_RESULTS = TopicSpec("billing.refund-results", "refund_result")
 ENTITLEMENTS = TopicSpec("billing.entitlements", "entitlement")
 DEAD_LETTER = TopicSpec("billing.dead-letter", "dead_letter")
@@ -74,6 +76,7 @@ ALL_TOPICS = (
     PAYMENT_REQUESTS,
     PAYMENT_RESULTS,
     REFUNDS,
+    CANCELLATIONS,
     REFUND_RESULTS,
     ENTITLEMENTS,
     DEAD_LETTER,

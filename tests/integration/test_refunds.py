@@ -1,4 +1,4 @@
-"""The refunds processor (priority lane) on the real broker, chDB and the simulator:
+"""The refund workflow of the priority lane on the real broker, chDB and the simulator:
 refunds, entitlement deactivations, every kind of bad request, and duplicates."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def simulator(pipeline_env: Settings) -> Iterator[Any]:
 
 
 def start_refunds(settings: Settings, bootstrap: str, url: str) -> ProcessorProcess:
-    return ProcessorProcess(settings, bootstrap, "refunds", env=gateway_env(url)).start()
+    return ProcessorProcess(settings, bootstrap, "lane", "priority", env=gateway_env(url)).start()
 
 
 def request(refund_id: str, inv: dict, amount: str, currency: str = "USD") -> dict:

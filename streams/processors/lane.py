@@ -1,27 +1,38 @@
-"""The refunds processor: the priority lane. billing.refunds -> gateway refund ->
-entitlement deactivation on billing.entitlements -> billing.refund-results.
+"""The lane processors: urgent workflows in well under a second, even during bulk runs.
 
-It runs in its own consumer group and process, so refunds never queue behind bulk work,
-and its gateway lane uses the slots of each merchant account that the payments
-processor never takes (``STREAMBILL_PRIORITY_RESERVE``): bulk traffic cannot take the
-last slots of an account.
+``streambill run lane priority`` serves the workflows declared urgent
+(``STREAMBILL_URGENT_WORKFLOWS``, see ``streams/lanes.py``) in its own consumer group and
+process, with the slots of each merchant account that the payments processor never
+takes (``STREAMBILL_PRIORITY_RESERVE``): bulk traffic cannot take the last slots of an
+account. ``streambill run lane standard`` runs the same code for the other workflows,
+with no reserved capacity. Two workflows:
 
-What it must know to judge a request it learns from the topics it shares a key
-(account_id) and so a partition with: ``billing.payment-results`` (which invoices were
-paid, through which charge), ``billing.invoices`` (an invoice's subscription) and its
-own ``billing.refund-results`` (what was refunded already; the first result of every
-refund id). A second consumer reads these from the beginning into memory when a
-partition is assigned, before its requests are served, and then in chunks of
-``STATE_CHUNK`` between polls of the request consumer, so that bulk history never
-queues ahead of a request; a request for an invoice not (yet) known as paid waits for
-that state to catch up before it is refused. (A RocksDB store with a changelog, as the rating
-processor has, is the way to bound memory for very large histories.)
+- **refund** (``billing.refunds``): gateway refund -> entitlement deactivation on
+  ``billing.entitlements`` -> ``billing.refund-results``. Outcomes: ``refunded``; or
+  ``rejected`` with a reason: ``unknown_invoice``, ``invoice_not_paid``,
+  ``currency_mismatch``, ``amount_not_positive``, ``amount_exceeds_paid`` (more than
+  what was paid minus what was refunded already), or the gateway's own refusal. A
+  request repeating a refund id gets the first result again, never a second refund.
+  Gateway calls carry the key ``streambill-refund:<refund_id>``.
+- **cancellation** (``billing.cancellations``, a ``subscription.cancelled`` event): an
+  immediate cancellation deactivates the entitlement at once; then the event is
+  forwarded, unchanged, to ``billing.subscriptions`` where the rating processor issues
+  the proration credit in its own time. Refused to the dead letters: not a
+  cancellation, an unknown mode, an unknown subscription, another account's
+  subscription, a subscription cancelled already by another event. A repeated event
+  deactivates again (same entitlement id) but is not forwarded twice.
 
-Outcomes: ``refunded``; or ``rejected`` with a reason: ``unknown_invoice``,
-``invoice_not_paid``, ``currency_mismatch``, ``amount_not_positive``,
-``amount_exceeds_paid`` (more than what was paid minus what was refunded already), or
-the gateway's own refusal. A request repeating a refund id gets the first result again,
-never a second refund. Gateway calls carry the key ``streambill-refund:<refund_id>``.
+What it must know to judge a request it learns from the topics that share its key
+(account_id) and so its partition: ``billing.payment-results`` (which invoices were
+paid, through which charge), ``billing.invoices`` (an invoice's subscription), its own
+``billing.refund-results`` (what was refunded already; the first result of every
+refund id) and, for cancellations, ``billing.subscriptions``. A second consumer reads
+these from the beginning into memory when a partition is assigned, before its requests
+are served, and then in chunks of ``STATE_CHUNK`` between polls of the request
+consumer, so that bulk history never queues ahead of a request; a request about an
+invoice or subscription not (yet) known waits for that state to catch up before it is
+refused. (A RocksDB store with a changelog, as the rating processor has, is the way to
+bound memory for very large histories.)
 """
 
 from __future__ import annotations
@@ -43,21 +54,23 @@ from streams.config import Settings
 from streams.domain.payments import backoff
 from streams.kafka import clients
 from streams.kafka.topics import (
+    CANCELLATIONS,
     ENTITLEMENTS,
     INVOICES,
     PAYMENT_RESULTS,
     REFUND_RESULTS,
     REFUNDS,
+    SUBSCRIPTIONS,
     group_id,
 )
+from streams.lanes import WORKFLOWS, parse_urgent, workflows_of
 from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.payments import Lane, OffsetTracker, make_gateway
 from streams.processors.runtime import StopFlag
 
 log = structlog.get_logger(__name__)
-GROUP = "streambill-refunds"
-NAME = "refunds"
+NAME = "lane"
 ZERO = Decimal(0)
 STATE_CHUNK = 500  # state records per loop turn: requests wait at most one chunk
 CATCH_UP_WAIT = 30.0  # seconds an unknown invoice waits for the state to catch up
@@ -72,44 +85,72 @@ class Paid:
 
 
 @dataclass
+class Subscription:
+    account_id: str
+    cancelled_by: str | None = None  # event_id of its cancellation
+
+
+@dataclass
 class PartitionState:
     paid: dict[str, Paid] = field(default_factory=dict)
     subscription_of: dict[str, str] = field(default_factory=dict)
     refunded: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # refund_id -> first
     in_flight: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
     ready: bool = False  # state topics read up to their end at assignment
 
 
-def entitlement_id(refund_id: str) -> str:
-    return f"refund:{refund_id}:deactivate"
+def entitlement_id(cause: str) -> str:
+    """cause: ``refund:<refund_id>`` or ``cancellation:<event_id>``."""
+    return f"{cause}:deactivate"
 
 
-class RefundsProcessor:
-    def __init__(self, settings: Settings, bootstrap: str, gateway: Gateway) -> None:
+def lane_group(lane: str) -> str:
+    return f"streambill-{lane}-lane"
+
+
+class LaneProcessor:
+    def __init__(
+        self, settings: Settings, bootstrap: str, gateway: Gateway, lane: str = "priority"
+    ) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
         self.gateway = gateway
-        self.lanes = {a: Lane(a, max(1, settings.priority_reserve)) for a in
-                      settings.merchant_accounts}  # fmt: skip
+        self.lane = lane
+        self.workflows = workflows_of(lane, parse_urgent(settings.urgent_workflows))
+        # the priority lane has the reserved slots; the standard lane competes with bulk
+        # payments for the rest, and its AIMD limit backs off on their 429s
+        cap = (settings.priority_reserve if lane == "priority"
+               else settings.gateway_max_concurrency - settings.priority_reserve)  # fmt: skip
+        self.lanes = {a: Lane(a, max(1, cap)) for a in settings.merchant_accounts}
+        group = lane_group(lane)
         # requests have a consumer of their own, served first; the state topics are read
         # by a second one in bounded chunks, so bulk history never delays a request
         self.consumer: Consumer = clients.consumer(
-            settings, bootstrap, group_id(GROUP),
+            settings, bootstrap, group_id(group),
             **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5},
         )  # fmt: skip
         self.state_consumer: Consumer = clients.consumer(
-            settings, bootstrap, group_id(f"{GROUP}-state"),
+            settings, bootstrap, group_id(f"{group}-state"),
             **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
         )  # fmt: skip
         # latency first: no batching delay on the way out
         self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
         self.names = {
             "refunds": REFUNDS.name,
+            "cancellations": CANCELLATIONS.name,
             "results": PAYMENT_RESULTS.name,
             "invoices": INVOICES.name,
             "refund_results": REFUND_RESULTS.name,
+            "subscriptions": SUBSCRIPTIONS.name,
         }
+        self.request_topics = [WORKFLOWS[w].name for w in self.workflows]
+        state_keys = ["results", "invoices", "refund_results"] if "refund" in self.workflows \
+            else []  # fmt: skip
+        if "cancellation" in self.workflows:
+            state_keys.append("subscriptions")
+        self.state_topics = [self.names[k] for k in state_keys]
         self.state: dict[int, PartitionState] = {}
         self.waiting: dict[int, list[Any]] = defaultdict(list)  # requests before `ready`
         self.pending_ends: set[tuple[str, int]] = set()
@@ -127,7 +168,12 @@ class RefundsProcessor:
         uvloop.run(self.run_async())
 
     async def run_async(self) -> None:
-        self.consumer.subscribe([self.names["refunds"]], on_assign=self._on_assign,
+        log.info("lane started", lane=self.lane, workflows=list(self.workflows))
+        if not self.request_topics:  # every workflow is in the other lane: stand by
+            while not self.stop:
+                await asyncio.sleep(0.2)
+            return
+        self.consumer.subscribe(self.request_topics, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)  # fmt: skip
         last_commit = 0.0
         try:
@@ -165,13 +211,15 @@ class RefundsProcessor:
         reported its end."""
         owned = sorted({tp.partition for tp in partitions})
         self.state = {p: self.state.get(p) or PartitionState() for p in owned}
-        state_topics = [self.names[k] for k in ("results", "invoices", "refund_results")]
-        self.pending_ends = {(t, p) for t in state_topics for p in owned}
+        self.pending_ends = {(t, p) for t in self.state_topics for p in owned}
         self.state_consumer.assign(
-            [TopicPartition(t, p, OFFSET_BEGINNING) for t in state_topics for p in owned]
+            [TopicPartition(t, p, OFFSET_BEGINNING) for t in self.state_topics for p in owned]
         )
-        for state in self.state.values():
-            state.ready = False
+        for p, state in self.state.items():
+            state.ready = not self.state_topics
+            if state.ready:
+                for msg in self.waiting.pop(p, []):
+                    self._request(msg)
         log.info("assigned", partitions=owned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -223,24 +271,32 @@ class RefundsProcessor:
             elif topic == self.names["invoices"]:
                 inv = codec(INVOICES.schema).decode(msg.value())
                 state.subscription_of[inv["invoice_id"]] = inv["subscription_id"]
-            else:
+            elif topic == self.names["refund_results"]:
                 r = codec(REFUND_RESULTS.schema).decode(msg.value())
                 if r["refund_id"] not in state.results:
                     state.results[r["refund_id"]] = r
                     if r["status"] == "refunded":
                         state.refunded[r["invoice_id"]] += r["amount"]
+            else:
+                e = codec(SUBSCRIPTIONS.schema).decode(msg.value())
+                sub = state.subscriptions.get(e["subscription_id"])
+                if e["type"] == "subscription.created" and sub is None:
+                    state.subscriptions[e["subscription_id"]] = Subscription(e["account_id"])
+                elif e["type"] == "subscription.cancelled" and sub and not sub.cancelled_by:
+                    sub.cancelled_by = e["event_id"]
         except DecodeError:
             pass  # not ours to dead-letter: the topic's own consumers do
 
     def _request(self, msg: Any) -> None:
         tp = (msg.topic(), msg.partition())
+        refund = msg.topic() == self.names["refunds"]
         try:
-            req = codec(REFUNDS.schema).decode(msg.value())
+            req = codec((REFUNDS if refund else CANCELLATIONS).schema).decode(msg.value())
         except DecodeError as exc:
-            produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
-                                on_delivery=self.tracker.finisher(tp, msg.offset(), 1))  # fmt: skip
+            self._dead_letter(msg, exc.reason, exc.detail)
             return
-        task = asyncio.get_running_loop().create_task(self._refund(req, tp, msg.offset()))
+        work = self._refund(req, tp, msg.offset()) if refund else self._cancel(req, msg)
+        task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -274,10 +330,14 @@ class RefundsProcessor:
                 done.cancel()
         self._publish(result, entitlement, tp, offset)
 
+    def _dead_letter(self, msg: Any, reason: str, detail: str) -> None:
+        done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(), 1)
+        produce_dead_letter(self.producer, msg, reason, detail, NAME, on_delivery=done)
+
     def _caught_up(self, partition: int) -> bool:
         """Has the state consumer read partition p of every state topic up to the end it
         last heard of? (Local figures, no broker round trip.)"""
-        for topic in (self.names[k] for k in ("results", "invoices", "refund_results")):
+        for topic in self.state_topics:
             tp = TopicPartition(topic, partition)
             position = self.state_consumer.position([tp])[0].offset
             high = self.state_consumer.get_watermark_offsets(tp, cached=True)[1]
@@ -295,11 +355,7 @@ class RefundsProcessor:
 
         paid = state.paid.get(invoice_id)
         if paid is None:
-            # before refusing, let the state catch up with what was published before the
-            # request (its payment result may be queued behind bulk history)
-            deadline = time.monotonic() + CATCH_UP_WAIT
-            while time.monotonic() < deadline and not self._caught_up(partition):
-                await asyncio.sleep(0.01)
+            await self._wait_for_state(partition)
             paid = state.paid.get(invoice_id)
         if paid is None:
             known = invoice_id in state.subscription_of
@@ -319,18 +375,56 @@ class RefundsProcessor:
         if outcome.status != "refunded":
             return rejected(outcome.reason or "refused_by_gateway")
         result = self._result(req, "refunded", None, outcome.reference)
-        entitlement = None
         subscription = state.subscription_of.get(invoice_id)
+        entitlement = None
         if req["deactivate"] and subscription:
-            entitlement = {
-                "entitlement_id": entitlement_id(req["refund_id"]),
-                "account_id": req["account_id"],
-                "subscription_id": subscription,
-                "action": "deactivate",
-                "cause": f"refund:{req['refund_id']}",
-                "timestamp": datetime.now(UTC),
-            }
+            entitlement = deactivation(
+                req["account_id"], subscription, f"refund:{req['refund_id']}"
+            )
         return result, entitlement
+
+    async def _wait_for_state(self, partition: int) -> None:
+        """Let the state catch up with what was published before a request (it may be
+        queued behind bulk history) before refusing what it does not know."""
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        while time.monotonic() < deadline and not self._caught_up(partition):
+            await asyncio.sleep(0.01)
+
+    # --- one cancellation -------------------------------------------------------------
+
+    async def _cancel(self, event: dict[str, Any], msg: Any) -> None:
+        state = self.state[msg.partition()]
+        if event["type"] != "subscription.cancelled":
+            return self._dead_letter(msg, "not_a_cancellation", f"type {event['type']!r}")
+        if event["mode"] not in ("immediate", "end_of_period"):
+            return self._dead_letter(msg, "invalid_mode", f"mode {event['mode']!r}")
+        sub_id = event["subscription_id"]
+        if sub_id not in state.subscriptions:
+            await self._wait_for_state(msg.partition())
+        sub = state.subscriptions.get(sub_id)
+        if sub is None:
+            return self._dead_letter(msg, "unknown_subscription", sub_id)
+        if sub.account_id != event["account_id"]:
+            return self._dead_letter(msg, "account_mismatch",
+                                     f"{sub_id} belongs to another account")  # fmt: skip
+        if sub.cancelled_by not in (None, event["event_id"]):
+            return self._dead_letter(msg, "already_cancelled", f"by {sub.cancelled_by}")
+        forward = sub.cancelled_by is None  # a repeat is not forwarded twice
+        sub.cancelled_by = event["event_id"]
+        immediate = event["mode"] == "immediate"
+        done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(),
+                                     immediate + forward)  # fmt: skip
+        if immediate:
+            entitlement = deactivation(event["account_id"], sub_id,
+                                       f"cancellation:{event['event_id']}")  # fmt: skip
+            self.producer.produce(ENTITLEMENTS.name, key=msg.key(), on_delivery=done,
+                                  value=codec(ENTITLEMENTS.schema).encode(entitlement))  # fmt: skip
+        if forward:
+            self.producer.produce(SUBSCRIPTIONS.name, key=msg.key(), value=msg.value(),
+                                  on_delivery=done)  # fmt: skip
+        if not (immediate or forward):
+            self.tracker.finish((msg.topic(), msg.partition()), msg.offset())
+        self.producer.poll(0)
 
     async def _call(self, paid: Paid, req: dict[str, Any]) -> Any:
         lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1)
@@ -394,5 +488,16 @@ class RefundsProcessor:
         self.producer.poll(0)
 
 
-def run_refunds(settings: Settings, bootstrap: str) -> None:
-    RefundsProcessor(settings, bootstrap, make_gateway(settings)).run()
+def deactivation(account_id: str, subscription_id: str, cause: str) -> dict[str, Any]:
+    return {
+        "entitlement_id": entitlement_id(cause),
+        "account_id": account_id,
+        "subscription_id": subscription_id,
+        "action": "deactivate",
+        "cause": cause,
+        "timestamp": datetime.now(UTC),
+    }
+
+
+def run_lane(settings: Settings, bootstrap: str, lane: str) -> None:
+    LaneProcessor(settings, bootstrap, make_gateway(settings), lane).run()
