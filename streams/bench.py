@@ -38,7 +38,7 @@ from streams.kafka.topics import (
     namespace,
     set_namespace,
 )
-from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.stack import ProcessorProcess, start_api, wait_for_warehouse_endpoint
 from streams.ui import progress_bar
 
 CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
@@ -82,6 +82,11 @@ def bench_env(base: Settings, partitions: int) -> Iterator[Env]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The q-quantile (0..1) of an ascending list, nearest rank; 0 for none."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -622,12 +627,10 @@ def _refund_phase(
     latencies = sorted(
         (max(clock.results[r], clock.entitlements[r]) - sent[r]) * 1000 for r in done
     )
-
-    def pct(q: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
-
     return {"refunds": len(done), "sent": len(sent), "lost": len(sent) - len(done),
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 1)}  # fmt: skip
+            "p50_ms": round(percentile(latencies, 0.5), 1),
+            "p99_ms": round(percentile(latencies, 0.99), 1),
+            "max_ms": round(latencies[-1], 1)}  # fmt: skip
 
 
 def bench_refund_latency(
@@ -748,4 +751,96 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(runs[0][k], int | float)
         else runs[0][k]
         for k in keys
+    }
+
+
+def bench_signup_spike(
+    base: Settings,
+    signups: int,
+    clients: int,
+    workers: int,
+    max_concurrency: int,
+    rate: float,
+    console: Console,
+) -> dict[str, Any]:
+    """Signups (POST /v1/subscriptions) from `clients` concurrent keep-alive clients that
+    honour Retry-After, against the API (`workers` processes) of a tenant with the given
+    limits; then every accepted signup is looked for in Kafka and in ClickHouse."""
+
+    import orjson
+    import uvloop
+
+    from streams.api.loadgen import run_load, signup_request
+    from streams.api.tenants import Tenant, hash_key, new_key, save
+    from streams.kafka.topics import SUBSCRIPTIONS
+    from streams.publish import read_topic
+    from streams.warehouse import query
+
+    with bench_env(base, base.partitions) as env:
+        key = new_key("spike")
+        tenant = Tenant("spike", "spike-", [hash_key(key)], max_concurrency, rate)
+        save(env.settings.home / "api" / "tenants.json", {"spike": tenant})
+        sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
+        api, port = start_api(env.settings, env.bootstrap, workers)
+        procs = [sink, api]
+        try:
+            wait_for_warehouse_endpoint(env.settings, sink)
+            host = f"127.0.0.1:{port}"
+            requests = []
+            for i in range(signups):
+                event_id = f"spike-signup-{i:07d}"
+                body = orjson.dumps({"type": "subscription.created", "event_id": event_id,
+                                     "account_id": f"spike-{i:07d}",
+                                     "subscription_id": f"spike-sub-{i:07d}",
+                                     "plan_id": "pro-usd",
+                                     "payment_method": f"tok_ok_{i}"})  # fmt: skip
+                requests.append((event_id, signup_request(host, key, event_id, body)))
+            with progress_bar(console) as progress:
+                task = progress.add_task("signups accepted", total=signups)
+                started = time.perf_counter()
+                stats = uvloop.run(run_load("127.0.0.1", port, requests, clients,
+                                            lambda n: progress.advance(task, n)))  # fmt: skip
+                seconds = time.perf_counter() - started
+            del requests
+            assert api.alive, f"the API died:\n{api.tail()}"
+            accepted = set(stats.accepted)
+            in_kafka = {e["event_id"] for e in read_topic(env.settings, env.bootstrap,
+                                                          SUBSCRIPTIONS)}  # fmt: skip
+            sql = "SELECT uniqExact(event_id) FROM subscription_events"
+
+            def landed() -> bool:
+                return int(query(env.settings, sql)["rows"][0][0]) >= len(accepted)
+
+            with suppress(TimeoutError):
+                _wait(landed, [sink], 120, "the sink")
+            in_warehouse = {r[0] for r in query(env.settings, "SELECT DISTINCT event_id FROM "
+                                                "subscription_events")["rows"]}  # fmt: skip
+            rss = peak_rss_mb(api.proc.pid) if api.proc else 0.0
+        finally:
+            for proc in procs:
+                proc.stop()
+    latencies = sorted(stats.latencies_ms)
+    five_xx = sum(n for status, n in stats.status.items() if status >= 500)
+    return {
+        "signups": len(accepted),
+        "seconds": round(seconds, 3),
+        "signups_per_s": round(len(accepted) / seconds),
+        "lost": len(accepted - in_kafka) + len(accepted - in_warehouse),
+        "lost_kafka": len(accepted - in_kafka),
+        "lost_warehouse": len(accepted - in_warehouse),
+        "duplicates_in_kafka": len(in_kafka) - len(in_kafka & accepted),
+        "errors_5xx": five_xx,
+        "timeouts": stats.timeouts,
+        "connection_errors": stats.connection_errors,
+        "gave_up": len(stats.gave_up),
+        "rejected_429": stats.status.get(429, 0),
+        "p50_ms": round(percentile(latencies, 0.5), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "max_ms": round(latencies[-1], 1) if latencies else 0.0,
+        "status_counts": {str(k): v for k, v in sorted(stats.status.items())},
+        "clients": clients,
+        "api_workers": workers,
+        "tenant_max_concurrency": max_concurrency,
+        "tenant_rate_per_s": rate,
+        "api_peak_rss_mb": round(rss, 1),
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from streams.api.cli import api as api_cmd
+from streams.api.cli import tenant_app
 from streams.config import DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.logging import configure as configure_logging
@@ -29,6 +31,8 @@ app.add_typer(kafka_app, name="kafka")
 bench_app = typer.Typer(help="Benchmarks: start what they need, print figures, write JSON.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(gateway_app, name="gateway")
+app.add_typer(tenant_app, name="tenant")
+app.command("api")(api_cmd)
 console = Console(stderr=True)
 out = Console()
 
@@ -482,6 +486,28 @@ def bench_payment_run(
               "transient_rate": transient_rate}  # fmt: skip
     _run_bench("payment-run", params, runs, json_out,
                lambda: run(s, payments, workers, decline_rate, transient_rate,
+                           console))  # fmt: skip
+
+
+@bench_app.command("signup-spike")
+def bench_signup_spike(
+    signups: int = typer.Option(250_000, min=1),
+    clients: int = typer.Option(256, min=1, help="concurrent keep-alive clients"),
+    workers: int = typer.Option(1, min=1, help="API worker processes"),
+    max_concurrency: int = typer.Option(256, min=1, help="the tenant's concurrency limit"),
+    rate: float = typer.Option(10_000, min=1, help="the tenant's requests/s limit"),
+    runs: int = typer.Option(1, min=1),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """A launch-weekend signup spike through the ingestion API: clients that honour
+    Retry-After; every accepted signup checked in Kafka and ClickHouse."""
+    from streams.bench import bench_signup_spike as run
+
+    s = load_settings()
+    params = {"signups": signups, "clients": clients, "workers": workers,
+              "max_concurrency": max_concurrency, "rate": rate}  # fmt: skip
+    _run_bench("signup-spike", params, runs, json_out,
+               lambda: run(s, signups, clients, workers, max_concurrency, rate,
                            console))  # fmt: skip
 
 

@@ -78,6 +78,26 @@ class Settings:
         default_factory=lambda: float(_env("STREAMBILL_GATEWAY_TIMEOUT", "5"))
     )  # per call; a timed-out call is retried with the same idempotency key
 
+    # ingestion API
+    api_tenants: Path | None = field(
+        default_factory=lambda: (
+            Path(os.environ["STREAMBILL_API_TENANTS"])
+            if os.environ.get("STREAMBILL_API_TENANTS")
+            else None
+        )
+    )  # default: $STREAMBILL_HOME/api/tenants.json
+    api_kafka_timeout_s: float = field(
+        default_factory=lambda: float(_env("STREAMBILL_API_KAFKA_TIMEOUT", "3"))
+    )  # longest a write waits for Kafka before its 503
+    api_max_body: int = field(
+        default_factory=lambda: int(_env("STREAMBILL_API_MAX_BODY", str(1024 * 1024)))
+    )  # bytes; a larger body gets 413
+    catalog: Path = field(
+        default_factory=lambda: Path(
+            _env("STREAMBILL_CATALOG", str(DEPLOY_DIR / "demo" / "catalog.json"))
+        )
+    )
+
     @property
     def warehouse_dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{self.home / 'warehouse'}"

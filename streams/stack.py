@@ -58,6 +58,7 @@ class ProcessorProcess(ChildProcess):
         *args: str,
         env: dict[str, str] | None = None,
         nice: int = 0,
+        top_level: bool = False,
     ) -> None:
         """nice > 0: a lower CPU priority (bulk work), so that on shared cores the OS runs
         the priority lane's processes first."""
@@ -67,6 +68,8 @@ class ProcessorProcess(ChildProcess):
         self.bootstrap = bootstrap
         self.name = name
         self.args = [name, *args]
+        # `streambill run <name> ...`, or `streambill <name> ...` (e.g. the API)
+        self.argv = self.args if top_level else ["run", *self.args]
         self.proc: subprocess.Popen | None = None
         label = f"{name}-{args[0]}" if args and not args[0].startswith("-") else name
         self.log_path: Path = settings.home / "logs" / f"{label}.log"
@@ -86,7 +89,7 @@ class ProcessorProcess(ChildProcess):
         env["STREAMBILL_NAMESPACE"] = namespace()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "run", *self.args],
+            [sys.executable, "-m", "streams.cli", *self.argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -130,3 +133,32 @@ def wait_for_warehouse_endpoint(
             pass
         time.sleep(0.1)
     raise TimeoutError("the sink did not open the warehouse in time")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_api(
+    settings: Settings, bootstrap: str, workers: int = 1, env: dict[str, str] | None = None
+) -> tuple[ProcessorProcess, int]:
+    """`streambill api` on a free port, once it answers /healthz."""
+    import urllib.request
+
+    port = free_port()
+    api = ProcessorProcess(settings, bootstrap, "api", "--port", str(port), "--workers",
+                           str(workers), env=env, top_level=True).start()  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return api, port
+        except OSError:
+            if not api.alive or time.monotonic() > deadline:
+                api.stop()
+                raise RuntimeError(f"the API did not start:\n{api.tail()}") from None
+            time.sleep(0.1)

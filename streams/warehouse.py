@@ -181,8 +181,12 @@ class WarehouseUnavailable(RuntimeError):
     pass
 
 
-def query(settings: Settings, sql: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Run SQL wherever the warehouse is: a server DSN, the owning process, or chDB here."""
+def query(
+    settings: Settings, sql: str, timeout: float = 60.0, open_here: bool = True
+) -> dict[str, Any]:
+    """Run SQL wherever the warehouse is: a server DSN, the owning process, or chDB here
+    (unless ``open_here`` is false: a long-running process must not take the embedded
+    warehouse from the sink)."""
     dsn = settings.warehouse_dsn
     if dsn.startswith("chdb://"):
         url = _live_endpoint(settings)
@@ -195,4 +199,6 @@ def query(settings: Settings, sql: str, timeout: float = 60.0) -> dict[str, Any]
                 raise ValueError(json.loads(exc.read()).get("error", str(exc))) from None
             except OSError as exc:
                 raise WarehouseUnavailable(f"warehouse endpoint {url}: {exc}") from exc
+        if not open_here:
+            raise WarehouseUnavailable("the embedded warehouse has no running sink to ask")
     return run_query(open_warehouse(settings), sql)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,28 @@ def pipeline_env(
     """An isolated pipeline on the shared broker: its own topic/group namespace, home
     directory (state, embedded warehouse) and 4 partitions. Processor subprocesses
     inherit it through the environment."""
+    with isolated_pipeline(tmp_path / "home", kafka_bootstrap, monkeypatch) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def module_pipeline_env(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
+) -> Iterator[Settings]:
+    """pipeline_env shared by the tests of one module (a stack started once)."""
+    with (
+        pytest.MonkeyPatch.context() as monkeypatch,
+        isolated_pipeline(
+            tmp_path_factory.mktemp("home"), kafka_bootstrap, monkeypatch
+        ) as settings,
+    ):
+        yield settings
+
+
+@contextmanager
+def isolated_pipeline(
+    home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
     from streams.kafka import clients
     from streams.kafka.topics import ensure_topics, namespace, set_namespace
 
@@ -47,7 +70,7 @@ def pipeline_env(
     previous = namespace()
     set_namespace(ns)
     monkeypatch.setenv("STREAMBILL_NAMESPACE", ns)
-    monkeypatch.setenv("STREAMBILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STREAMBILL_HOME", str(home))
     monkeypatch.setenv("STREAMBILL_PARTITIONS", "4")
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.delenv("CLICKHOUSE_DSN", raising=False)
