@@ -493,8 +493,8 @@ def bench_payment_run(
 def bench_signup_spike(
     signups: int = typer.Option(250_000, min=1),
     clients: int = typer.Option(256, min=1, help="concurrent keep-alive clients"),
-    workers: int = typer.Option(1, min=1, help="API worker processes"),
-    max_concurrency: int = typer.Option(256, min=1, help="the tenant's concurrency limit"),
+    workers: int = typer.Option(2, min=1, help="API worker processes"),
+    max_concurrency: int = typer.Option(512, min=1, help="the tenant's concurrency limit"),
     rate: float = typer.Option(10_000, min=1, help="the tenant's requests/s limit"),
     runs: int = typer.Option(1, min=1),
     json_out: Path | None = typer.Option(None, "--json"),

@@ -196,6 +196,10 @@ class Sink:
                 "partition.assignment.strategy": "range",
                 # keep fetching while a batch lands: up to about one more batch ahead
                 "queued.max.messages.kbytes": 65_536,
+                # a trickle of records must not make every fetch (of every partition of
+                # every topic) return at once: the broker waits for 64 KiB or 200 ms
+                "fetch.min.bytes": 65_536,
+                "fetch.wait.max.ms": 200,
             },
         )
         self.producer = clients.producer(settings, bootstrap)  # dead letters only

@@ -68,3 +68,17 @@ def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> 
     assert m["bulk_off"]["refunds"] == m["bulk_off"]["sent"] >= 35
     assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
     assert m["gateway_p99_ms"] == 300
+
+
+def test_bench_signup_spike_contract_with_a_binding_limit(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    # a limit far below the offered load: many 429s, and still every signup lands once
+    report = bench(tmp_path, kafka_bootstrap, "signup-spike", "--signups", "3000",
+                   "--clients", "64", "--rate", "1000", "--max-concurrency", "32")  # fmt: skip
+    assert report["scenario"] == "signup-spike"
+    m = report["metrics"]
+    assert m["signups"] == 3000 and m["lost"] == 0 and m["duplicates_in_kafka"] == 0
+    assert m["errors_5xx"] == 0 and m["timeouts"] == 0 and m["gave_up"] == 0
+    assert m["rejected_429"] > 0 and m["status_counts"]["202"] == 3000
+    assert m["seconds"] > 0 and m["signups_per_s"] > 0 and m["p99_ms"] >= m["p50_ms"] > 0
