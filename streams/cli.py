@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -117,6 +118,21 @@ def _catalog_option() -> Path:
     )
 
 
+def _processor_start(name: str) -> tuple[Any, str]:
+    """What every processor does first: settings, the cluster (the local one started if
+    none is configured), the declared topics, and its metrics endpoint."""
+    from streams import metrics
+    from streams.kafka import clients
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import ensure_topics
+
+    settings = load_settings()
+    bootstrap = bootstrap_servers(settings)
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    metrics.serve(settings, name)
+    return settings, bootstrap
+
+
 @run_app.command("rating")
 def run_rating(
     catalog: Path = _catalog_option(),
@@ -125,14 +141,9 @@ def run_rating(
 ) -> None:
     """The rating processor: subscriptions + usage -> invoices."""
     from streams.domain.catalog import Catalog
-    from streams.kafka import clients
-    from streams.kafka.local import bootstrap_servers
-    from streams.kafka.topics import ensure_topics
     from streams.processors.rating import RatingProcessor
 
-    settings = load_settings()
-    bootstrap = bootstrap_servers(settings)
-    ensure_topics(clients.admin(settings, bootstrap), settings)
+    settings, bootstrap = _processor_start("rating")
     cat = Catalog.from_dict(json.loads(catalog.read_text()))
     RatingProcessor(settings, bootstrap, cat, worker=worker, clock=clock.value).run()
 
@@ -148,14 +159,9 @@ def run_sink(
 ) -> None:
     """The sink: Kafka topics -> ClickHouse; owns an embedded warehouse and serves queries."""
     from streams.domain.catalog import Catalog
-    from streams.kafka import clients
-    from streams.kafka.local import bootstrap_servers
-    from streams.kafka.topics import ensure_topics
     from streams.processors.sink import Sink
 
-    settings = load_settings()
-    bootstrap = bootstrap_servers(settings)
-    ensure_topics(clients.admin(settings, bootstrap), settings)
+    settings, bootstrap = _processor_start("sink")
     raw = json.loads(catalog.read_text())
     chosen = [t for t in topics.split(",") if t] if topics else None
     Sink(settings, bootstrap, topics=chosen, max_rows=max_rows, max_seconds=max_seconds,
@@ -165,14 +171,9 @@ def run_sink(
 @run_app.command("payments")
 def run_payments() -> None:
     """The payments processor: due invoices -> gateway -> billing.payment-results."""
-    from streams.kafka import clients
-    from streams.kafka.local import bootstrap_servers
-    from streams.kafka.topics import ensure_topics
     from streams.processors.payments import PaymentsProcessor, make_gateway
 
-    settings = load_settings()
-    bootstrap = bootstrap_servers(settings)
-    ensure_topics(clients.admin(settings, bootstrap), settings)
+    settings, bootstrap = _processor_start("payments")
     PaymentsProcessor(settings, bootstrap, make_gateway(settings)).run()
 
 
@@ -182,9 +183,6 @@ def run_lane_cmd(
 ) -> None:
     """A lane processor: the urgent workflows (priority) or the others (standard);
     STREAMBILL_URGENT_WORKFLOWS says which is which (default: refund,cancellation)."""
-    from streams.kafka import clients
-    from streams.kafka.local import bootstrap_servers
-    from streams.kafka.topics import ensure_topics
     from streams.lanes import LaneConfigError, parse_urgent, workflows_of
     from streams.processors.lane import run_lane
 
@@ -193,8 +191,7 @@ def run_lane_cmd(
         workflows_of(lane, parse_urgent(settings.urgent_workflows))
     except LaneConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    bootstrap = bootstrap_servers(settings)
-    ensure_topics(clients.admin(settings, bootstrap), settings)
+    settings, bootstrap = _processor_start(f"lane-{lane}")
     run_lane(settings, bootstrap, lane)
 
 
@@ -202,6 +199,113 @@ def run_lane_cmd(
 def run_refunds_cmd() -> None:
     """The priority lane (its former name)."""
     run_lane_cmd("priority")
+
+
+@app.command()
+def lag(
+    group: str | None = typer.Option(None, help="only this consumer group (without namespace)"),
+    json_out: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+) -> None:
+    """Consumer-group lag per group, topic and partition (committed vs end of partition)."""
+    from rich.table import Table
+
+    from streams.kafka import clients
+    from streams.kafka.lag import group_lags
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import group_id
+
+    settings = load_settings()
+    rows = group_lags(clients.admin(settings, bootstrap_servers(settings)))
+    if group:
+        rows = [r for r in rows if r.group == group_id(group)]
+    if json_out:
+        for r in rows:
+            out.print_json(data={"group": r.group, "topic": r.topic, "partition": r.partition,
+                                 "committed": r.committed, "end": r.end, "lag": r.lag})  # fmt: skip
+        return
+    table = Table("group", "topic", "partition", "committed", "end", "lag")
+    for r in rows:
+        table.add_row(r.group, r.topic, str(r.partition),
+                      "-" if r.committed is None else f"{r.committed:,}", f"{r.end:,}",
+                      f"{r.lag:,}")  # fmt: skip
+    out.print(table)
+    totals: dict[str, int] = {}
+    for r in rows:
+        totals[r.group] = totals.get(r.group, 0) + r.lag
+    for g, total in totals.items():
+        out.print(f"{g}: {total:,} behind")
+
+
+SCALABLE = {  # processor -> (run arguments, consumer group)
+    "rating": (["rating"], "streambill-rating"),
+    "payments": (["payments"], "streambill-payments"),
+    "lane-priority": (["lane", "priority"], "streambill-priority-lane"),
+    "lane-standard": (["lane", "standard"], "streambill-standard-lane"),
+    "sink": (["sink"], "streambill-sink"),
+}
+
+
+@app.command()
+def scale(
+    processor: str = typer.Argument(..., help=", ".join(SCALABLE)),
+    workers: int = typer.Argument(..., min=1),
+    seconds: float = typer.Option(
+        0, "--for", help="stop the workers after this long (0: run until Ctrl-C / SIGTERM)"
+    ),
+) -> None:
+    """Run N workers of a processor in one consumer group on this machine, showing each
+    rebalance (which worker owns which partitions) as it happens."""
+    import signal
+    import time
+
+    from streams.kafka import clients
+    from streams.kafka.lag import group_members
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import group_id
+    from streams.stack import ProcessorProcess
+
+    if processor not in SCALABLE:
+        raise typer.BadParameter(f"one of {', '.join(SCALABLE)}")
+    settings = load_settings()
+    if processor == "sink" and workers > 1 and settings.warehouse_dsn.startswith("chdb://"):
+        raise typer.BadParameter("the embedded warehouse has one owner: scale the sink with "
+                                 "a ClickHouse server (CLICKHOUSE_DSN=http://...)")  # fmt: skip
+    bootstrap = bootstrap_servers(settings)
+    argv, group = SCALABLE[processor]
+    procs = []
+    for n in range(workers):
+        extra = ["--worker", str(n)] if processor == "rating" else []
+        procs.append(ProcessorProcess(settings, bootstrap, *argv, *extra).start())
+    console.print(f"{workers} x {processor} started (group {group_id(group)})")
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    admin = clients.admin(settings, bootstrap)
+    last: dict[str, list[str]] = {}
+    deadline = time.monotonic() + seconds if seconds else float("inf")
+    try:
+        while not stop[0] and time.monotonic() < deadline:
+            try:
+                members = group_members(admin, group_id(group))
+            except Exception:  # the group does not exist yet
+                members = {}
+            if members and members != last:
+                owned = sum(len(p) for p in members.values())
+                console.print(f"rebalance: {len(members)} member(s), {owned} partitions")
+                for client, parts in sorted(members.items()):
+                    console.print(f"  {client}: {len(parts)} — {', '.join(parts)}",
+                                  soft_wrap=True)  # fmt: skip
+                last = members
+            if not all(p.alive for p in procs):
+                dead = next(p for p in procs if not p.alive)
+                console.print(f"[red]a worker exited:[/]\n{dead.tail()}")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.stop()
+        console.print(f"{processor}: {workers} worker(s) stopped")
 
 
 @app.command("payment-run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -40,6 +41,8 @@ def producer(settings: Settings, bootstrap: str, **overrides: Any) -> Producer:
 def consumer(settings: Settings, bootstrap: str, group_id: str, **overrides: Any) -> Consumer:
     conf = {
         **_base(settings, bootstrap),
+        # names the process in group descriptions (streambill scale, streambill lag)
+        "client.id": f"streambill-{os.getpid()}",
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",

@@ -8,6 +8,7 @@ from typing import Any
 
 from streams.codec import codec
 from streams.kafka.topics import DEAD_LETTER
+from streams.metrics import DEAD_LETTERS
 
 _NAMESPACE = uuid.UUID("5b0c3f0e-7d59-4c1e-9a35-4b8e8f1f0d11")
 
@@ -35,6 +36,7 @@ def dead_letter_record(msg: Any, reason: str, detail: str, processor: str) -> di
 def produce_dead_letter(
     producer: Any, msg: Any, reason: str, detail: str, processor: str, **produce_args: Any
 ) -> None:
+    DEAD_LETTERS.labels(processor, reason).inc()
     producer.produce(
         DEAD_LETTER.name,
         key=msg.key(),

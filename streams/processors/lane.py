@@ -64,6 +64,13 @@ from streams.kafka.topics import (
     group_id,
 )
 from streams.lanes import WORKFLOWS, parse_urgent, workflows_of
+from streams.metrics import (
+    GATEWAY_SECONDS,
+    LANE_REQUESTS,
+    RECORDS,
+    REFUND_SECONDS,
+    LagTracker,
+)
 from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.payments import Lane, OffsetTracker, make_gateway
@@ -123,7 +130,8 @@ class LaneProcessor:
         # payments for the rest, and its AIMD limit backs off on their 429s
         cap = (settings.priority_reserve if lane == "priority"
                else settings.gateway_max_concurrency - settings.priority_reserve)  # fmt: skip
-        self.lanes = {a: Lane(a, max(1, cap)) for a in settings.merchant_accounts}
+        self.name = f"lane-{lane}"
+        self.lanes = {a: Lane(a, max(1, cap), self.name) for a in settings.merchant_accounts}
         group = lane_group(lane)
         # requests have a consumer of their own, served first; the state topics are read
         # by a second one in bounded chunks, so bulk history never delays a request
@@ -131,6 +139,7 @@ class LaneProcessor:
             settings, bootstrap, group_id(group),
             **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5},
         )  # fmt: skip
+        self.lag = LagTracker(self.consumer, self.name)
         self.state_consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(f"{group}-state"),
             **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
@@ -182,6 +191,8 @@ class LaneProcessor:
                 for msg in requests:
                     if msg.error() is None:
                         self._handle_request(msg)
+                        RECORDS.labels(self.name, msg.topic()).inc()
+                self.lag.maybe_update()
                 history = self.state_consumer.consume(STATE_CHUNK, timeout=0)
                 for msg in history:
                     if msg.error() is None:
@@ -331,6 +342,8 @@ class LaneProcessor:
         self._publish(result, entitlement, tp, offset)
 
     def _dead_letter(self, msg: Any, reason: str, detail: str) -> None:
+        workflow = "refund" if msg.topic() == self.names["refunds"] else "cancellation"
+        LANE_REQUESTS.labels(self.lane, workflow, reason).inc()
         done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(), 1)
         produce_dead_letter(self.producer, msg, reason, detail, NAME, on_delivery=done)
 
@@ -410,6 +423,7 @@ class LaneProcessor:
         if sub.cancelled_by not in (None, event["event_id"]):
             return self._dead_letter(msg, "already_cancelled", f"by {sub.cancelled_by}")
         forward = sub.cancelled_by is None  # a repeat is not forwarded twice
+        LANE_REQUESTS.labels(self.lane, "cancellation", "accepted" if forward else "repeat").inc()
         sub.cancelled_by = event["event_id"]
         immediate = event["mode"] == "immediate"
         done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(),
@@ -427,7 +441,7 @@ class LaneProcessor:
         self.producer.poll(0)
 
     async def _call(self, paid: Paid, req: dict[str, Any]) -> Any:
-        lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1)
+        lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1, self.name)
         self.lanes[paid.merchant_account] = lane
         request = RefundRequest(
             merchant_account=paid.merchant_account,
@@ -441,7 +455,9 @@ class LaneProcessor:
         while True:
             await lane.acquire()
             try:
+                started = time.monotonic()
                 outcome = await self.gateway.refund(request)
+                GATEWAY_SECONDS.labels(self.name, "refund").observe(time.monotonic() - started)
             except RateLimited as exc:
                 lane.release("overload")
                 await asyncio.sleep(min(exc.retry_after, 0.05) * self.rng.uniform(0.5, 1.5))
@@ -480,6 +496,9 @@ class LaneProcessor:
     ) -> None:
         done = self.tracker.finisher(tp, offset, 1 + (entitlement is not None))
         key = result["account_id"].encode()
+        outcome = result["status"] if result["reason"] is None else result["reason"]
+        LANE_REQUESTS.labels(self.lane, "refund", outcome).inc()
+        REFUND_SECONDS.observe((datetime.now(UTC) - result["requested_at"]).total_seconds())
         if entitlement is not None:
             value = codec(ENTITLEMENTS.schema).encode(entitlement)
             self.producer.produce(ENTITLEMENTS.name, key=key, value=value, on_delivery=done)

@@ -59,7 +59,15 @@ from streams.kafka.topics import (
     PAYMENT_RETRIES,
     group_id,
 )
-from streams.payments.control import AimdLimit, CircuitBreaker
+from streams.metrics import (
+    CIRCUIT_OPEN,
+    GATEWAY_IN_FLIGHT,
+    GATEWAY_SECONDS,
+    PAYMENTS,
+    RECORDS,
+    LagTracker,
+)
+from streams.payments.control import CLOSED, AimdLimit, CircuitBreaker
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -141,13 +149,18 @@ class OffsetTracker:
 class Lane:
     """One merchant account's flow control: AIMD concurrency limit + circuit breaker."""
 
-    def __init__(self, name: str, cap: int) -> None:
+    def __init__(self, name: str, cap: int, processor: str = "payments") -> None:
         self.name = name
         self.limit = AimdLimit(cap=cap, limit=min(cap, 32))
         self.breaker = CircuitBreaker()
         self.in_flight = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         self._was_open = False
+        # read when Prometheus scrapes: nothing is updated per call
+        GATEWAY_IN_FLIGHT.labels(processor, name).set_function(lambda: self.in_flight)
+        CIRCUIT_OPEN.labels(processor, name).set_function(
+            lambda: float(self.breaker.state != CLOSED)
+        )
 
     async def acquire(self) -> None:
         while True:
@@ -217,6 +230,7 @@ class PaymentsProcessor:
         self.lanes = {a: Lane(a, cap) for a in self.accounts}
         self.max_pending = max_pending
         self.consumer: Consumer = clients.consumer(settings, bootstrap, group_id(GROUP))
+        self.lag = LagTracker(self.consumer, "payments")
         self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 5})
         self.topics = {
             "invoices": INVOICES.name,
@@ -255,6 +269,9 @@ class PaymentsProcessor:
                 for msg in msgs:
                     if msg.error() is None:
                         self._handle(msg)
+                if msgs:
+                    RECORDS.labels("payments", "all").inc(len(msgs))
+                self.lag.maybe_update()
                 now = time.monotonic()
                 if now - last_due_check > 0.2:
                     self._release_due()
@@ -407,7 +424,10 @@ class PaymentsProcessor:
             lane.release("ok")
             status = outcome.status
             break
-        self._complete(attempt, status, outcome, (time.monotonic() - started) * 1000)
+        seconds = time.monotonic() - started
+        GATEWAY_SECONDS.labels("payments", "charge").observe(seconds)
+        PAYMENTS.labels(status).inc()
+        self._complete(attempt, status, outcome, seconds * 1000)
 
     def _complete(
         self, attempt: Attempt, status: str, outcome: ChargeOutcome, latency_ms: float

@@ -27,7 +27,7 @@ Periods close
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +58,7 @@ from streams.kafka.topics import (
     USAGE,
     group_id,
 )
+from streams.metrics import BATCH_SECONDS, INVOICES_EMITTED, RECORDS, LagTracker
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
 from streams.processors.state import PartitionStore, due_key
@@ -162,6 +163,7 @@ class RatingProcessor:
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
         )
+        self.lag = LagTracker(self.consumer, "rating")
         self.producer = clients.producer(
             settings,
             bootstrap,
@@ -259,7 +261,13 @@ class RatingProcessor:
             while not self.stop:
                 msgs = poll_batch(self.consumer, self.batch_size, 0.1)
                 if msgs or self.jobs or self.clock == "wall":
+                    started = time.perf_counter()
                     self._transaction(msgs)
+                    if msgs:
+                        BATCH_SECONDS.labels("rating").observe(time.perf_counter() - started)
+                        for topic, n in Counter(m.topic() for m in msgs).items():
+                            RECORDS.labels("rating", topic).inc(n)
+                self.lag.maybe_update()
         finally:
             self.consumer.close()
             for store in self.stores.values():
@@ -310,6 +318,7 @@ class RatingProcessor:
         self._apply_to_stores(batch)
         self._finish_jobs()
         self.invoices_emitted += batch.invoices
+        INVOICES_EMITTED.inc(batch.invoices)
 
     # --- events -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ are still committed after each batch, for lag monitoring.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from operator import itemgetter
@@ -38,6 +39,7 @@ from streams.kafka.topics import (
     spec_for,
     spec_for_base,
 )
+from streams.metrics import BATCH_SECONDS, RECORDS, LagTracker
 from streams.processors.bulk import BULK_TABLES, BulkLander
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
@@ -202,6 +204,7 @@ class Sink:
                 "fetch.wait.max.ms": 200,
             },
         )
+        self.lag = LagTracker(self.consumer, "sink")
         self.producer = clients.producer(settings, bootstrap)  # dead letters only
         self.server = (
             QueryServer(self.client, settings)
@@ -220,7 +223,12 @@ class Sink:
             while not self.stop:
                 batch = self._collect()
                 if batch:
+                    started = time.perf_counter()
                     self._land(batch)
+                    BATCH_SECONDS.labels("sink").observe(time.perf_counter() - started)
+                    for topic, n in Counter(m.topic() for m in batch).items():
+                        RECORDS.labels("sink", topic).inc(n)
+                self.lag.maybe_update()
         finally:
             self.consumer.close()  # leaves the group at once: no wait for session time-out
             if self.server:

@@ -1,0 +1,109 @@
+"""Prometheus metrics: every metric any process exposes is declared here, once, so that
+dashboards, alert rules and the Kubernetes manifests can be checked against one list.
+
+Each processor process serves its registry on an HTTP port (``STREAMBILL_METRICS_PORT``,
+default: any free port) and advertises it in ``$STREAMBILL_HOME/metrics/<name>-<pid>.json``
+so that the dashboard and ``streambill lag`` find every process on this machine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from streams.config import Settings
+
+RECORDS = Counter("streambill_records_total", "records consumed by a processor",
+                  ["processor", "topic"])  # fmt: skip
+DEAD_LETTERS = Counter("streambill_dead_letters_total", "records sent to the dead letters",
+                       ["processor", "reason"])  # fmt: skip
+BATCH_SECONDS = Histogram("streambill_batch_seconds", "time to process one batch",
+                          ["processor"],
+                          buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
+CONSUMER_LAG = Gauge("streambill_consumer_lag", "records behind the end of a partition",
+                     ["processor", "topic", "partition"])  # fmt: skip
+INVOICES_EMITTED = Counter("streambill_invoices_total", "invoices emitted by the rating processor")
+PAYMENTS = Counter("streambill_payments_total", "payment attempts by outcome", ["status"])
+GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call latency",
+                            ["processor", "kind"],
+                            buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
+GATEWAY_IN_FLIGHT = Gauge("streambill_gateway_in_flight", "gateway calls in flight",
+                          ["processor", "account"])  # fmt: skip
+CIRCUIT_OPEN = Gauge("streambill_circuit_open", "1 while a gateway account's breaker is open",
+                     ["processor", "account"])  # fmt: skip
+LANE_REQUESTS = Counter("streambill_lane_requests_total", "urgent workflow requests",
+                        ["lane", "workflow", "outcome"])  # fmt: skip
+REFUND_SECONDS = Histogram("streambill_refund_seconds",
+                           "refund requested -> result published",
+                           buckets=(.05, .1, .2, .3, .5, .75, 1, 2, 5))  # fmt: skip
+
+
+def metrics_dir(settings: Settings) -> Path:
+    return settings.home / "metrics"
+
+
+def serve(settings: Settings, name: str) -> str:
+    """Start this process's metrics endpoint and advertise it; returns its URL."""
+    port = int(os.environ.get("STREAMBILL_METRICS_PORT", "0"))
+    server, _thread = start_http_server(port, addr=os.environ.get("STREAMBILL_METRICS_HOST",
+                                                                  "127.0.0.1"))  # fmt: skip
+    host, bound = server.server_address[:2]
+    url = f"http://{host}:{bound}/metrics"
+    path = metrics_dir(settings) / f"{name}-{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"processor": name, "pid": os.getpid(), "url": url}))
+    atexit.register(lambda: path.unlink(missing_ok=True))
+    return url
+
+
+def endpoints(settings: Settings) -> list[dict[str, Any]]:
+    """The metrics endpoints of live processes on this machine."""
+    found = []
+    for path in sorted(metrics_dir(settings).glob("*.json")):
+        try:
+            info = json.loads(path.read_text())
+            os.kill(info["pid"], 0)
+            found.append(info)
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+class LagTracker:
+    """Consumer lag of the partitions a consumer owns, from its own positions and the
+    watermarks librdkafka caches (no broker round trip), refreshed every few seconds."""
+
+    def __init__(self, consumer: Any, processor: str, every_s: float = 5.0) -> None:
+        self.consumer = consumer
+        self.processor = processor
+        self.every_s = every_s
+        self.last = 0.0
+        self.reported: set[tuple[str, int]] = set()
+
+    def maybe_update(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        try:
+            assigned = self.consumer.assignment()
+            positions = self.consumer.position(assigned) if assigned else []
+        except Exception:  # a closed or rebalancing consumer: try again next time
+            return
+        seen = set()
+        for tp in positions:
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                continue
+            lag = high - tp.offset if tp.offset >= 0 else high
+            CONSUMER_LAG.labels(self.processor, tp.topic, str(tp.partition)).set(max(0, lag))
+            seen.add((tp.topic, tp.partition))
+        for topic, partition in self.reported - seen:  # handed to another worker
+            CONSUMER_LAG.remove(self.processor, topic, str(partition))
+        self.reported = seen
