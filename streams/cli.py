@@ -202,6 +202,19 @@ def run_refunds_cmd() -> None:
 
 
 @app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", envvar="STREAMBILL_DASHBOARD_HOST"),
+    port: int = typer.Option(8080, envvar="STREAMBILL_DASHBOARD_PORT"),
+) -> None:
+    """The health dashboard: invoices, payments, refunds, API traffic, lag, dead letters."""
+    from streams.kafka.local import bootstrap_servers
+    from streams.ops.dashboard import serve
+
+    settings = load_settings()
+    serve(settings, bootstrap_servers(settings), host, port)
+
+
+@app.command()
 def lag(
     group: str | None = typer.Option(None, help="only this consumer group (without namespace)"),
     json_out: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),

@@ -33,6 +33,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from streams import metrics
 from streams.api import records
 from streams.api.limits import Admission
 from streams.api.openapi import openapi_document
@@ -635,6 +636,9 @@ def serve(settings: Settings, bootstrap: str, host: str, port: int, workers: int
         site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
         await site.start()
         log.info("api listening", url=f"http://{host}:{port}", workers=workers)
+        # each worker's own figures on a port of its own (the shared port would answer
+        # from whichever worker the kernel picks): the dashboard sums them
+        metrics.serve(settings, "api")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         import signal

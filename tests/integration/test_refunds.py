@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -17,7 +16,6 @@ from streams.config import Settings
 from streams.kafka import clients
 from streams.kafka.topics import ENTITLEMENTS, REFUND_RESULTS, REFUNDS
 from streams.payments.http_gateway import fetch_ledger
-from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from streams.publish import read_topic
 from streams.stack import ProcessorProcess
 from tests.integration.helpers import Procs, scalar, start_sink, wait_until
@@ -29,17 +27,6 @@ from tests.integration.test_payments import (
 )
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def simulator(pipeline_env: Settings) -> Iterator[Any]:
-    account = AccountConfig(max_concurrency=20, latency_median_ms=10, latency_p99_ms=40,
-                            refund_latency_median_ms=10, refund_latency_p99_ms=40,
-                            decline_rate=0.0)  # fmt: skip
-    config = SimulatorConfig(accounts={"merchant-1": account, "merchant-2": account}, seed=5)
-    sim = SimulatorProcess.start(config, pipeline_env.home / "logs")
-    yield sim
-    sim.stop()
 
 
 def start_refunds(settings: Settings, bootstrap: str, url: str) -> ProcessorProcess:

@@ -1,0 +1,124 @@
+"""The health dashboard in headless Chromium (Debian's package, installed by
+scripts/bootstrap) against a running stack: API -> rating -> payments (simulator) ->
+refund through the priority lane -> sink. The figures the page shows must equal what
+ClickHouse, Kafka and the API's own metrics say; a screenshot is saved."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from streams import metrics
+from streams.config import REPO_ROOT, Settings
+from streams.kafka import clients
+from streams.kafka.lag import group_lags
+from streams.stack import ProcessorProcess, free_port, start_api
+from tests.integration.helpers import Procs, scalar, start_rating, start_sink, wait_until
+from tests.integration.test_api import ACME, signup, write_tenants
+from tests.integration.test_payments import gateway_env, start_payments
+
+pytestmark = pytest.mark.kafka
+SCREENSHOT = REPO_ROOT / ".streambill" / "screenshots" / "dashboard.png"
+CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--virtual-time-budget=10000"]  # fmt: skip
+
+
+def browser() -> str:
+    found = shutil.which("chromium")
+    assert found, "chromium is installed by scripts/bootstrap (Debian package)"
+    return found
+
+
+def rendered(url: str, profile: Path) -> dict[str, str]:
+    """The page as Chromium rendered it (scripts run): data-figure name -> text."""
+    command = [browser(), *CHROMIUM, f"--user-data-dir={profile}", "--dump-dom", url]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert 'data-loaded="true"' in dom, dom[-2000:]
+    return dict(re.findall(r'data-figure="(\w+)">([^<]*)<', dom))
+
+
+def api_requests_now(settings: Settings) -> float:
+    total = 0.0
+    for e in metrics.endpoints(settings):
+        if e["processor"] == "api":
+            with urllib.request.urlopen(e["url"], timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("streambill_api_requests_total{"):
+                        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_the_dashboard_shows_what_the_warehouse_and_kafka_say(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any, tmp_path: Path
+) -> None:
+    settings = pipeline_env
+    write_tenants(settings)
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    procs.add(start_rating(settings, kafka_bootstrap))
+    procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d"))
+    procs.add(ProcessorProcess(settings, kafka_bootstrap, "lane", "priority",
+                               env=gateway_env(simulator.url)).start())  # fmt: skip
+    api_proc, api_port = start_api(settings, kafka_bootstrap)
+    procs.add(api_proc)
+    port = free_port()
+    dash = procs.add(ProcessorProcess(settings, kafka_bootstrap, "dashboard", "--port",
+                                      str(port), top_level=True).start())  # fmt: skip
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {ACME}"
+    base = f"http://127.0.0.1:{api_port}"
+    for n in range(6):
+        r = api.post(f"{base}/v1/subscriptions", json=signup(n, payment_method=f"tok_ok_{n}"))
+        assert r.status_code == 202, r.text
+    assert api.post(f"{base}/v1/subscriptions", json={"type": "nope"}).status_code == 422
+    usage = {"event_id": "u-late", "timestamp": "2001-01-01T00:00:00Z", "account_id": "acme-1",
+             "subscription_id": "acme-1-s404", "metric": "api_calls", "quantity": "1"}  # fmt: skip
+    assert api.post(f"{base}/v1/usage", json={"events": [usage]}).status_code == 202
+    paid_sql = "SELECT count() FROM payment_attempts FINAL WHERE status = 'succeeded'"
+    wait_until(lambda: scalar(settings, paid_sql) >= 6, 90, "6 payments", [sink])
+    paid = scalar(settings, "SELECT invoice_id FROM payment_attempts FINAL LIMIT 1")
+    refund = {"refund_id": "r-1", "invoice_id": paid, "account_id": "acme-1",
+              "amount": "1.00", "currency": "USD"}  # fmt: skip
+    assert api.post(f"{base}/v1/refunds", json=refund).status_code == 202
+    wait_until(lambda: scalar(settings, "SELECT count() FROM refunds FINAL") == 1, 60,
+               "the refund", [sink])  # fmt: skip
+    wait_until(lambda: scalar(settings, "SELECT count() FROM dead_letters FINAL") >= 1, 60,
+               "the late usage's dead letter", [sink])  # fmt: skip
+    time.sleep(12)  # the dashboard samples the API every 5 s; nothing moves meanwhile
+
+    shown = rendered(f"http://127.0.0.1:{port}/", tmp_path / "profile")
+    assert dash.alive, dash.tail()
+    hours = "INTERVAL 6 HOUR"
+    expect = {
+        "invoices": scalar(settings, "SELECT uniqExact(invoice_id) FROM invoices "
+                           f"WHERE _landed_at >= now() - {hours}"),
+        "payments": scalar(settings, "SELECT uniqExact(payment_id) FROM payment_attempts "
+                           f"WHERE completed_at >= now() - {hours}"),
+        "refunds": 1,
+        "refund_p99_ms": scalar(settings, "SELECT dateDiff('millisecond', requested_at, "
+                                "completed_at) FROM refunds FINAL"),
+        "dead_letters": scalar(settings, "SELECT count() FROM dead_letters FINAL"),
+        "api_requests": int(api_requests_now(settings)),
+        "lag_groups": len({r.group for r in group_lags(clients.admin(settings,
+                                                                      kafka_bootstrap))}),
+    }  # fmt: skip
+    assert expect["invoices"] >= 6 and expect["payments"] >= 6 and expect["dead_letters"] >= 1
+    for name, value in expect.items():
+        assert shown[name] == f"{int(value):,}", (name, shown[name], value)
+    assert shown["payment_success_rate"] == "100.0 %"
+    assert int(shown["api_refused_4xx"]) >= 1 and shown["api_errors_5xx"] == "0"
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([browser(), *CHROMIUM, f"--user-data-dir={tmp_path / 'shot'}",
+                    "--window-size=1400,1500", f"--screenshot={SCREENSHOT}",
+                    f"http://127.0.0.1:{port}/"],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    assert SCREENSHOT.stat().st_size > 20_000
