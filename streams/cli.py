@@ -195,6 +195,35 @@ def run_lane_cmd(
     run_lane(settings, bootstrap, lane)
 
 
+@run_app.command("alerts")
+def run_alerts(
+    rules: Path = typer.Option(
+        DEPLOY_DIR / "alerts" / "rules.yaml",
+        envvar="STREAMBILL_ALERT_RULES",
+        exists=True,
+        dir_okay=False,
+        help="the alert rules (YAML)",
+    ),
+    webhooks: str = typer.Option(
+        "", envvar="STREAMBILL_ALERT_WEBHOOKS", help="more receivers: json:URL,slack:URL"
+    ),
+) -> None:
+    """Evaluate the alert rules continuously; notify webhooks once per firing and per
+    resolution, and record both on billing.alerts."""
+    import asyncio
+
+    from streams.ops.alerts import Alerting, RulesError, load_rules
+    from streams.processors.runtime import StopFlag
+
+    try:
+        ruleset = load_rules(rules, webhooks)
+    except RulesError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    settings, bootstrap = _processor_start("alerts")
+    stop = StopFlag()
+    asyncio.run(Alerting(settings, bootstrap, ruleset).run(lambda: bool(stop)))
+
+
 @run_app.command("refunds", hidden=True)
 def run_refunds_cmd() -> None:
     """The priority lane (its former name)."""

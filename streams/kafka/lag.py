@@ -42,6 +42,14 @@ def group_lags(admin: AdminClient, timeout: float = 10.0) -> list[PartitionLag]:
         committed += [(group, tp) for tp in future.result().topic_partitions]
     if not committed:
         return []
+    # a partition the group never committed (it had nothing yet when the group last
+    # committed) is still the group's: its lag is all of it
+    metadata = admin.list_topics(timeout=timeout).topics
+    known = {(g, tp.topic, tp.partition) for g, tp in committed}
+    for group, topic in sorted({(g, tp.topic) for g, tp in committed}):
+        for p in metadata[topic].partitions if topic in metadata else ():
+            if (group, topic, p) not in known:
+                committed.append((group, TopicPartition(topic, p, -1001)))
     wanted = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for _, tp in committed}
     ends = {
         (tp.topic, tp.partition): info.offset

@@ -57,6 +57,7 @@ CANCELLATIONS = TopicSpec("billing.cancellations", "subscription_event")
 REFUND_RESULTS = TopicSpec("billing.refund-results", "refund_result")
 ENTITLEMENTS = TopicSpec("billing.entitlements", "entitlement")
 DEAD_LETTER = TopicSpec("billing.dead-letter", "dead_letter")
+ALERTS = TopicSpec("billing.alerts", "alert_event")
 CONTROL = TopicSpec("billing.control", "bill_run")
 PAYMENT_CONTROL = TopicSpec("billing.payment-control", "payment_run")
 RATING_CHANGELOG = TopicSpec("billing.rating-changelog", None, compacted=True)
@@ -80,6 +81,7 @@ ALL_TOPICS = (
     REFUND_RESULTS,
     ENTITLEMENTS,
     DEAD_LETTER,
+    ALERTS,
     CONTROL,
     PAYMENT_CONTROL,
     RATING_CHANGELOG,

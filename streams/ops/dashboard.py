@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections import deque
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ class ApiHistory:
 
     def per_minute(self) -> list[list[float]]:
         minutes: dict[int, list[float]] = {}
-        for (_, before), (at, after) in zip(self.samples, list(self.samples)[1:], strict=False):
+        for (_, before), (at, after) in pairwise(self.samples):
             delta = [max(0.0, a - b) for a, b in zip(after, before, strict=True)]
             bucket = minutes.setdefault(int(at // 60 * 60), [0.0, 0.0, 0.0])
             for i, d in enumerate(delta):

@@ -27,6 +27,7 @@ from streams.config import Settings
 from streams.domain.catalog import Catalog, Interval
 from streams.kafka import clients
 from streams.kafka.topics import (
+    ALERTS,
     DEAD_LETTER,
     ENTITLEMENTS,
     INVOICES,
@@ -88,6 +89,10 @@ COLUMNS: dict[str, list[str]] = {
         "dead_letter_id", "source_topic", "source_partition", "source_offset", "reason", "detail",
         "processor", "failed_at", "key", "value", *COORDINATES,
     ],
+    "alerts": [
+        "alert_id", "rule", "state", "severity", "value", "threshold", "summary", "at",
+        *COORDINATES,
+    ],
 }  # fmt: skip
 RECURRING_KINDS = frozenset({"flat", "proration_credit", "proration_charge"})
 
@@ -142,6 +147,7 @@ LANDERS: dict[str, Mapper] = {
     REFUND_RESULTS.base: _plain("refunds"),
     ENTITLEMENTS.base: _plain("entitlements"),
     DEAD_LETTER.base: _dead_letter_rows,
+    ALERTS.base: _plain("alerts"),
 }
 
 
