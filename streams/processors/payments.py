@@ -208,6 +208,7 @@ class Attempt:
     request: dict[str, Any]  # a payment_request record
     source: TP
     offset: int
+    sent: bool = False  # a gateway call was made: it must get its result
 
 
 class PaymentsProcessor:
@@ -244,6 +245,7 @@ class PaymentsProcessor:
         self.horizon = EPOCH  # a payment run's instant: due up to it means due now
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop = StopFlag()
+        self.stopping = False  # set on SIGTERM: in-flight calls finish, the rest waits
         self.rng = random.Random()
         self.completed = 0
         self._delivery_error: str | None = None
@@ -290,8 +292,10 @@ class PaymentsProcessor:
         return self.completed
 
     async def _drain(self) -> None:
-        """SIGTERM: no new work; in-flight charges finish and their results are sent, so
-        no payment is left half-done; then the final commit."""
+        """SIGTERM: no new work; charges already sent finish and their results are
+        published, so no payment is left half-done; charges not sent yet are handed back
+        uncommitted; then the final commit."""
+        self.stopping = True
         if self.tasks:
             log.info("stopping: finishing in-flight payments", in_flight=len(self.tasks))
             await asyncio.wait(self.tasks, timeout=30)
@@ -405,6 +409,12 @@ class PaymentsProcessor:
         transient = 0
         while True:
             await lane.acquire()
+            if self.stopping and not attempt.sent:
+                # stopping: work never sent is handed back (its offset stays uncommitted
+                # and the next owner charges it, with the same idempotency key)
+                lane.release("ok")
+                return
+            attempt.sent = True
             try:
                 outcome = await self.gateway.charge(charge)
             except RateLimited as exc:

@@ -91,3 +91,48 @@ def test_scale_runs_workers_in_one_group_and_shows_the_rebalance(
     owned = [part for line in last.splitlines()[1:3] for part in line.split(" — ")[1].split(", ")]
     assert len(owned) == len(set(owned)) > 0
     assert "payments: 2 worker(s) stopped" in shown
+
+
+def test_sigterm_lets_in_flight_payments_finish_and_nothing_is_half_sent(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
+) -> None:
+    import asyncio
+    from collections import Counter
+
+    from streams.kafka.topics import PAYMENT_RESULTS
+    from streams.payments.http_gateway import fetch_ledger
+    from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+    from streams.publish import read_topic
+    from tests.integration.test_payments import invoice, publish_invoices, start_payments
+
+    settings = pipeline_env
+    slow = AccountConfig(max_concurrency=20, latency_median_ms=400, latency_p99_ms=900,
+                         decline_rate=0.0)  # fmt: skip
+    sim = SimulatorProcess.start(SimulatorConfig(accounts={"merchant-1": slow,
+                                                           "merchant-2": slow}, seed=3),
+                                 settings.home / "logs")  # fmt: skip
+    try:
+        invoices = [invoice(i, f"tok_ok_{i}") for i in range(400)]
+        publish_invoices(settings, kafka_bootstrap, invoices)
+        payer = start_payments(settings, kafka_bootstrap, sim.url, "1d")
+
+        def results() -> list[dict]:
+            return read_topic(settings, kafka_bootstrap, PAYMENT_RESULTS)
+
+        wait_until(lambda: len(results()) >= 10, 60, "the first results", [payer])
+        assert payer.stop(timeout=60) == 0  # SIGTERM: a clean exit after the drain
+        ledger = asyncio.run(fetch_ledger(sim.url))
+        charged = {e["invoice_id"] for e in ledger if e["kind"] == "charge"}
+        answered = {r["invoice_id"] for r in results()}
+        assert len(answered) < len(invoices)  # it did stop part-way
+        assert charged <= answered  # every charge the gateway made has its result
+
+        procs.add(start_payments(settings, kafka_bootstrap, sim.url, "1d"))
+        wait_until(lambda: len({r["invoice_id"] for r in results()}) == len(invoices), 90,
+                   "every invoice paid after the restart")  # fmt: skip
+        ledger = asyncio.run(fetch_ledger(sim.url))
+        per_invoice = Counter(e["invoice_id"] for e in ledger
+                              if e["kind"] == "charge" and e["status"] == "succeeded")  # fmt: skip
+        assert len(per_invoice) == len(invoices) and set(per_invoice.values()) == {1}
+    finally:
+        sim.stop()
