@@ -511,17 +511,35 @@ def kafka_status() -> None:
 
 
 @app.command()
-def topics() -> None:
-    """Create the declared topics (idempotent) and describe them."""
+def topics(
+    partitions: int | None = typer.Option(None, min=1, help="grow every topic to N partitions"),
+    force: bool = typer.Option(False, help="grow even though the topics hold data"),
+) -> None:
+    """Create the declared topics (idempotent) and describe them; --partitions N adds
+    partitions (Kafka never removes any)."""
+    import dataclasses
+
     from rich.table import Table
 
     from streams.kafka import clients
     from streams.kafka.local import bootstrap_servers
-    from streams.kafka.topics import ALL_TOPICS, ensure_topics
+    from streams.kafka.topics import ALL_TOPICS, SUBSCRIPTIONS, ensure_topics
 
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     admin = clients.admin(settings, bootstrap)
+    if partitions is not None:
+        meta = admin.list_topics(timeout=30).topics
+        subs = meta.get(SUBSCRIPTIONS.name)
+        if subs is not None and not force and _holds_data(settings, bootstrap, subs):
+            # keys hash to partitions: more partitions move accounts to partitions whose
+            # rating state (RocksDB per partition) does not have them
+            console.print("[red]the topics hold data:[/] adding partitions moves accounts to "
+                          "other partitions, away from their rating state. Drain and rebuild "
+                          "the rating state afterwards (replay from the topics), then run "
+                          "again with --force.")  # fmt: skip
+            raise typer.Exit(2)
+        settings = dataclasses.replace(settings, partitions=partitions)
     created = ensure_topics(admin, settings)
     meta = admin.list_topics(timeout=30).topics
     table = Table("topic", "partitions", "replicas", "schema", "created now")
@@ -531,6 +549,19 @@ def topics() -> None:
         table.add_row(t.name, str(len(parts)), str(replicas), t.schema or "-",
                       "yes" if t.name in created else "")  # fmt: skip
     out.print(table)
+
+
+def _holds_data(settings: Any, bootstrap: str, meta: Any) -> bool:
+    from confluent_kafka import TopicPartition
+
+    from streams.kafka import clients
+
+    probe = clients.consumer(settings, bootstrap, "streambill-topics-probe")
+    try:
+        return any(probe.get_watermark_offsets(TopicPartition(meta.topic, p), timeout=10)[1] > 0
+                   for p in meta.partitions)  # fmt: skip
+    finally:
+        probe.close()
 
 
 def _run_bench(scenario: str, params: dict, runs: int, json_out: Path | None, once) -> None:

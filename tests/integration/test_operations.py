@@ -14,7 +14,7 @@ from streams import metrics
 from streams.config import Settings
 from streams.kafka import clients
 from streams.kafka.lag import group_lags
-from streams.kafka.topics import SUBSCRIPTIONS, group_id
+from streams.kafka.topics import ALL_TOPICS, SUBSCRIPTIONS, group_id
 from tests.integration.helpers import Procs, start_rating, start_sink, wait_until
 from tests.integration.test_lanes import event, produce
 
@@ -136,3 +136,22 @@ def test_sigterm_lets_in_flight_payments_finish_and_nothing_is_half_sent(
         assert len(per_invoice) == len(invoices) and set(per_invoice.values()) == {1}
     finally:
         sim.stop()
+
+
+def test_topics_grow_partitions_and_refuse_to_move_keyed_data_silently(
+    pipeline_env: Settings, kafka_bootstrap: str
+) -> None:
+    def topics(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "streams.cli", "topics", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ)
+
+    def counts() -> set[int]:
+        meta = clients.admin(pipeline_env, kafka_bootstrap).list_topics(timeout=30).topics
+        return {len(meta[t.name].partitions) for t in ALL_TOPICS}
+
+    assert topics("--partitions", "6").returncode == 0 and counts() == {6}
+    produce(pipeline_env, kafka_bootstrap, SUBSCRIPTIONS,
+            [event("created", "e-1", "acct-1", "sub-1", plan_id="pro-usd")])  # fmt: skip
+    refused = topics("--partitions", "8")
+    assert refused.returncode == 2 and "rating state" in refused.stderr and counts() == {6}
+    assert topics("--partitions", "8", "--force").returncode == 0 and counts() == {8}
