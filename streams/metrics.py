@@ -12,10 +12,14 @@ import atexit
 import json
 import os
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from streams.config import Settings
 
@@ -73,6 +77,21 @@ def endpoints(settings: Settings) -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError):
             continue
     return found
+
+
+def scrape(settings: Settings, processor: str | None = None) -> Iterator[Sample]:
+    """Every sample of every live endpoint (of one processor, if given); an endpoint
+    that does not answer is skipped."""
+    for e in endpoints(settings):
+        if processor is not None and e["processor"] != processor:
+            continue
+        try:
+            with urllib.request.urlopen(e["url"], timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            yield from family.samples
 
 
 class LagTracker:

@@ -332,6 +332,16 @@ class Api:
         EVENTS.labels(topic.base).inc()
         return where
 
+    async def _accept(
+        self, tenant: Tenant, topic: TopicSpec, record: dict[str, Any], id_field: str
+    ) -> web.Response:
+        """One record of the tenant's own account, durable in Kafka: 202 with where."""
+        self._own(tenant, record["account_id"])
+        partition, offset = await self._send(topic, record)
+        return json_response(202, {"status": "accepted", id_field: record[id_field],
+                                   "topic": topic.name, "partition": partition,
+                                   "offset": offset})  # fmt: skip
+
     async def _idempotent(
         self, request: web.Request, work: Callable[[Any], Awaitable[web.Response]]
     ) -> web.Response:
@@ -403,21 +413,10 @@ class Api:
             )
             if record is None:
                 raise ApiError(422, "invalid", "the event is invalid", errors=errors)
-            self._own(tenant, record["account_id"])
             # a cancellation is a workflow: the lanes serve it (see streams/lanes.py)
             cancel = record["type"] == "subscription.cancelled"
-            topic = CANCELLATIONS if cancel else SUBSCRIPTIONS
-            partition, offset = await self._send(topic, record)
-            return json_response(
-                202,
-                {
-                    "status": "accepted",
-                    "event_id": record["event_id"],
-                    "topic": topic.name,
-                    "partition": partition,
-                    "offset": offset,
-                },
-            )
+            return await self._accept(tenant, CANCELLATIONS if cancel else SUBSCRIPTIONS,
+                                      record, "event_id")  # fmt: skip
 
         return await self._idempotent(request, work)
 
@@ -495,18 +494,7 @@ class Api:
             )
             if record is None:
                 raise ApiError(422, "invalid", "the refund request is invalid", errors=errors)
-            self._own(tenant, record["account_id"])
-            partition, offset = await self._send(REFUNDS, record)
-            return json_response(
-                202,
-                {
-                    "status": "accepted",
-                    "refund_id": record["refund_id"],
-                    "topic": REFUNDS.name,
-                    "partition": partition,
-                    "offset": offset,
-                },
-            )
+            return await self._accept(tenant, REFUNDS, record, "refund_id")
 
         return await self._idempotent(request, work)
 

@@ -22,7 +22,6 @@ import asyncio
 import random
 import re
 import time
-import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,7 +33,6 @@ from typing import Any
 import orjson
 import structlog
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.config import Settings
 
@@ -220,28 +218,21 @@ class Sources:
         return float(max(per_group.values(), default=0))
 
     def _metrics(self, rule: Rule) -> float | None:
-        from streams.metrics import endpoints
+        from streams.metrics import scrape
 
         wanted = [(k, re.compile(v)) for k, v in rule.labels]
         totals: dict[str, float] = defaultdict(float)
         peaks: dict[str, float] = {}
         found = False
-        for e in endpoints(self.settings):
-            try:
-                with urllib.request.urlopen(e["url"], timeout=2) as response:
-                    text = response.read().decode()
-            except OSError:
+        for s in scrape(self.settings):
+            if s.name not in (rule.metric, f"{rule.metric}_total"):
                 continue
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name not in (rule.metric, f"{rule.metric}_total"):
-                        continue
-                    if not all(rx.fullmatch(s.labels.get(k, "")) for k, rx in wanted):
-                        continue
-                    found = True
-                    key = s.labels.get(rule.by, "") if rule.by else ""
-                    totals[key] += s.value
-                    peaks[key] = max(peaks.get(key, s.value), s.value)
+            if not all(rx.fullmatch(s.labels.get(k, "")) for k, rx in wanted):
+                continue
+            found = True
+            key = s.labels.get(rule.by, "") if rule.by else ""
+            totals[key] += s.value
+            peaks[key] = max(peaks.get(key, s.value), s.value)
         if rule.agg == "max":
             return max(peaks.values()) if found else 0.0
         if rule.agg == "sum":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections import deque
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -22,10 +21,9 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from streams.config import Settings
-from streams.metrics import endpoints
+from streams.metrics import endpoints, scrape
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -119,26 +117,16 @@ def _number(v: Any) -> Any:
 
 def api_counters(settings: Settings) -> tuple[float, float, float] | None:
     """(requests, 5xx, 4xx) summed over every live API worker; None when none runs."""
-    found = [e for e in endpoints(settings) if e["processor"] == "api"]
-    if not found:
+    if not any(e["processor"] == "api" for e in endpoints(settings)):
         return None
     requests = errors = refused = 0.0
-    for e in found:
-        try:
-            with urllib.request.urlopen(e["url"], timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
+    for s in scrape(settings, "api"):
+        if s.name != "streambill_api_requests_total":
             continue
-        for family in text_string_to_metric_families(text):
-            if family.name != "streambill_api_requests":
-                continue
-            for s in family.samples:
-                if not s.name.endswith("_total"):
-                    continue
-                requests += s.value
-                status = s.labels.get("status", "")
-                errors += s.value if status.startswith("5") else 0
-                refused += s.value if status.startswith("4") else 0
+        status = s.labels.get("status", "")
+        requests += s.value
+        errors += s.value if status.startswith("5") else 0
+        refused += s.value if status.startswith("4") else 0
     return requests, errors, refused
 
 

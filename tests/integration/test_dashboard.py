@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -46,29 +45,32 @@ def rendered(url: str, profile: Path) -> dict[str, str]:
     return dict(re.findall(r'data-figure="(\w+)">([^<]*)<', dom))
 
 
+def start_billing_stack(
+    settings: Settings, bootstrap: str, procs: Procs, gateway_url: str
+) -> tuple[ProcessorProcess, int]:
+    """Sink, rating, payments, the priority lane and the API (tenants acme and globex):
+    returns the sink and the API's port."""
+    write_tenants(settings)
+    sink = procs.add(start_sink(settings, bootstrap))
+    procs.add(start_rating(settings, bootstrap))
+    procs.add(start_payments(settings, bootstrap, gateway_url, "1d"))
+    procs.add(ProcessorProcess(settings, bootstrap, "lane", "priority",
+                               env=gateway_env(gateway_url)).start())  # fmt: skip
+    api_proc, api_port = start_api(settings, bootstrap)
+    procs.add(api_proc)
+    return sink, api_port
+
+
 def api_requests_now(settings: Settings) -> float:
-    total = 0.0
-    for e in metrics.endpoints(settings):
-        if e["processor"] == "api":
-            with urllib.request.urlopen(e["url"], timeout=5) as r:
-                for line in r.read().decode().splitlines():
-                    if line.startswith("streambill_api_requests_total{"):
-                        total += float(line.rsplit(" ", 1)[1])
-    return total
+    return sum(s.value for s in metrics.scrape(settings, "api")
+               if s.name == "streambill_api_requests_total")  # fmt: skip
 
 
 def test_the_dashboard_shows_what_the_warehouse_and_kafka_say(
     pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any, tmp_path: Path
 ) -> None:
     settings = pipeline_env
-    write_tenants(settings)
-    sink = procs.add(start_sink(settings, kafka_bootstrap))
-    procs.add(start_rating(settings, kafka_bootstrap))
-    procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d"))
-    procs.add(ProcessorProcess(settings, kafka_bootstrap, "lane", "priority",
-                               env=gateway_env(simulator.url)).start())  # fmt: skip
-    api_proc, api_port = start_api(settings, kafka_bootstrap)
-    procs.add(api_proc)
+    sink, api_port = start_billing_stack(settings, kafka_bootstrap, procs, simulator.url)
     port = free_port()
     dash = procs.add(ProcessorProcess(settings, kafka_bootstrap, "dashboard", "--port",
                                       str(port), top_level=True).start())  # fmt: skip

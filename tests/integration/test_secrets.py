@@ -11,10 +11,9 @@ import pytest
 import requests
 
 from streams.config import Settings
-from streams.stack import ProcessorProcess, start_api
-from tests.integration.helpers import Procs, scalar, start_rating, start_sink, wait_until
-from tests.integration.test_api import ACME, signup, write_tenants
-from tests.integration.test_payments import gateway_env, start_payments
+from tests.integration.helpers import Procs, scalar, wait_until
+from tests.integration.test_api import ACME, signup
+from tests.integration.test_dashboard import start_billing_stack
 
 pytestmark = pytest.mark.kafka
 SECRETS = {
@@ -34,14 +33,7 @@ def test_no_secret_and_no_card_number_is_ever_logged(
         monkeypatch.setenv(name, value)  # inherited by every process below
     monkeypatch.setenv("STREAMBILL_LOG_LEVEL", "DEBUG")  # the most talkative setting
     settings = pipeline_env
-    write_tenants(settings)
-    sink = procs.add(start_sink(settings, kafka_bootstrap))
-    procs.add(start_rating(settings, kafka_bootstrap))
-    procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d"))
-    procs.add(ProcessorProcess(settings, kafka_bootstrap, "lane", "priority",
-                               env=gateway_env(simulator.url)).start())  # fmt: skip
-    api_proc, port = start_api(settings, kafka_bootstrap)
-    procs.add(api_proc)
+    sink, port = start_billing_stack(settings, kafka_bootstrap, procs, simulator.url)
     api = requests.Session()
     api.headers["Authorization"] = f"Bearer {ACME}"
     base = f"http://127.0.0.1:{port}"
