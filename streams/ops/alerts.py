@@ -19,6 +19,7 @@ The state machine (``step``) is pure. After a restart the states are read back f
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -27,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +162,23 @@ def alert_event(rule: Rule, transition: str, value: float | None, since: float,
         "rule": rule.name,
         "state": transition,
         "severity": rule.severity,
-        "value": value,
-        "threshold": rule.threshold,
+        "value": _exact(value),
+        "threshold": _exact(rule.threshold),
         "summary": rule.summary or rule.name,
         "at": datetime.fromtimestamp(now, UTC),
     }
 
 
+def _exact(value: float | None) -> Decimal | None:
+    """A measurement as the topic's decimal (9 fraction digits; no float on Kafka)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return Decimal(f"{value:.9f}")
+
+
 def webhook_body(event: dict[str, Any], fmt: str) -> bytes:
-    plain = {**event, "at": event["at"].isoformat()}
+    numbers = {k: None if event[k] is None else float(event[k]) for k in ("value", "threshold")}
+    plain = {**event, **numbers, "at": event["at"].isoformat()}
     if fmt == "slack":
         icon = ":red_circle:" if event["state"] == "firing" else ":large_green_circle:"
         value = "unknown" if event["value"] is None else f"{event['value']:g}"
