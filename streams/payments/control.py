@@ -70,7 +70,8 @@ class CircuitBreaker:
     def retry_in(self, now: float) -> float:
         """Seconds until `allow` may say yes (0 when it may now)."""
         if self.state == OPEN:
-            return max(0.0, self.opened_at + self.current_open - now)
+            # (clamped: opened_at + current_open - now can round a hair above current_open)
+            return min(self.current_open, max(0.0, self.opened_at + self.current_open - now))
         return 0.0 if self.state == CLOSED or not self.probing else 0.05
 
     def on_success(self) -> None:
