@@ -25,7 +25,7 @@ from confluent_kafka import TopicPartition
 from rich.console import Console
 
 from streams.codec import codec
-from streams.config import DEPLOY_DIR, Settings
+from streams.config import DEFAULT_CATALOG, Settings
 from streams.kafka import clients
 from streams.kafka.local import bootstrap_servers
 from streams.kafka.topics import (
@@ -41,7 +41,7 @@ from streams.kafka.topics import (
 from streams.stack import ProcessorProcess, start_api, wait_for_warehouse_endpoint
 from streams.ui import progress_bar
 
-CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
+CATALOG = DEFAULT_CATALOG
 ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
 PERIOD_END = datetime(2026, 2, 1, tzinfo=UTC)  # monthly plans anchored at ANCHOR
 BULK_NICE = 10  # CPU priority of bulk processors next to the priority lane

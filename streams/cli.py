@@ -15,7 +15,7 @@ from rich.console import Console
 
 from streams.api.cli import api as api_cmd
 from streams.api.cli import tenant_app
-from streams.config import DEPLOY_DIR
+from streams.config import DEFAULT_CATALOG, DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.logging import configure as configure_logging
 from streams.payments.cli import gateway_app
@@ -110,7 +110,7 @@ class Clock(StrEnum):
 
 def _catalog_option() -> Path:
     return typer.Option(
-        DEPLOY_DIR / "demo" / "catalog.json",
+        DEFAULT_CATALOG,
         envvar="STREAMBILL_CATALOG",
         exists=True,
         dir_okay=False,
@@ -278,13 +278,23 @@ def lag(
         out.print(f"{g}: {total:,} behind")
 
 
-SCALABLE = {  # processor -> (run arguments, consumer group)
-    "rating": (["rating"], "streambill-rating"),
-    "payments": (["payments"], "streambill-payments"),
-    "lane-priority": (["lane", "priority"], "streambill-priority-lane"),
-    "lane-standard": (["lane", "standard"], "streambill-standard-lane"),
-    "sink": (["sink"], "streambill-sink"),
+SCALABLE = {  # processor -> its `streambill run` arguments
+    "rating": ["rating"],
+    "payments": ["payments"],
+    "lane-priority": ["lane", "priority"],
+    "lane-standard": ["lane", "standard"],
+    "sink": ["sink"],
 }
+
+
+def consumer_group(processor: str) -> str:
+    """The consumer group a processor's workers share (the processors' own names)."""
+    from streams.processors import payments, rating, sink
+    from streams.processors.lane import lane_group
+
+    if processor.startswith("lane-"):
+        return lane_group(processor.removeprefix("lane-"))
+    return {"rating": rating.GROUP, "payments": payments.GROUP, "sink": sink.GROUP}[processor]
 
 
 @app.command()
@@ -313,7 +323,7 @@ def scale(
         raise typer.BadParameter("the embedded warehouse has one owner: scale the sink with "
                                  "a ClickHouse server (CLICKHOUSE_DSN=http://...)")  # fmt: skip
     bootstrap = bootstrap_servers(settings)
-    argv, group = SCALABLE[processor]
+    argv, group = SCALABLE[processor], consumer_group(processor)
     procs = []
     for n in range(workers):
         extra = ["--worker", str(n)] if processor == "rating" else []

@@ -9,6 +9,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_DIR = REPO_ROOT / "schemas"
 DEPLOY_DIR = REPO_ROOT / "deploy"
+DEFAULT_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
 
 # Kafka client settings passed through from the environment (TLS / SASL), so a secured
 # cluster is one export away: KAFKA_SECURITY_PROTOCOL=SASL_SSL, KAFKA_SASL_MECHANISM=...
@@ -93,9 +94,7 @@ class Settings:
         default_factory=lambda: int(_env("STREAMBILL_API_MAX_BODY", str(1024 * 1024)))
     )  # bytes; a larger body gets 413
     catalog: Path = field(
-        default_factory=lambda: Path(
-            _env("STREAMBILL_CATALOG", str(DEPLOY_DIR / "demo" / "catalog.json"))
-        )
+        default_factory=lambda: Path(_env("STREAMBILL_CATALOG", str(DEFAULT_CATALOG)))
     )
 
     @property

@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from streams.config import DEPLOY_DIR, Settings
+from streams.config import DEFAULT_CATALOG, Settings
 from streams.domain.catalog import Catalog
 from streams.domain.money import format_money
 from streams.generator import (
@@ -34,7 +34,7 @@ from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
 from streams.ui import progress_bar
 from streams.warehouse import query
 
-DEMO_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
+DEMO_CATALOG = DEFAULT_CATALOG
 
 
 @dataclass

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 import streams.api.server
 import streams.metrics  # noqa: F401 - registers the processors' metrics
-from streams.cli import SCALABLE
+from streams.cli import SCALABLE, consumer_group
 from streams.config import DEPLOY_DIR
 from streams.kafka.topics import ALL_TOPICS
 
@@ -51,7 +51,7 @@ def test_manifests_scale_the_real_consumer_groups_on_real_topics() -> None:
             for d in yaml.safe_load_all(f.read_text()) if d]  # fmt: skip
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     topics = {t.name for t in ALL_TOPICS}
-    groups = {group for _, group in SCALABLE.values()}
+    groups = {consumer_group(p) for p in SCALABLE}
     scaled = [d for d in docs if d["kind"] == "ScaledObject"]
     for obj in scaled:
         target = obj["spec"]["scaleTargetRef"]

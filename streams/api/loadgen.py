@@ -45,7 +45,6 @@ class _Connection(asyncio.Protocol):
         self.transport: Any = None
         self.waiter: asyncio.Future[_Response] | None = None
         self.response = _Response()
-        self.header: bytes = b""
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport  # (uvloop's is not an asyncio.Transport subclass)
