@@ -11,16 +11,21 @@ SCHEMAS_DIR = REPO_ROOT / "schemas"
 DEPLOY_DIR = REPO_ROOT / "deploy"
 DEFAULT_CATALOG = DEPLOY_DIR / "demo" / "catalog.json"
 
-# Kafka client settings passed through from the environment (TLS / SASL), so a secured
-# cluster is one export away: KAFKA_SECURITY_PROTOCOL=SASL_SSL, KAFKA_SASL_MECHANISM=...
+# Kafka client settings passed through from the environment (TLS / SASL) to every
+# producer, consumer and admin client (streams/kafka/clients.py), so a secured cluster is
+# one export away: KAFKA_SECURITY_PROTOCOL=SASL_SSL, KAFKA_SASL_MECHANISM=SCRAM-SHA-512, ...
+# Values are librdkafka's (security.protocol: PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL).
 _KAFKA_SECURITY_ENV = {
     "KAFKA_SECURITY_PROTOCOL": "security.protocol",
-    "KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "KAFKA_SASL_MECHANISM": "sasl.mechanism",  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
     "KAFKA_SASL_USERNAME": "sasl.username",
     "KAFKA_SASL_PASSWORD": "sasl.password",
-    "KAFKA_SSL_CA_LOCATION": "ssl.ca.location",
-    "KAFKA_SSL_CERTIFICATE_LOCATION": "ssl.certificate.location",
+    "KAFKA_SSL_CA_LOCATION": "ssl.ca.location",  # CA bundle (PEM) to verify the brokers
+    "KAFKA_SSL_CERTIFICATE_LOCATION": "ssl.certificate.location",  # client cert (mTLS)
     "KAFKA_SSL_KEY_LOCATION": "ssl.key.location",
+    "KAFKA_SSL_KEY_PASSWORD": "ssl.key.password",
+    # "https" (the default: check the broker's host name) or "none"
+    "KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM": "ssl.endpoint.identification.algorithm",
 }
 
 

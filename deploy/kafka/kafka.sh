@@ -7,13 +7,21 @@
 #   deploy/kafka/kafka.sh stop [NODE]           stop all nodes (or one, for fault tests)
 #   deploy/kafka/kafka.sh start-node NODE       start one stopped node of the running cluster again
 #   deploy/kafka/kafka.sh status | bootstrap
+#   deploy/kafka/kafka.sh bootstrap-sasl        the SASL_PLAINTEXT (SCRAM-SHA-512) listeners
 #
 # `start` prints the bootstrap servers on its last line. Nothing is started when
 # KAFKA_BOOTSTRAP_SERVERS is set (an existing cluster is used).
 #
+# Every node also has a client listener SASL_PLAINTEXT with SCRAM-SHA-512 (port +2), for
+# testing authenticated clients; inter-broker and controller traffic stay PLAINTEXT. It has
+# no users until one is created through the Admin API over PLAINTEXT (e.g. confluent_kafka
+# AdminClient.alter_user_scram_credentials); clients then set KAFKA_SECURITY_PROTOCOL=
+# SASL_PLAINTEXT, KAFKA_SASL_MECHANISM=SCRAM-SHA-512, KAFKA_SASL_USERNAME/PASSWORD.
+#
 # Environment: STREAMBILL_KAFKA_DIR (broker data and logs; default <repo>/.streambill/kafka),
 # STREAMBILL_CACHE (jars; default ~/.cache/streambill), KAFKA_HEAP_MB (per node, default 768),
-# STREAMBILL_KAFKA_PORT_BASE (default 19092; node n listens on base + 100*(n-1), its controller on +1).
+# STREAMBILL_KAFKA_PORT_BASE (default 19092; node n listens on base + 100*(n-1), its controller
+# on +1, its SASL listener on +2).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,14 +37,15 @@ log() { echo "kafka.sh: $*" >&2; }
 
 broker_port() { echo $((port_base + 100 * ($1 - 1))); }
 controller_port() { echo $((port_base + 100 * ($1 - 1) + 1)); }
+sasl_port() { echo $((port_base + 100 * ($1 - 1) + 2)); }
 node_count() { cat "$state/brokers" 2>/dev/null || echo 0; }
 node_pid() { cat "$state/node-$1/pid" 2>/dev/null || true; }
 node_alive() { local pid; pid="$(node_pid "$1")"; [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
 
-bootstrap() {
-  local n i out=""
+bootstrap() { # [port function]
+  local n i out="" port="${1:-broker_port}"
   n="$(node_count)"
-  for ((i = 1; i <= n; i++)); do out+="${out:+,}127.0.0.1:$(broker_port "$i")"; done
+  for ((i = 1; i <= n; i++)); do out+="${out:+,}127.0.0.1:$("$port" "$i")"; done
   echo "$out"
 }
 
@@ -61,11 +70,15 @@ write_config() { # node total
 process.roles=broker,controller
 node.id=$node
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node"),CONTROLLER://127.0.0.1:$(controller_port "$node")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node")
+listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node"),CONTROLLER://127.0.0.1:$(controller_port "$node"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$node")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$node"),SASL_PLAINTEXT://127.0.0.1:$(sasl_port "$node")
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+# clients only: SCRAM users are created at runtime through the Admin API (no authorizer,
+# so an authenticated user may do anything)
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 log.dirs=$state/node-$node/data
 num.partitions=12
 default.replication.factor=$rf
@@ -194,7 +207,7 @@ status() {
   if [ "$n" = 0 ]; then echo "no local cluster"; return 0; fi
   for ((i = 1; i <= n; i++)); do
     if node_alive "$i"; then s=running; else s=stopped; fi
-    echo "node $i: $s 127.0.0.1:$(broker_port "$i")"
+    echo "node $i: $s 127.0.0.1:$(broker_port "$i") (SASL 127.0.0.1:$(sasl_port "$i"))"
   done
 }
 
@@ -207,5 +220,6 @@ case "$cmd" in
   stop) stop "$@" ;;
   status) status ;;
   bootstrap) bootstrap ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  bootstrap-sasl) bootstrap sasl_port ;;
+  *) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 2 ;;
 esac

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, TopicPartition
+from confluent_kafka import (
+    ConsumerGroupTopicPartitions,
+    IsolationLevel,
+    KafkaException,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams.kafka.topics import namespace
@@ -29,6 +34,9 @@ def group_lags(admin: AdminClient, timeout: float = 10.0) -> list[PartitionLag]:
     whose name starts with the namespace; the bench's and tests' own stay apart)."""
     ns = namespace()
     listed = admin.list_consumer_groups(request_timeout=timeout).result()
+    if listed.errors and not listed.valid:
+        # no broker answered (unreachable, or authentication refused): not "no groups"
+        raise KafkaException(listed.errors[0])
     groups = sorted(
         g.group_id
         for g in listed.valid
