@@ -32,6 +32,12 @@ BATCH_SECONDS = Histogram("streambill_batch_seconds", "time to process one batch
                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
 CONSUMER_LAG = Gauge("streambill_consumer_lag", "records behind the end of a partition",
                      ["processor", "topic", "partition"])  # fmt: skip
+WAREHOUSE_RETRIES = Counter("streambill_warehouse_retries_total",
+                            "batches held back because the warehouse was unavailable",
+                            ["processor"])  # fmt: skip
+COMMIT_FAILURES = Counter("streambill_commit_failures_total",
+                          "offset commits refused by the group (rebalance, coordinator moved)",
+                          ["processor"])  # fmt: skip
 INVOICES_EMITTED = Counter("streambill_invoices_total", "invoices emitted by the rating processor")
 PAYMENTS = Counter("streambill_payments_total", "payment attempts by outcome", ["status"])
 GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call latency",

@@ -19,7 +19,7 @@ from streams.domain.catalog import Catalog, CatalogError
 from streams.domain.events import Event, InvalidEvent, parse_event
 from streams.domain.invoice import Invoice, invoice_to_dict
 from streams.domain.rating import SubscriptionState, apply_event, close_periods
-from streams.domain.timestamps import parse_timestamp, require_utc
+from streams.domain.timestamps import format_timestamp, parse_timestamp, require_utc
 
 __all__ = [
     "RateResult",
@@ -43,6 +43,9 @@ class RateResult:
     # events after `until`: not rated yet (neither invoiced nor dead letters)
     deferred: int = 0
     states: dict[str, SubscriptionState] = field(default_factory=dict, repr=False)
+    # events the state machine accepted (a repeated usage event id too: accepted, counted
+    # once). Every non-blank input line is exactly one of: applied, a dead letter, deferred.
+    applied: int = 0
 
 
 def _read(source: Source) -> str:
@@ -88,7 +91,7 @@ def rate_events(catalog: Catalog, lines: Iterable[str], until: datetime) -> Rate
     parsed.sort(key=lambda p: p[0].timestamp)
     states: dict[str, SubscriptionState] = {}
     invoices: list[Invoice] = []
-    deferred = 0
+    deferred = applied = 0
     for event, n, raw in parsed:
         if event.timestamp > until:
             deferred += 1  # the rating is "as of until"
@@ -99,12 +102,24 @@ def rate_events(catalog: Catalog, lines: Iterable[str], until: datetime) -> Rate
             states[sub] = state
         invoices += new_invoices
         dead += [{"reason": r.reason, "line": n, "event": raw} for r in rejections]
+        applied += not rejections
 
     for sub in sorted(states):
         states[sub], new_invoices = close_periods(states[sub], until, catalog)
         invoices += new_invoices
     invoices.sort(key=lambda inv: (inv.issued_at, inv.invoice_id))
-    return RateResult(invoices, dead, deferred, states)
+    return RateResult(invoices, dead, deferred, states, applied)
+
+
+def record_to_json_line(kind: str, rec: dict[str, Any]) -> str:
+    """An Avro-shaped record of billing.subscriptions (kind "sub") or billing.usage ("usage")
+    as a line of the offline rater's input: the same events, rated the other way."""
+    out = {k: v for k, v in rec.items() if v is not None}
+    out["timestamp"] = format_timestamp(rec["timestamp"])
+    if kind == "usage":
+        out["type"] = "usage"
+        out["quantity"] = str(rec["quantity"])
+    return orjson.dumps(out).decode()
 
 
 def invoice_to_json_line(invoice: Invoice) -> str:

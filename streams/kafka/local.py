@@ -9,23 +9,32 @@ from streams.config import DEPLOY_DIR, Settings
 KAFKA_SH = DEPLOY_DIR / "kafka" / "kafka.sh"
 
 
-def start_local_kafka(brokers: int = 1) -> str:
-    """Start (or reuse) the local cluster; returns its bootstrap servers."""
+def start_local_kafka(brokers: int = 1, env: dict[str, str] | None = None) -> str:
+    """Start (or reuse) the local cluster; returns its bootstrap servers. `env` may name
+    another cluster (STREAMBILL_KAFKA_DIR, STREAMBILL_KAFKA_PORT_BASE), as chaos does."""
     proc = subprocess.run(
         [str(KAFKA_SH), "start", "--brokers", str(brokers)],
         check=False,
         capture_output=True,
         text=True,
-        env=_env_without_bootstrap(),
+        env=_env_without_bootstrap() | (env or {}),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"local Kafka did not start:\n{proc.stderr[-4000:]}")
     return proc.stdout.strip().splitlines()[-1]
 
 
-def stop_local_kafka(node: int | None = None) -> None:
+def stop_local_kafka(node: int | None = None, env: dict[str, str] | None = None) -> None:
     args = [str(KAFKA_SH), "stop"] + ([str(node)] if node else [])
-    subprocess.run(args, check=True, capture_output=True, env=_env_without_bootstrap())
+    subprocess.run(
+        args, check=True, capture_output=True, env=_env_without_bootstrap() | (env or {})
+    )
+
+
+def start_local_node(node: int, env: dict[str, str] | None = None) -> None:
+    """Start one stopped node of the running local cluster again (fault tests)."""
+    subprocess.run([str(KAFKA_SH), "start-node", str(node)], check=True, capture_output=True,
+                   env=_env_without_bootstrap() | (env or {}))  # fmt: skip
 
 
 def _env_without_bootstrap() -> dict[str, str]:

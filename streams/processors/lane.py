@@ -51,6 +51,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
+from streams.domain.events import InvalidEvent, parse_event
 from streams.domain.payments import backoff
 from streams.kafka import clients
 from streams.kafka.topics import (
@@ -74,6 +75,7 @@ from streams.metrics import (
 from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.payments import Lane, OffsetTracker, make_gateway
+from streams.processors.rating import published_ms, timestamp_problem
 from streams.processors.runtime import StopFlag
 
 log = structlog.get_logger(__name__)
@@ -106,6 +108,53 @@ class PartitionState:
     in_flight: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     ready: bool = False  # state topics read up to their end at assignment
+
+
+def refund_refusal(state: PartitionState, req: dict[str, Any]) -> str | None:
+    """Why a refund request is rejected, from what the partition knows (None: it may go to
+    the gateway). Pure."""
+    invoice_id, amount = req["invoice_id"], req["amount"]
+    paid = state.paid.get(invoice_id)
+    if paid is None:
+        return "invoice_not_paid" if invoice_id in state.subscription_of else "unknown_invoice"
+    if req["currency"] != paid.currency:
+        return "currency_mismatch"
+    if amount <= ZERO:
+        return "amount_not_positive"
+    if amount > paid.amount - state.refunded[invoice_id]:
+        return "amount_exceeds_paid"
+    return None
+
+
+def cancellation_problem(event: dict[str, Any], published: int | None) -> tuple[str, str] | None:
+    """Why a decoded record of billing.cancellations is dead-lettered whatever the state
+    knows: (reason, detail), or None. What is forwarded must be an event the rating
+    processor accepts (the same validation), or the entitlement would be deactivated for a
+    cancellation that is never billed. `published`: the record's Kafka timestamp (ms)."""
+    if event["type"] != "subscription.cancelled":
+        return "not_a_cancellation", f"type {event['type']!r}"
+    if event["mode"] not in ("immediate", "end_of_period"):
+        return "invalid_mode", f"mode {event['mode']!r}"
+    try:
+        parsed = parse_event(event)
+    except InvalidEvent as exc:
+        return None
+    problem = None
+    if problem:
+        return "invalid_event", f"{problem}: {parsed.timestamp.isoformat()}"
+    return None
+
+
+def cancellation_refusal(event: dict[str, Any], sub: Subscription | None) -> tuple[str, str] | None:
+    """Why a valid cancellation is dead-lettered given its subscription as the partition
+    knows it (None: unknown), or None. Pure."""
+    if sub is None:
+        return "unknown_subscription", event["subscription_id"]
+    if sub.account_id != event["account_id"]:
+        return "account_mismatch", f"{event['subscription_id']} belongs to another account"
+    if sub.cancelled_by not in (None, event["event_id"]):
+        return "already_cancelled", f"by {sub.cancelled_by}"
+    return None
 
 
 def entitlement_id(cause: str) -> str:
@@ -252,9 +301,7 @@ class LaneProcessor:
                 self._request(msg)
 
     def _commit(self) -> None:
-        offsets = self.tracker.commits()
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+        self.tracker.commit(self.consumer, self.name)
 
     # --- records --------------------------------------------------------------------
 
@@ -366,19 +413,12 @@ class LaneProcessor:
         def rejected(reason: str) -> tuple[dict[str, Any], None]:
             return self._result(req, "rejected", reason, None), None
 
-        paid = state.paid.get(invoice_id)
-        if paid is None:
+        if invoice_id not in state.paid:
             await self._wait_for_state(partition)
-            paid = state.paid.get(invoice_id)
-        if paid is None:
-            known = invoice_id in state.subscription_of
-            return rejected("invoice_not_paid" if known else "unknown_invoice")
-        if req["currency"] != paid.currency:
-            return rejected("currency_mismatch")
-        if amount <= ZERO:
-            return rejected("amount_not_positive")
-        if amount > paid.amount - state.refunded[invoice_id]:
-            return rejected("amount_exceeds_paid")
+        refusal = refund_refusal(state, req)
+        if refusal:
+            return rejected(refusal)
+        paid = state.paid[invoice_id]
         # concurrent requests of the same invoice see this one's amount as taken already
         state.refunded[invoice_id] += amount
         try:
@@ -407,21 +447,17 @@ class LaneProcessor:
 
     async def _cancel(self, event: dict[str, Any], msg: Any) -> None:
         state = self.state[msg.partition()]
-        if event["type"] != "subscription.cancelled":
-            return self._dead_letter(msg, "not_a_cancellation", f"type {event['type']!r}")
-        if event["mode"] not in ("immediate", "end_of_period"):
-            return self._dead_letter(msg, "invalid_mode", f"mode {event['mode']!r}")
+        problem = cancellation_problem(event, published_ms(msg))
+        if problem:
+            return self._dead_letter(msg, *problem)
         sub_id = event["subscription_id"]
         if sub_id not in state.subscriptions:
             await self._wait_for_state(msg.partition())
         sub = state.subscriptions.get(sub_id)
-        if sub is None:
-            return self._dead_letter(msg, "unknown_subscription", sub_id)
-        if sub.account_id != event["account_id"]:
-            return self._dead_letter(msg, "account_mismatch",
-                                     f"{sub_id} belongs to another account")  # fmt: skip
-        if sub.cancelled_by not in (None, event["event_id"]):
-            return self._dead_letter(msg, "already_cancelled", f"by {sub.cancelled_by}")
+        refusal = cancellation_refusal(event, sub)
+        if refusal:
+            return self._dead_letter(msg, *refusal)
+        assert sub is not None  # an unknown subscription is refused
         forward = sub.cancelled_by is None  # a repeat is not forwarded twice
         LANE_REQUESTS.labels(self.lane, "cancellation", "accepted" if forward else "repeat").inc()
         sub.cancelled_by = event["event_id"]

@@ -36,10 +36,11 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
+from streams.domain.money import UnknownCurrency, minor_units
 from streams.domain.payments import (
     Final,
     Retry,
@@ -61,6 +62,7 @@ from streams.kafka.topics import (
 )
 from streams.metrics import (
     CIRCUIT_OPEN,
+    COMMIT_FAILURES,
     GATEWAY_IN_FLIGHT,
     GATEWAY_SECONDS,
     PAYMENTS,
@@ -83,6 +85,62 @@ GROUP = "streambill-payments"
 NAME = "payments"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TP = tuple[str, int]
+
+
+def request_problem(req: dict[str, Any]) -> str | None:
+    """Why a payment request decoded from Kafka cannot be attempted, if it cannot: it
+    becomes a dead letter instead of a gateway call that cannot succeed, or a crash (an
+    attempt below 1 has no dunning step: after_attempt refuses it)."""
+    if req["attempt"] < -100:
+        return f"attempt {req['attempt']}: attempts count from 1"
+    if not req["amount"] > 0:
+        return f"amount {req['amount']} is not positive"
+    for name in ("invoice_id", "account_id", "idempotency_key", "payment_method"):
+        if not req[name]:
+            return f"{name} is empty"
+    try:
+        minor_units(req["currency"])
+    except UnknownCurrency as exc:
+        return str(exc)
+    return None
+
+
+def decode_request(value: bytes | None) -> dict[str, Any]:
+    """A record of billing.payment-requests or a retry topic; raises DecodeError (reason
+    invalid_request for one that decodes but cannot be attempted)."""
+    request = codec(PAYMENT_REQUESTS.schema).decode(value)
+    problem = request_problem(request)
+    if problem:
+        raise DecodeError("invalid_request", problem)
+    return request
+
+
+def request_for_invoice(
+    value: bytes | None, merchant_accounts: tuple[str, ...], now: datetime
+) -> dict[str, Any] | None:
+    """A record of billing.invoices -> the request of its first attempt, or None when
+    there is nothing to collect (a credit, zero, no payment method); raises DecodeError
+    (reason invalid_invoice for one that decodes but cannot be charged)."""
+    inv = codec(INVOICES.schema).decode(value)
+    if not payable(inv["total"], inv["payment_method"]):
+        return None
+    request = {
+        "payment_id": payment_id(inv["invoice_id"], 1),
+        "idempotency_key": idempotency_key(inv["invoice_id"], 1),
+        "invoice_id": inv["invoice_id"],
+        "account_id": inv["account_id"],
+        "attempt": 1,
+        "amount": inv["total"],
+        "currency": inv["currency"],
+        "payment_method": inv["payment_method"],
+        "gateway_account": route(inv["account_id"], merchant_accounts),
+        "not_before": inv["issued_at"],
+        "requested_at": now,
+    }
+    problem = request_problem(request)
+    if problem:
+        raise DecodeError("invalid_invoice", problem)
+    return request
 
 
 def route(account_id: str, merchant_accounts: tuple[str, ...]) -> str:
@@ -129,6 +187,24 @@ class OffsetTracker:
         out = [TopicPartition(t, p, self.position[(t, p)]) for t, p in self.dirty]
         self.dirty.clear()
         return out
+
+    def commit(self, consumer: Consumer, processor: str) -> None:
+        """Commit the finished positions. A commit refused because the group moved on (a
+        rebalance, or its coordinator lost with a broker) is not fatal: the positions are
+        committed again next time, and a partition that changed hands is re-read by its
+        new owner, where the idempotency keys make the repeat harmless."""
+        offsets = self.commits()
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                raise
+            self.dirty.update((tp.topic, tp.partition) for tp in offsets
+                              if (tp.topic, tp.partition) in self.position)  # fmt: skip
+            COMMIT_FAILURES.labels(processor).inc()
+            log.warning("offset commit refused; committed again later", error=str(exc))
 
     def finisher(self, tp: TP, offset: int, outputs: int) -> Callable[[Any, Any], None]:
         """A delivery callback: the source record is finished once all its `outputs` are
@@ -303,9 +379,7 @@ class PaymentsProcessor:
         self._commit()
 
     def _commit(self) -> None:
-        offsets = self.tracker.commits()
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+        self.tracker.commit(self.consumer, "payments")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit()
@@ -329,31 +403,16 @@ class PaymentsProcessor:
                 log.info("payment run", run_id=run["run_id"], until=run["until"].isoformat())
                 self.tracker.finish(tp, offset)
             else:
-                request = codec(PAYMENT_REQUESTS.schema).decode(msg.value())
-                self._schedule(Attempt(request, tp, offset))
+                self._schedule(Attempt(decode_request(msg.value()), tp, offset))
         except DecodeError as exc:
             produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
                                 on_delivery=self.tracker.finisher(tp, offset, 1))  # fmt: skip
 
     def _invoice(self, msg: Any, tp: TP, offset: int) -> None:
-        inv = codec(INVOICES.schema).decode(msg.value())
-        if not payable(inv["total"], inv["payment_method"]):
+        request = request_for_invoice(msg.value(), self.accounts, datetime.now(UTC))
+        if request is None:
             self.tracker.finish(tp, offset)  # nothing to collect (credit, zero, no method)
             return
-        now = datetime.now(UTC)
-        request = {
-            "payment_id": payment_id(inv["invoice_id"], 1),
-            "idempotency_key": idempotency_key(inv["invoice_id"], 1),
-            "invoice_id": inv["invoice_id"],
-            "account_id": inv["account_id"],
-            "attempt": 1,
-            "amount": inv["total"],
-            "currency": inv["currency"],
-            "payment_method": inv["payment_method"],
-            "gateway_account": route(inv["account_id"], self.accounts),
-            "not_before": inv["issued_at"],
-            "requested_at": now,
-        }
         self._spawn(Attempt(request, tp, offset))
 
     def _schedule(self, attempt: Attempt) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
@@ -40,11 +40,17 @@ from streams.kafka.topics import (
     spec_for,
     spec_for_base,
 )
-from streams.metrics import BATCH_SECONDS, RECORDS, LagTracker
+from streams.metrics import (
+    BATCH_SECONDS,
+    COMMIT_FAILURES,
+    RECORDS,
+    WAREHOUSE_RETRIES,
+    LagTracker,
+)
 from streams.processors.bulk import BULK_TABLES, BulkLander
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.runtime import StopFlag, poll_batch
-from streams.warehouse import QueryServer, open_warehouse
+from streams.warehouse import WAREHOUSE_DOWN, QueryServer, open_warehouse
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-sink"  # namespaced by group_id()
@@ -230,7 +236,7 @@ class Sink:
                 batch = self._collect()
                 if batch:
                     started = time.perf_counter()
-                    self._land(batch)
+                    self._land_when_warehouse_answers(batch)
                     BATCH_SECONDS.labels("sink").observe(time.perf_counter() - started)
                     for topic, n in Counter(m.topic() for m in batch).items():
                         RECORDS.labels("sink", topic).inc(n)
@@ -241,10 +247,47 @@ class Sink:
                 self.server.stop()
         return self.landed
 
+    def _land_when_warehouse_answers(self, batch: list[Any]) -> None:
+        """Land the batch, waiting out a warehouse outage: nothing is committed meanwhile,
+        and the consumer stays in its group (paused, still polling)."""
+        delay = 0.5
+        while True:
+            try:
+                self._land(batch)
+                return
+            except WAREHOUSE_DOWN as exc:
+                if self.stop:
+                    raise  # nothing committed: the batch is read again after a restart
+                WAREHOUSE_RETRIES.labels("sink").inc()
+                log.warning("warehouse unavailable, the batch waits", messages=len(batch),
+                            retry_in_s=delay, error=str(exc)[:300])  # fmt: skip
+                self._idle(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _idle(self, seconds: float) -> None:
+        assigned = self.consumer.assignment()
+        self.consumer.pause(assigned)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop:
+            msg = self.consumer.poll(0.1)  # for group membership and rebalances
+            if msg is not None and not msg.error():  # a partition assigned meanwhile
+                tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                self.consumer.pause([tp])
+                self.consumer.seek(tp)  # read again once the warehouse is back
+        self.consumer.resume(self.consumer.assignment())
+
     def _resume_from_warehouse(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        result = self.client.query(
-            "SELECT topic, partition, max(next_offset) FROM sink_offsets GROUP BY topic, partition"
-        )
+        try:
+            result = self.client.query(
+                "SELECT topic, partition, max(next_offset) FROM sink_offsets "
+                "GROUP BY topic, partition"
+            )
+        except WAREHOUSE_DOWN as exc:
+            # the group's committed offsets never pass what has landed: resume there
+            log.warning("warehouse unavailable on assignment, resuming from the group's "
+                        "committed offsets", error=str(exc)[:300])  # fmt: skip
+            consumer.assign(partitions)
+            return
         landed = {(topic, int(p)): int(o) for topic, p, o in result.result_rows}
         for tp in partitions:
             tp.offset = landed.get((spec_for(tp.topic).base, tp.partition), OFFSET_BEGINNING)
@@ -288,6 +331,8 @@ class Sink:
                     try:
                         self.bulk.land(spec.schema, fast)
                         bulk += len(fast)
+                    except WAREHOUSE_DOWN:
+                        raise
                     except Exception as exc:  # a record ClickHouse will not read: Python's turn
                         log.warning("bulk landing refused, decoding in Python", topic=topic,
                                     messages=len(fast), error=str(exc)[:300])  # fmt: skip
@@ -304,9 +349,16 @@ class Sink:
             [[spec_for(t).base, p, o] for (t, p), o in offsets.items()],
             column_names=["topic", "partition", "next_offset"],
         )
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
-        )
+        try:  # for lag monitoring only: the warehouse's sink_offsets decide where to resume
+            self.consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            if exc.args[0].fatal():
+                raise
+            COMMIT_FAILURES.labels("sink").inc()
+            log.warning("offset commit refused (the batch has landed)", error=str(exc))
         self.landed += len(batch)
         log.info("batch landed", messages=len(batch), in_bulk=bulk, dead_letters=bad,
                  rows={t: len(r) for t, r in rows.items() if r})  # fmt: skip
