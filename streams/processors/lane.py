@@ -138,8 +138,8 @@ def cancellation_problem(event: dict[str, Any], published: int | None) -> tuple[
     try:
         parsed = parse_event(event)
     except InvalidEvent as exc:
-        return None
-    problem = None
+        return "invalid_event", exc.reason
+    problem = timestamp_problem(parsed.timestamp, published)
     if problem:
         return "invalid_event", f"{problem}: {parsed.timestamp.isoformat()}"
     return None

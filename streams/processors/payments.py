@@ -91,7 +91,7 @@ def request_problem(req: dict[str, Any]) -> str | None:
     """Why a payment request decoded from Kafka cannot be attempted, if it cannot: it
     becomes a dead letter instead of a gateway call that cannot succeed, or a crash (an
     attempt below 1 has no dunning step: after_attempt refuses it)."""
-    if req["attempt"] < -100:
+    if req["attempt"] < 1:
         return f"attempt {req['attempt']}: attempts count from 1"
     if not req["amount"] > 0:
         return f"amount {req['amount']} is not positive"

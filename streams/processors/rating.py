@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from confluent_kafka.admin import OffsetSpec
 from streams.codec import DecodeError, codec
 from streams.config import Settings
 from streams.domain.catalog import Catalog
-from streams.domain.events import InvalidEvent, parse_event
+from streams.domain.events import Event, InvalidEvent, SubscriptionCreated, parse_event
 from streams.domain.invoice import Invoice
 from streams.domain.rating import (
     SubscriptionState,
@@ -67,6 +67,105 @@ log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
 MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-partition
 NAME = "rating"
+# The timestamps the ingestion API refuses (streams/api/records.py) are refused here too,
+# for records published to Kafka directly: an event from before 2000, or dated more than a
+# day after it was published, would open or close decades of periods at once (thousands
+# of invoices per subscription). A bill run's `until` has the same bound after its issue.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE = timedelta(days=1)
+_EARLIEST_US = to_micros(EARLIEST)
+_MAX_FUTURE_MS = MAX_FUTURE // timedelta(milliseconds=1)
+_MAX_FUTURE_TEXT = f"{MAX_FUTURE / timedelta(hours=1):g} hours"
+# what this processor dead-letters, by reason: the codec's (empty_value, invalid_avro,
+# unknown_schema); invalid_event (decoded, but not a valid event); rejected (a valid event
+# the subscription's state refuses: unknown subscription, duplicate creation, late event,
+# another account's subscription, ...); invalid_bill_run (a bill-run command it cannot run)
+DEAD_LETTER_REASONS = frozenset({
+    "empty_value", "invalid_avro", "unknown_schema", "invalid_event", "rejected",
+    "invalid_bill_run",
+})  # fmt: skip
+
+
+def timestamp_problem(timestamp: datetime, published_ms: int | None) -> str | None:
+    """Why an event's timestamp is refused, if it is: before EARLIEST, or more than
+    MAX_FUTURE after the record was published (its Kafka timestamp, epoch ms; None when the
+    record has none). Compared in whole milliseconds, as Kafka stamps records, so that what
+    the API accepted (at most MAX_FUTURE after its clock, then published) passes here."""
+    us = to_micros(timestamp)
+    if us < _EARLIEST_US:
+        return f"timestamp before {EARLIEST.date()}"
+    if published_ms is not None and us // 1000 > published_ms + _MAX_FUTURE_MS:
+        return f"timestamp more than {_MAX_FUTURE_TEXT} after the record was published"
+    return None
+
+
+def decode_input(
+    value: bytes | None, usage: bool, published_ms: int | None = None
+) -> tuple[Event | None, str | None, tuple[str, str] | None]:
+    """One record of billing.usage (usage=True) or billing.subscriptions, decoded and
+    validated: (event, the record's account_id, None), or (None, None, (reason, detail))
+    for the dead letters. Pure; never raises."""
+    try:
+        if usage:
+            rec = codec(USAGE.schema).decode(value)
+            rec["type"] = "usage"
+        else:
+            rec = codec(SUBSCRIPTIONS.schema).decode(value)
+        event = parse_event(rec)
+    except DecodeError as exc:
+        return None, None, (exc.reason, exc.detail)
+    except InvalidEvent as exc:
+        return None, None, ("invalid_event", exc.reason)
+    problem = timestamp_problem(event.timestamp, published_ms)
+    if problem:
+        return None, None, ("invalid_event", f"{problem}: {event.timestamp.isoformat()}")
+    return event, rec["account_id"], None
+
+
+def published_ms(msg: Any) -> int | None:
+    """A consumed record's Kafka timestamp (epoch ms), None if it has none."""
+    kind, ms = msg.timestamp()
+    return ms if kind else None
+
+
+def apply_input(
+    state: SubscriptionState | None, event: Event, account_id: str | None, catalog: Catalog
+) -> tuple[SubscriptionState | None, list[Invoice], list[str]]:
+    """``apply_event`` plus what only a record from Kafka needs checking: the account it
+    names must own the subscription (usage, a plan change or a cancellation under another
+    account's key is refused, not billed to that other account). Returns the new state, the
+    invoices, and the reasons of the rejections (one dead letter "rejected" each)."""
+    if (
+        state is not None
+        and account_id is not None
+        and account_id != state.account_id
+        and not isinstance(event, SubscriptionCreated)
+    ):
+        return state, [], [f"subscription {event.subscription_id!r} is not account "
+                           f"{account_id!r}'s"]  # fmt: skip
+    new_state, invoices, rejections = apply_event(state, event, catalog)
+    return new_state, invoices, [r.reason for r in rejections]
+
+
+def decode_bill_run(
+    value: bytes | None, input_topics: tuple[str, ...], published_ms: int | None = None
+) -> dict[str, Any]:
+    """A bill-run command, decoded and checked; raises DecodeError (reason
+    invalid_bill_run for a record that decodes but cannot be run: a barrier on a topic this
+    processor does not consume would never be reached, and an `until` more than MAX_FUTURE
+    after the run was published would invoice periods, up to years of them, in advance)."""
+    rec = codec(CONTROL.schema).decode(value)
+    unknown = sorted(set(rec["barrier"]) - set(input_topics))
+    if unknown:
+        raise DecodeError("invalid_bill_run", f"barrier on topics not rated: {unknown}")
+    if any(offset < 0 for offset in rec["barrier"].values()):
+        raise DecodeError("invalid_bill_run", f"negative barrier offset in {rec['barrier']}")
+    until_ms = to_micros(rec["until"]) // 1000
+    issued_ms = published_ms if published_ms is not None else to_micros(rec["issued_at"]) // 1000
+    if until_ms > issued_ms + _MAX_FUTURE_MS:
+        raise DecodeError("invalid_bill_run", f"until {rec['until'].isoformat()} is more than "
+                          f"{_MAX_FUTURE_TEXT} after the run was issued")  # fmt: skip
+    return rec
 
 
 def invoice_record(inv: Invoice, plan_id: str, payment_method: str | None) -> dict[str, Any]:
@@ -102,6 +201,7 @@ class Pending:
     msg: Any
     event: Any = None
     error: tuple[str, str] | None = None
+    account_id: str | None = None  # the record's
 
 
 @dataclass
@@ -158,8 +258,6 @@ class RatingProcessor:
         self.control_topic, self.invoices_topic = CONTROL.name, INVOICES.name
         self.changelog_topic = RATING_CHANGELOG.name
         self.admin = clients.admin(settings, bootstrap)
-        self.subscriptions_codec = codec(SUBSCRIPTIONS.schema)
-        self.usage_codec = codec(USAGE.schema)
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
         )
@@ -284,8 +382,10 @@ class RatingProcessor:
                 topic, p = msg.topic(), msg.partition()
                 if topic == self.control_topic:
                     if p not in self.jobs:  # one run at a time: the partition is paused meanwhile
-                        self._start_job(msg)
-                        touched_jobs.add(p)
+                        if self._start_job(msg, batch):
+                            touched_jobs.add(p)
+                        else:  # dead-lettered: done with it
+                            positions[(topic, p)] = msg.offset() + 1
                     continue
                 self._buffer(msg)
             self._drain_all(batch, positions)
@@ -296,13 +396,12 @@ class RatingProcessor:
                 for p in list(self.stores):
                     self._close_due(batch, p, now, None, b"")
             self._flush_states(batch)
+            # a bill run's record stays uncommitted until the run is complete (a run started
+            # after an invalid record of the batch decides the partition's control offset)
+            for p, job in self.jobs.items():
+                if p in touched_jobs:
+                    positions[(self.control_topic, p)] = job.control_offset + job.done
             offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
-            # a bill run's record stays uncommitted until the run is complete
-            offsets += [
-                TopicPartition(CONTROL.name, p, job.control_offset + job.done)
-                for p, job in self.jobs.items()
-                if p in touched_jobs
-            ]
             if offsets:
                 self.producer.send_offsets_to_transaction(
                     offsets, self.consumer.consumer_group_metadata()
@@ -333,19 +432,11 @@ class RatingProcessor:
 
     def _buffer(self, msg: Any) -> None:
         topic = msg.topic()
-        pending = Pending(float("-inf"), msg)
-        try:
-            if topic == self.usage_topic:
-                rec = self.usage_codec.decode(msg.value())
-                rec["type"] = "usage"
-            else:
-                rec = self.subscriptions_codec.decode(msg.value())
-            pending.event = parse_event(rec)
-            pending.timestamp = pending.event.timestamp.timestamp()
-        except DecodeError as exc:
-            pending.error = (exc.reason, exc.detail)
-        except InvalidEvent as exc:
-            pending.error = ("invalid_event", exc.reason)
+        event, account_id, error = decode_input(
+            msg.value(), topic == self.usage_topic, published_ms(msg)
+        )
+        timestamp = event.timestamp.timestamp() if event is not None else float("-inf")
+        pending = Pending(timestamp, msg, event, error, account_id)
         topics = self.buffers.get(msg.partition())
         if topics is None:
             topics = self.buffers[msg.partition()] = {
@@ -455,11 +546,13 @@ class RatingProcessor:
             return
         p = msg.partition()
         state = self._state(batch, p, event.subscription_id)
-        new_state, invoices, rejections = apply_event(state, event, self.catalog)
+        new_state, invoices, rejections = apply_input(
+            state, event, pending.account_id, self.catalog
+        )
         batch.states[p][event.subscription_id] = new_state
         self._emit(batch, p, new_state, invoices)
-        for rejection in rejections:
-            self._dead_letter(batch, msg, "rejected", rejection.reason)
+        for reason in rejections:
+            self._dead_letter(batch, msg, "rejected", reason)
 
     def _emit(
         self, batch: Batch, p: int, state: SubscriptionState | None, invoices: list[Invoice]
@@ -483,14 +576,17 @@ class RatingProcessor:
 
     # --- bill runs and the clock ----------------------------------------------------------
 
-    def _start_job(self, msg: Any) -> None:
+    def _start_job(self, msg: Any, batch: Batch) -> bool:
+        """Start the bill run of a control record; False if it was dead-lettered."""
         p = msg.partition()
         try:
-            rec = codec(CONTROL.schema).decode(msg.value())
+            rec = decode_bill_run(
+                msg.value(), (self.subscriptions_topic, self.usage_topic), published_ms(msg)
+            )
         except DecodeError as exc:
-            log.error("bad control record skipped", error=str(exc), offset=msg.offset())
-            self.consumer.seek(TopicPartition(CONTROL.name, p, msg.offset() + 1))
-            return
+            log.error("bad control record dead-lettered", error=str(exc), offset=msg.offset())
+            self._dead_letter(batch, msg, exc.reason, exc.detail)
+            return False
         self.jobs[p] = CloseJob(
             control_offset=msg.offset(),
             run_id=rec["run_id"],
@@ -501,6 +597,7 @@ class RatingProcessor:
         self.consumer.pause([TopicPartition(CONTROL.name, p)])
         log.info("bill run started on partition", run_id=rec["run_id"], partition=p,
                  until=rec["until"].isoformat(), barrier=rec["barrier"])  # fmt: skip
+        return True
 
     def _barrier_reached(self, p: int, barrier: dict[str, int]) -> bool:
         """Has partition p applied every input record published before the run?"""
