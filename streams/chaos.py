@@ -172,7 +172,9 @@ def chaos_cluster(settings: Settings, console: Console) -> Iterator[tuple[str, d
         return
     env = {
         "STREAMBILL_KAFKA_DIR": str(settings.home / "chaos" / "kafka"),
-        "STREAMBILL_KAFKA_PORT_BASE": str(CLUSTER_PORT_BASE),
+        "STREAMBILL_KAFKA_PORT_BASE": os.environ.get(
+            "STREAMBILL_CHAOS_KAFKA_PORT_BASE", str(CLUSTER_PORT_BASE)
+        ),
         "KAFKA_HEAP_MB": os.environ.get("KAFKA_HEAP_MB", "512"),
     }
     with suppress(subprocess.CalledProcessError):

@@ -1,0 +1,48 @@
+"""`streambill chaos --short`, the CI form of the fault suite, as an operator runs it: its
+own three-broker cluster, the processors, the gateway simulator and chDB, with every fault
+injected for real (SIGKILL of processors and of a broker, the simulator's outage switch)
+except the warehouse outage, injected at the sink's client because chDB runs inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.chaos import SCENARIOS
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.mark.timeout(900)
+def test_short_chaos_run_keeps_every_promise(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KAFKA_BOOTSTRAP_SERVERS", "STREAMBILL_NAMESPACE")}  # fmt: skip
+    env["STREAMBILL_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "chaos", "--short", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=840,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    assert result["scenario"] == "chaos"
+    assert metrics["scenarios"] == len(SCENARIOS) == 4
+    # 2 SIGKILLs for each of 3 processors, a broker, the warehouse, the gateway
+    assert metrics["faults_injected"] == 2 * 3 + 3
+    assert metrics["invariants_held"] == metrics["invariants_checked"] == 4 * 8
+    by_scenario = {r["scenario"]: r for r in result["results"]}
+    assert list(by_scenario) == list(SCENARIOS)
+    for r in by_scenario.values():
+        assert all(r["invariants"].values()), r
+        assert r["faults"] >= 1 and r["events"] > 300 * 2, r  # inputs, invoices, attempts
+        assert not r["notes"], r  # nothing skipped: the broker was ours to kill
+    assert result["params"]["brokers"] == 3
+    # the table an operator reads
+    for name in SCENARIOS:
+        assert name in proc.stdout
