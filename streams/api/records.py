@@ -18,6 +18,7 @@ from typing import Any
 
 from streams.codec import load_schema_json
 from streams.config import SCHEMAS_DIR
+from streams.domain.money import MAX_INTEGER_DIGITS
 from streams.domain.timestamps import InvalidTimestamp, parse_timestamp
 
 MAX_STRING = 256
@@ -210,7 +211,14 @@ def subscription_rules(plan_exists: Callable[[str], bool]) -> Rules:
 
 
 def _usage_check(e: dict[str, Any]) -> list[str]:
-    return ["quantity: must not be negative"] if e["quantity"] < 0 else []
+    q = e["quantity"]
+    if q < 0:
+        return ["quantity: must not be negative"]
+    # what the rating processor accepts (streams.domain.money.parse_decimal): a larger
+    # quantity would be accepted here, then dead-lettered downstream
+    if q and q.adjusted() >= MAX_INTEGER_DIGITS:
+        return [f"quantity: at most {MAX_INTEGER_DIGITS} integer digits"]
+    return []
 
 
 def _refund_check(r: dict[str, Any]) -> list[str]:
