@@ -40,7 +40,7 @@ from streams.kafka.topics import (
     spec_for_base,
 )
 from streams.offline import rate_events
-from streams.processors import lane, payments, rating
+from streams.processors import lane, payments, rating, sink
 from streams.processors.rating import (
     DEAD_LETTER_REASONS,
     EARLIEST,
@@ -823,21 +823,60 @@ SAMPLED = {
 }
 
 
+INT128 = Decimal(2**127 - 1).scaleb(-9)  # a Decimal(38, 9) column holds 128 bits
+
+
+def _decimals(value: Any) -> list[Decimal]:
+    if isinstance(value, Decimal):
+        return [value]
+    if isinstance(value, dict):
+        return [d for v in value.values() for d in _decimals(v)]
+    if isinstance(value, list):
+        return [d for v in value for d in _decimals(v)]
+    return []
+
+
+def fits_the_warehouse(schema: str, rec: dict[str, Any]) -> bool:
+    """The oracle: can the landing tables (deploy/clickhouse) hold this decoded record?"""
+    amounts = _decimals(rec)
+    if schema == "invoice":  # and its sums per kind
+        kinds = [ln["kind"] in sink.RECURRING_KINDS for ln in rec["lines"]]
+        amounts += [
+            sum((ln["amount"] for ln, k in zip(rec["lines"], kinds, strict=True) if k), Decimal(0)),
+            sum(
+                (ln["amount"] for ln, k in zip(rec["lines"], kinds, strict=True) if not k),
+                Decimal(0),
+            ),
+        ]
+    if schema != "dead_letter" and any(abs(d) > INT128 for d in amounts):
+        return False
+    if schema == "payment_result" and not 0 <= rec["attempt"] < 2**16:
+        return False
+    return schema != "dead_letter" or (
+        0 <= rec["source_partition"] < 2**16 and 0 <= rec["source_offset"] < 2**64
+    )
+
+
 @SLOW
 @given(data=st.data())
 def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
     """Sink._map_in_python (the path of every message ClickHouse does not take in bulk):
-    rows + dead letters = messages, per topic; dead letters are never dead-lettered again."""
+    rows + dead letters = messages, per topic; what does not decode, or decodes to values
+    the tables cannot hold, is a dead letter (none of its rows land); dead letters are
+    never dead-lettered again."""
     base = data.draw(st.sampled_from(sorted(LANDERS)))
     spec, schema = spec_for_base(base), SINK_SCHEMAS[base]
+    plausible = (
+        st.integers(0, 50).map(lambda i: codec(schema).encode(sample(schema, i)))
+        if schema in SAMPLED
+        else raw_records(schema).map(lambda r: hostile_encode(schema, r))
+    )
     values = data.draw(
         st.lists(
             st.one_of(
                 st.binary(max_size=60),
                 raw_records(schema).map(lambda r: hostile_encode(schema, r)),
-                st.integers(0, 50).map(lambda i: codec(schema).encode(sample(schema, i)))
-                if schema in SAMPLED
-                else st.just(b""),
+                plausible,
                 _any_schema_record(),
             ),
             max_size=20,
@@ -847,15 +886,14 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
     fake = type("FakeSink", (), {"producer": FakeProducer()})()
     rows: dict[str, list[list[Any]]] = {table: [] for table in COLUMNS}
     bad = Sink._map_in_python(fake, spec, msgs, rows)
-    decodable = 0
+    expected_bad = 0
     for v in values:
         try:
-            codec(schema).decode(v)
-            decodable += 1
+            expected_bad += not fits_the_warehouse(schema, codec(schema).decode(v))
         except DecodeError:
-            pass
-    assert bad == len(values) - decodable
-    # one row per message in the topic's main table (invoices: one per invoice)
+            expected_bad += 1
+    assert bad == expected_bad
+    # one row per landed message in the topic's main table (invoices: one per invoice)
     main = {
         "billing.invoices": "invoices",
         "billing.subscriptions": "subscription_events",
@@ -867,6 +905,9 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
         "billing.alerts": "alerts",
     }[base]
     assert len(rows[main]) + bad == len(values)
+    for table, table_rows in rows.items():
+        for row in table_rows:
+            assert sink.out_of_range(table, row) is None
     letters = fake.producer.produced
     if spec is DEAD_LETTER:
         assert letters == []
@@ -874,8 +915,90 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
         assert len(letters) == bad
         for topic, _, value in letters:
             d = codec(DEAD_LETTER.schema).decode(value)
-            assert topic == DEAD_LETTER.name and d["reason"] in CODEC_REASONS
-            assert d["processor"] == "sink"
+            assert topic == DEAD_LETTER.name and d["processor"] == "sink"
+            assert d["reason"] in CODEC_REASONS | {"out_of_range"}
+            check_detail(d["detail"])
+
+
+def test_records_beyond_the_tables_are_dead_letters_and_the_rest_lands(tmp_path: Any) -> None:
+    """On the real embedded engine: an enormous usage quantity, a negative payment attempt
+    and a dead letter with a negative offset used to fail the whole insert (and the sink,
+    on every restart); now they are refused one by one and the rest lands."""
+    from streams.warehouse import connect, disconnect, migrate
+
+    at = micros(PUBLISHED)
+    usage = [
+        hostile_encode(
+            "usage_event",
+            {
+                "event_id": f"u{i}",
+                "timestamp": at,
+                "account_id": "a",
+                "subscription_id": "s",
+                "metric": "m",
+                "quantity": unscaled(q),
+            },
+        )
+        for i, q in enumerate([10**9, 10**48, -(10**48), 5 * 10**9])
+    ]
+    result = codec("payment_result").encode(sample("payment_result", 1))
+    hostile_result = hostile_encode(
+        "payment_result",
+        {
+            **{k: v for k, v in sample("payment_result", 2).items()},
+            "attempt": -1,
+            "amount": unscaled(1234),
+            "completed_at": at,
+        },
+    )
+    letter = {
+        "dead_letter_id": "d",
+        "source_topic": "t",
+        "source_partition": 0,
+        "source_offset": 5,
+        "key": None,
+        "value": None,
+        "reason": "r",
+        "detail": "x",
+        "processor": "p",
+        "failed_at": at,
+    }
+    letters = [
+        hostile_encode("dead_letter", letter),
+        hostile_encode("dead_letter", {**letter, "dead_letter_id": "e", "source_offset": -1}),
+    ]
+    dsn = f"chdb://{tmp_path / 'wh'}"
+    client = connect(dsn)
+    try:
+        migrate(client)
+        fake = type("FakeSink", (), {"producer": FakeProducer()})()
+        landed = {}
+        for base, values in (
+            ("billing.usage", usage),
+            ("billing.payment-results", [result, hostile_result]),
+            ("billing.dead-letter", letters),
+        ):
+            rows: dict[str, list[list[Any]]] = {table: [] for table in COLUMNS}
+            spec = spec_for_base(base)
+            msgs = [Msg(spec.name, v, b"k", 0, n) for n, v in enumerate(values)]
+            bad = Sink._map_in_python(fake, spec, msgs, rows)
+            for table, table_rows in rows.items():
+                if table_rows:
+                    client.insert(table, table_rows, column_names=COLUMNS[table])
+            landed[base] = (len(values) - bad, bad)
+        assert landed == {
+            "billing.usage": (2, 2),
+            "billing.payment-results": (1, 1),
+            "billing.dead-letter": (1, 1),
+        }
+        total = client.query("SELECT toString(sum(quantity)) FROM usage_events").result_rows
+        assert Decimal(total[0][0]) == 6
+        reasons = [
+            codec(DEAD_LETTER.schema).decode(v)["reason"] for _, _, v in fake.producer.produced
+        ]
+        assert reasons == ["out_of_range", "out_of_range", "out_of_range"]
+    finally:
+        disconnect(dsn)
 
 
 # --- the offline rater: counts add up -----------------------------------------------------

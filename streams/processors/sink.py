@@ -101,6 +101,39 @@ COLUMNS: dict[str, list[str]] = {
     ],
 }  # fmt: skip
 RECURRING_KINDS = frozenset({"flat", "proration_credit", "proration_charge"})
+# What the landing tables' numeric columns hold (deploy/clickhouse): Decimal(38, 9) is a
+# 128-bit integer of nano-units, UInt16 and UInt64 are unsigned. A record that decodes but
+# carries a value beyond them (an enormous quantity, a negative attempt) would make the
+# insert fail, and the sink stop on every restart: it is a dead letter instead.
+_DECIMAL_MAX = Decimal(2**127 - 1).scaleb(-9)
+_FITS = {
+    "decimal": lambda v: v is None or -_DECIMAL_MAX <= v <= _DECIMAL_MAX,
+    "UInt16": lambda v: 0 <= v <= 0xFFFF,
+    "UInt64": lambda v: 0 <= v < 2**64,
+}
+COLUMN_TYPES: dict[str, dict[str, str]] = {
+    "invoices": {"total": "decimal", "recurring_total": "decimal", "usage_total": "decimal",
+                 "line_count": "UInt16"},
+    "invoice_lines": {"line_no": "UInt16", "quantity": "decimal", "amount": "decimal"},
+    "usage_events": {"quantity": "decimal"},
+    "payment_attempts": {"attempt": "UInt16", "amount": "decimal"},
+    "refunds": {"amount": "decimal"},
+    "dead_letters": {"source_partition": "UInt16", "source_offset": "UInt64"},
+    "alerts": {"value": "decimal", "threshold": "decimal"},
+}  # fmt: skip
+_CHECKS = {
+    table: [(COLUMNS[table].index(c), c, kind, _FITS[kind]) for c, kind in types.items()]
+    for table, types in COLUMN_TYPES.items()
+}
+
+
+def out_of_range(table: str, row: list[Any]) -> str | None:
+    """Why a mapped row cannot be inserted into `table`, if it cannot."""
+    for i, column, kind, fits in _CHECKS.get(table, ()):
+        if not fits(row[i]):
+            shown = "Decimal(38, 9)" if kind == "decimal" else kind
+            return f"{table}.{column}: {row[i]} does not fit {shown}"
+    return None
 
 
 def _invoice_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
@@ -364,19 +397,27 @@ class Sink:
                  rows={t: len(r) for t, r in rows.items() if r})  # fmt: skip
 
     def _map_in_python(self, spec: TopicSpec, msgs: list[Any], rows: Rows) -> int:
-        """Decode and map into `rows`; dead-letter what does not decode. Returns how many
-        did not."""
+        """Decode and map into `rows`; dead-letter what does not decode or does not fit the
+        tables (out_of_range). Returns how many were not mapped."""
         bad = 0
         decode, mapper = codec(spec.schema).decode, LANDERS[spec.base]
+        checked = [(table, rows[table]) for table in _CHECKS]
         for msg in msgs:
             try:
                 rec = decode(msg.value())
+                before = [len(table_rows) for _, table_rows in checked]
+                mapper(rec, msg.partition(), msg.offset(), rows)
+                for (table, table_rows), n in zip(checked, before, strict=True):
+                    for row in table_rows[n:]:
+                        problem = out_of_range(table, row)
+                        if problem:
+                            for (_, undo), m in zip(checked, before, strict=True):
+                                del undo[m:]  # none of its rows: all of them, or a dead letter
+                            raise DecodeError("out_of_range", problem)
             except DecodeError as exc:
                 if spec is DEAD_LETTER:  # never loop dead letters back into themselves
-                    log.error("undecodable dead letter", offset=msg.offset(), error=str(exc))
+                    log.error("unlandable dead letter", offset=msg.offset(), error=str(exc))
                 else:
                     produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
                 bad += 1
-                continue
-            mapper(rec, msg.partition(), msg.offset(), rows)
         return bad
