@@ -19,6 +19,7 @@ pytestmark = pytest.mark.kafka
 SECRETS = {
     "STRIPE_API_KEY": "sk_live_51SECRETstripeKEYnever",
     "KAFKA_SASL_PASSWORD": "kafka-SECRET-password-never",
+    "KAFKA_SSL_KEY_PASSWORD": "kafka-SECRET-key-password-never",
     "CLICKHOUSE_PASSWORD": "clickhouse-SECRET-password-never",
 }
 CARD = "4242424242424242"
