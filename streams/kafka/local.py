@@ -44,5 +44,13 @@ def _env_without_bootstrap() -> dict[str, str]:
 
 
 def bootstrap_servers(settings: Settings) -> str:
-    """The configured cluster, or the local one (started if needed)."""
-    return settings.bootstrap_servers or start_local_kafka()
+    """The configured cluster, or the local one (started if needed): its SASL/SCRAM
+    listeners when the configuration asks for SASL, its plaintext ones otherwise."""
+    if settings.bootstrap_servers:
+        return settings.bootstrap_servers
+    plaintext = start_local_kafka()
+    if settings.kafka_security.get("security.protocol", "").upper() != "SASL_PLAINTEXT":
+        return plaintext
+    proc = subprocess.run([str(KAFKA_SH), "bootstrap-sasl"], check=True, capture_output=True,
+                          text=True, env=_env_without_bootstrap())  # fmt: skip
+    return proc.stdout.strip().splitlines()[-1]
