@@ -378,7 +378,7 @@ def rating_scenario(
             add(
                 USAGE,
                 hostile_encode(us, _usage(at, f"{prefix}intruder", sub, eid, 10**9)),
-                ("rejected", "is not account"),
+                ("rejected", "belongs to another account"),
                 kind,
             )
         elif kind == "duplicate_created":

@@ -141,8 +141,8 @@ def apply_input(
         and account_id != state.account_id
         and not isinstance(event, SubscriptionCreated)
     ):
-        return state, [], [f"subscription {event.subscription_id!r} is not account "
-                           f"{account_id!r}'s"]  # fmt: skip
+        sub = event.subscription_id
+        return state, [], [f"subscription {sub!r} belongs to another account than {account_id!r}"]
     new_state, invoices, rejections = apply_event(state, event, catalog)
     return new_state, invoices, [r.reason for r in rejections]
 
