@@ -8,7 +8,6 @@ median of every metric, with each run's figures kept under ``runs``.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 import uuid
@@ -29,16 +28,17 @@ from streams.config import DEFAULT_CATALOG, Settings
 from streams.kafka import clients
 from streams.kafka.local import bootstrap_servers
 from streams.kafka.topics import (
-    ALL_TOPICS,
     SUBSCRIPTIONS,
     USAGE,
     TopicSpec,
-    ensure_topics,
     group_id,
-    namespace,
-    set_namespace,
 )
-from streams.stack import ProcessorProcess, start_api, wait_for_warehouse_endpoint
+from streams.stack import (
+    ProcessorProcess,
+    isolated_namespace,
+    start_api,
+    wait_for_warehouse_endpoint,
+)
 from streams.ui import progress_bar
 
 CATALOG = DEFAULT_CATALOG
@@ -56,32 +56,9 @@ class Env:
 @contextmanager
 def bench_env(base: Settings, partitions: int) -> Iterator[Env]:
     """A fresh namespace + home on the shared broker, torn down afterwards."""
-    import os
-
-    previous = namespace()
-    ns = f"bench{uuid.uuid4().hex[:8]}."
-    set_namespace(ns)
-    home = base.home / "bench" / ns.rstrip(".")
-    saved = {k: os.environ.get(k) for k in ("STREAMBILL_HOME", "STREAMBILL_PARTITIONS")}
-    os.environ["STREAMBILL_HOME"] = str(home)
-    os.environ["STREAMBILL_PARTITIONS"] = str(partitions)
-    settings = Settings(home=home, partitions=partitions)
     bootstrap = bootstrap_servers(base)
-    admin = clients.admin(settings, bootstrap)
-    ensure_topics(admin, settings)
-    try:
+    with isolated_namespace(base.home / "bench", bootstrap, partitions, "bench") as settings:
         yield Env(settings, bootstrap)
-    finally:
-        for future in admin.delete_topics([t.name for t in ALL_TOPICS]).values():
-            with suppress(Exception):  # best effort clean-up
-                future.result()
-        shutil.rmtree(home, ignore_errors=True)
-        set_namespace(previous)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def percentile(ordered: list[float], q: float) -> float:

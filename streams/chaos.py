@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -52,18 +51,15 @@ from streams.generator import DEFAULT_UNTIL, Dataset, expected_invoices
 from streams.kafka import clients
 from streams.kafka.local import start_local_kafka, start_local_node, stop_local_kafka
 from streams.kafka.topics import (
-    ALL_TOPICS,
     INVOICES,
     SUBSCRIPTIONS,
     USAGE,
-    ensure_topics,
-    set_namespace,
 )
 from streams.kafka.topics import namespace as current_namespace
 from streams.offline import rate_events, record_to_json_line
 from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from streams.publish import issue_bill_run, issue_payment_run, publish, read_topic
-from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
 from streams.ui import progress_bar
 from streams.warehouse import WarehouseUnavailable, outage_switch, query
 
@@ -494,42 +490,15 @@ class Chaos:
         return outcomes
 
 
-@contextmanager
-def chaos_namespace(settings: Settings, bootstrap: str, partitions: int) -> Iterator[Settings]:
-    """A fresh namespace and home for the run's topics, groups and warehouse."""
-    previous = current_namespace()
-    ns = f"chaos{uuid.uuid4().hex[:8]}."
-    set_namespace(ns)
-    home = settings.home / "chaos" / ns.rstrip(".")
-    saved = {k: os.environ.get(k) for k in ("STREAMBILL_HOME", "STREAMBILL_PARTITIONS",
-                                              "STREAMBILL_NAMESPACE")}  # fmt: skip
-    os.environ.update(STREAMBILL_HOME=str(home), STREAMBILL_PARTITIONS=str(partitions),
-                      STREAMBILL_NAMESPACE=ns)  # fmt: skip
-    run_settings = Settings(home=home, partitions=partitions)
-    admin = clients.admin(run_settings, bootstrap)
-    ensure_topics(admin, run_settings)
-    try:
-        yield run_settings
-    finally:
-        with suppress(Exception):  # best effort: the broker may be ours and about to stop
-            for future in admin.delete_topics([t.name for t in ALL_TOPICS]).values():
-                with suppress(Exception):
-                    future.result()
-        set_namespace(previous)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_chaos(
     settings: Settings, plan: Plan, scenarios: list[str], seed: int, console: Console
 ) -> dict[str, Any]:
     started = time.monotonic()
     with (
         chaos_cluster(settings, console) as (bootstrap, cluster_env),
-        chaos_namespace(settings, bootstrap, plan.partitions) as run_settings,
+        isolated_namespace(
+            settings.home / "chaos", bootstrap, plan.partitions, "chaos", keep_home=True
+        ) as run_settings,
     ):
         chaos = Chaos(run_settings, bootstrap, cluster_env, plan, seed, console)
         outcomes = chaos.run(scenarios)

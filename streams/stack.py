@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from streams.config import Settings
@@ -162,3 +166,41 @@ def start_api(
                 api.stop()
                 raise RuntimeError(f"the API did not start:\n{api.tail()}") from None
             time.sleep(0.1)
+
+
+@contextmanager
+def isolated_namespace(
+    parent: Path, bootstrap: str, partitions: int, prefix: str, keep_home: bool = False
+) -> Iterator[Settings]:
+    """A fresh topic/group namespace with its own home (state, logs, embedded warehouse)
+    under `parent`, for a benchmark or a chaos run; its topics are deleted afterwards,
+    its home too unless `keep_home`. Processes started meanwhile inherit it."""
+    from streams.kafka import clients
+    from streams.kafka.topics import ALL_TOPICS, ensure_topics, namespace, set_namespace
+
+    previous = namespace()
+    ns = f"{prefix}{uuid.uuid4().hex[:8]}."
+    set_namespace(ns)
+    home = parent / ns.rstrip(".")
+    names = ("STREAMBILL_HOME", "STREAMBILL_PARTITIONS", "STREAMBILL_NAMESPACE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(STREAMBILL_HOME=str(home), STREAMBILL_PARTITIONS=str(partitions),
+                      STREAMBILL_NAMESPACE=ns)  # fmt: skip
+    settings = Settings(home=home, partitions=partitions)
+    admin = clients.admin(settings, bootstrap)
+    ensure_topics(admin, settings)
+    try:
+        yield settings
+    finally:
+        with suppress(Exception):  # best effort clean-up: the broker may be going away
+            for future in admin.delete_topics([t.name for t in ALL_TOPICS]).values():
+                with suppress(Exception):
+                    future.result()
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+        set_namespace(previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
