@@ -7,11 +7,8 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from streams.config import Settings
 from streams.demo import DEMO_CATALOG
-from streams.domain.timestamps import format_timestamp
 from streams.publish import bill_run_done, issue_bill_run
 from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
 from streams.warehouse import query
@@ -73,13 +70,3 @@ def run_bill_run(
 
 def scalar(settings: Settings, sql: str) -> Any:
     return query(settings, sql)["rows"][0][0]
-
-
-def json_event(topic_kind: str, rec: dict[str, Any]) -> str:
-    """An Avro-shaped record as a line of the offline rater's JSON contract."""
-    out = {k: v for k, v in rec.items() if v is not None}
-    out["timestamp"] = format_timestamp(rec["timestamp"])
-    if topic_kind == "usage":
-        out["type"] = "usage"
-        out["quantity"] = str(rec["quantity"])
-    return orjson.dumps(out).decode()

@@ -27,12 +27,11 @@ from streams.domain.periods import period_bounds
 from streams.generator import DEFAULT_UNTIL, Dataset, subscription_events, usage_events
 from streams.kafka import clients
 from streams.kafka.topics import PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
-from streams.offline import rate_events
+from streams.offline import rate_events, record_to_json_line
 from streams.publish import publish, publish_in_time_order
 from streams.warehouse import query
 from tests.integration.helpers import (
     Procs,
-    json_event,
     run_bill_run,
     scalar,
     start_rating,
@@ -147,7 +146,8 @@ def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
     subs = list(subscription_events(ds, CATALOG))
     usage = list(usage_events(ds, CATALOG))
     changes = lifecycle_events(ds)
-    lines = [json_event("sub", r) for r in subs + changes] + [json_event("usage", r) for r in usage]
+    lines = [record_to_json_line("sub", r) for r in subs + changes]
+    lines += [record_to_json_line("usage", r) for r in usage]
     reference = rate_events(CATALOG, lines, DEFAULT_UNTIL)
     timelines = plan_timeline(subs, changes)
     truth = Truth(

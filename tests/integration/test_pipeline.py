@@ -23,11 +23,10 @@ from streams.generator import (
 )
 from streams.kafka import clients
 from streams.kafka.topics import SUBSCRIPTIONS, USAGE
-from streams.offline import rate_events
+from streams.offline import rate_events, record_to_json_line
 from streams.publish import publish, publish_in_time_order
 from tests.integration.helpers import (
     Procs,
-    json_event,
     run_bill_run,
     scalar,
     start_rating,
@@ -93,7 +92,8 @@ def test_pipeline_matches_offline_rater_and_replay_adds_nothing(
     assert changes, "the scenario must exercise plan changes and cancellations"
 
     # the reference: the offline rater on the same events
-    lines = [json_event("sub", r) for r in subs + changes] + [json_event("usage", r) for r in usage]
+    lines = [record_to_json_line("sub", r) for r in subs + changes]
+    lines += [record_to_json_line("usage", r) for r in usage]
     reference = rate_events(CATALOG, lines, DEFAULT_UNTIL)
     # usage after an immediate cancellation is rejected, by both
     assert {d["reason"] for d in reference.dead_letters} <= {"subscription has ended"}
