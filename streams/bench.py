@@ -530,6 +530,7 @@ class ArrivalClock:
 
         self.results: dict[str, float] = {}
         self.entitlements: dict[str, float] = {}
+        self.completed: dict[str, float] = {}  # the lane's clock when the gateway answered
         self._stop = threading.Event()
         self._consumer = clients.consumer(env.settings, env.bootstrap,
                                           group_id(f"bench-clock-{uuid.uuid4().hex[:6]}"),
@@ -555,7 +556,10 @@ class ArrivalClock:
                     continue
                 now = time.time()
                 if msg.topic() == self._results_topic:
-                    self.results.setdefault(decode_result(msg.value())["refund_id"], now)
+                    result = decode_result(msg.value())
+                    self.results.setdefault(result["refund_id"], now)
+                    self.completed.setdefault(result["refund_id"],
+                                              result["completed_at"].timestamp())  # fmt: skip
                 else:
                     cause = decode_entitlement(msg.value())["cause"]
                     self.entitlements.setdefault(cause.removeprefix("refund:"), now)
@@ -604,10 +608,18 @@ def _refund_phase(
     latencies = sorted(
         (max(clock.results[r], clock.entitlements[r]) - sent[r]) * 1000 for r in done
     )
+    # where the time goes (same machine, one clock): request produced -> the lane has the
+    # gateway's answer, and from there -> result and entitlement seen on Kafka
+    in_lane = sorted((clock.completed[r] - sent[r]) * 1000 for r in done)
+    out = sorted(
+        (max(clock.results[r], clock.entitlements[r]) - clock.completed[r]) * 1000 for r in done
+    )
     return {"refunds": len(done), "sent": len(sent), "lost": len(sent) - len(done),
             "p50_ms": round(percentile(latencies, 0.5), 1),
             "p99_ms": round(percentile(latencies, 0.99), 1),
-            "max_ms": round(latencies[-1], 1)}  # fmt: skip
+            "max_ms": round(latencies[-1], 1),
+            "to_gateway_answer_p99_ms": round(percentile(in_lane, 0.99), 1),
+            "answer_to_kafka_p99_ms": round(percentile(out, 0.99), 1)}  # fmt: skip
 
 
 def bench_refund_latency(
@@ -715,6 +727,7 @@ def bench_refund_latency(
         "gateway_p99_ms": round(account.refund_latency_median_ms * math.exp(2.3263479 * sigma)),
         "lost": busy["lost"] + quiet["lost"],
         "doubled": sum(1 for n in refunds_in_ledger.values() if n > 1),
+        "busy": busy,  # with the split: to the gateway's answer, from it to Kafka
         "bulk_off": quiet,
         "bulk_progress_during_phase": {
             "payments": int(bulk_done[0]),
