@@ -51,7 +51,10 @@ from streams.generator import DEFAULT_UNTIL, Dataset, expected_invoices
 from streams.kafka import clients
 from streams.kafka.local import start_local_kafka, start_local_node, stop_local_kafka
 from streams.kafka.topics import (
+    ENTITLEMENTS,
     INVOICES,
+    REFUND_RESULTS,
+    REFUNDS,
     SUBSCRIPTIONS,
     USAGE,
 )
@@ -66,7 +69,7 @@ from streams.warehouse import WarehouseUnavailable, outage_switch, query
 log = structlog.get_logger(__name__)
 
 SCENARIOS = ("processor-kills", "broker-loss", "warehouse-outage", "gateway-outage")
-PROCESSORS = ("rating", "payments", "sink")
+PROCESSORS = ("rating", "payments", "sink", "lane")  # lane: the priority lane (refunds)
 MERCHANTS = tuple(f"merchant-{n}" for n in range(1, 5))
 CLUSTER_PORT_BASE = 29092  # the chaos cluster, apart from the everyday broker on 19092
 BROKERS = 3
@@ -83,16 +86,17 @@ class Plan:
     broker_down_s: float
     settle_timeout_s: float
     partitions: int
+    refunds: int  # refund requests per scenario, for invoices paid before it
 
     @classmethod
     def full(cls) -> Plan:
         return cls(accounts=5_000, kills_per_processor=3, outage_s=60, broker_down_s=30,
-                   settle_timeout_s=900, partitions=6)  # fmt: skip
+                   settle_timeout_s=900, partitions=6, refunds=200)  # fmt: skip
 
     @classmethod
     def short(cls) -> Plan:
         return cls(accounts=300, kills_per_processor=2, outage_s=8, broker_down_s=8,
-                   settle_timeout_s=300, partitions=4)  # fmt: skip
+                   settle_timeout_s=300, partitions=4, refunds=20)  # fmt: skip
 
 
 @dataclass
@@ -132,13 +136,28 @@ class Evidence:
     settled_in_time: bool
     reconciled: bool  # `streambill reconcile` found no difference
     unplanned_exits: int
+    refund_requests: set[str] = field(default_factory=set)  # refund ids requested
+    refund_results: list[tuple[str, str]] = field(default_factory=list)  # id, outcome
+    refunds_deactivated: set[str] = field(default_factory=set)  # ids with an entitlement
+    warehouse_refunds: tuple[int, int] = (0, 0)  # rows (FINAL), distinct refund ids
 
 
 def judge(e: Evidence) -> dict[str, bool]:
     """The promises, each true or false (pure: tested on forged evidence)."""
     charges = [x for x in e.ledger if x["kind"] == "charge"]
     paid = Counter(x["invoice_id"] for x in charges if x["status"] == "succeeded")
-    per_key = Counter(x["idempotency_key"] for x in charges)
+    per_key = Counter(x["idempotency_key"] for x in e.ledger)
+    charged: Counter[str] = Counter()
+    refunded: Counter[str] = Counter()
+    for x in e.ledger:
+        if x["status"] == "succeeded" and x["kind"] == "charge":
+            charged[x["invoice_id"]] += Decimal(x["amount"])
+        elif x["status"] == "refunded":
+            refunded[x["invoice_id"]] += Decimal(x["amount"])
+    outcomes: dict[str, set[str]] = {}
+    for refund_id, outcome in e.refund_results:
+        outcomes.setdefault(refund_id, set()).add(outcome)
+    refunded_ids = {i for i, o in outcomes.items() if o == {"refunded"}}
     rows, ids, billed = e.warehouse_invoices
     on_kafka = Counter(invoice_id for invoice_id, _ in e.kafka_invoices)
     return {
@@ -150,7 +169,14 @@ def judge(e: Evidence) -> dict[str, bool]:
         and billed == sum(e.expected.values(), Decimal(0)),
         "at_most_one_charge_per_invoice": max(paid.values(), default=1) == 1
         and max(per_key.values(), default=1) == 1,
-        "one_row_per_id": rows == ids and e.warehouse_attempts[0] == e.warehouse_attempts[1],
+        # a repeated request gets the first answer again; never more back than was paid
+        "refunds_answered_once": outcomes.keys() == e.refund_requests
+        and all(len(o) == 1 for o in outcomes.values())
+        and refunded_ids <= e.refunds_deactivated
+        and all(refunded[i] <= charged[i] for i in refunded),
+        "one_row_per_id": rows == ids
+        and e.warehouse_attempts[0] == e.warehouse_attempts[1]
+        and e.warehouse_refunds == (len(e.refund_requests), len(e.refund_requests)),
         "none_left_open": e.settled == e.payable,
         "reconciled": e.reconciled,
         "no_processor_died_unasked": e.unplanned_exits == 0,
@@ -196,7 +222,8 @@ class Supervisor:
         self.unplanned_exits: Counter[str] = Counter()
 
     def start(self, name: str) -> ProcessorProcess:
-        args = ("--catalog", str(DEFAULT_CATALOG), "--clock", "event") if name == "rating" else ()
+        args = {"rating": ("--catalog", str(DEFAULT_CATALOG), "--clock", "event"),
+                "lane": ("priority",)}.get(name, ())  # fmt: skip
         proc = ProcessorProcess(self.settings, self.bootstrap, name, *args, env=self.env)
         self.procs[name] = proc.start()
         return proc
@@ -270,6 +297,8 @@ class Chaos:
         self.attempts_seen = 0
         self.new_attempts = 0  # payment attempts landed during the last scenario
         self.offline_lines: list[str] = []  # every published event, for the offline rater
+        self.refund_ids: set[str] = set()
+        self.refunded_invoices: set[str] = set()
 
     # -- workload --
 
@@ -291,6 +320,33 @@ class Chaos:
         self.published.invoices += expected_invoices(ds, self.catalog, DEFAULT_UNTIL)
         self.published.inputs += n
         return n
+
+    def publish_refunds(self, k: int) -> int:
+        """Refund requests for invoices paid before this scenario: full refunds (the
+        entitlement deactivated), one request repeated, and one asking for more than was
+        paid (refused). Returns how many requests were published."""
+        if not self.plan.refunds:
+            return 0
+        rows = self._warehouse(
+            "SELECT invoice_id, account_id, toString(amount), currency FROM payment_attempts "
+            "FINAL WHERE status = 'succeeded' ORDER BY invoice_id "
+            f"LIMIT {len(self.refunded_invoices) + self.plan.refunds + 1}"
+        )
+        fresh = [r for r in rows if r[0] not in self.refunded_invoices][: self.plan.refunds + 1]
+        now = datetime.now(UTC)
+        requests = [
+            {"refund_id": f"chaos-{k}-{i}", "invoice_id": invoice, "account_id": account,
+             "amount": Decimal(amount) + (1 if i == len(fresh) - 1 else 0),  # the last: too much
+             "currency": currency, "reason": "chaos", "deactivate": True, "requested_at": now}
+            for i, (invoice, account, amount, currency) in enumerate(fresh)
+        ]  # fmt: skip
+        if requests:
+            requests.append(requests[0])  # the same request again: the first answer again
+        producer = clients.producer(self.settings, self.bootstrap)
+        published = publish(producer, REFUNDS, requests)
+        self.refund_ids |= {r["refund_id"] for r in requests}
+        self.refunded_invoices |= {r["invoice_id"] for r in requests}
+        return published
 
     # -- faults --
 
@@ -358,7 +414,8 @@ class Chaos:
         return query(self.settings, sql, timeout=30, open_here=False)["rows"]
 
     def progress(self) -> tuple[int, int, int]:
-        """(invoices landed, payable invoices, payable invoices settled)"""
+        """(invoices landed, payable invoices, payable invoices settled); refunds not all
+        answered in ClickHouse yet count as one payable invoice not settled."""
         invoices, payable = self._warehouse(
             "SELECT count(), countIf(total > 0 AND payment_method IS NOT NULL) FROM invoices FINAL"
         )[0]
@@ -366,7 +423,9 @@ class Chaos:
             "SELECT uniqExactIf(invoice_id, status IN ('succeeded', 'uncollectible')) "
             "FROM payment_attempts FINAL"
         )[0][0]
-        return int(invoices), int(payable), int(settled)
+        answered = self._warehouse("SELECT uniqExact(refund_id) FROM refunds FINAL")[0][0]
+        refunds_pending = int(answered) < len(self.refund_ids)
+        return int(invoices), int(payable), int(settled) - refunds_pending
 
     def wait_settled(self, label: str) -> bool:
         deadline = time.monotonic() + self.plan.settle_timeout_s
@@ -394,6 +453,7 @@ class Chaos:
         attempts = self._warehouse(
             "SELECT count(), uniqExact(payment_id) FROM payment_attempts FINAL"
         )
+        refunds = self._warehouse("SELECT count(), uniqExact(refund_id) FROM refunds FINAL")
         _, payable, settled_now = self.progress()
         evidence = Evidence(
             expected={
@@ -412,6 +472,17 @@ class Chaos:
             settled_in_time=settled,
             reconciled=self._reconcile(),
             unplanned_exits=sum(self.supervisor.unplanned_exits.values()),
+            refund_requests=set(self.refund_ids),
+            refund_results=[
+                (r["refund_id"], f"{r['status']}:{r['reason']}:{r['amount']}")
+                for r in read_topic(self.settings, self.bootstrap, REFUND_RESULTS)
+            ],
+            refunds_deactivated={
+                r["cause"].removeprefix("refund:")
+                for r in read_topic(self.settings, self.bootstrap, ENTITLEMENTS)
+                if r["cause"].startswith("refund:") and r["action"] == "deactivate"
+            },
+            warehouse_refunds=(int(refunds[0][0]), int(refunds[0][1])),
         )
         self.new_attempts = evidence.warehouse_attempts[0] - self.attempts_seen
         self.attempts_seen = evidence.warehouse_attempts[0]
@@ -461,14 +532,19 @@ class Chaos:
         try:
             sink = self.supervisor.start("sink")
             wait_for_warehouse_endpoint(self.settings, sink)
-            for name in ("rating", "payments"):
+            for name in PROCESSORS[:2] + PROCESSORS[3:]:
                 self.supervisor.start(name)
+            if self.plan.refunds:  # invoices paid before the first scenario, to refund in it
+                self.console.print("[bold]warm-up[/] (no fault): a first batch is billed and paid")
+                self.publish_batch(len(scenarios))
+                if not self.wait_settled("warm-up"):
+                    raise InvariantBroken("the warm-up batch did not settle: see the logs")
             for k, scenario in enumerate(scenarios):
                 outcome = Outcome(scenario)
                 self.console.print(f"[bold]{scenario}[/]")
                 started = time.monotonic()
                 invoices_before = self.published.invoices
-                inputs = self.publish_batch(k)
+                inputs = self.publish_batch(k) + self.publish_refunds(k)
                 faults[scenario](outcome)
                 settled = self.wait_settled(scenario)
                 outcome.invariants = self.invariants(settled)

@@ -17,9 +17,12 @@ def clean(n: int = 4) -> Evidence:
     expected = {f"inv-{i}": Decimal(f"{i}.50") for i in range(n)}
     ledger = [
         {"kind": "charge", "invoice_id": f"inv-{i}", "idempotency_key": f"inv-{i}:1",
-         "status": "succeeded"}
+         "status": "succeeded", "amount": str(expected[f"inv-{i}"])}
         for i in range(n)
     ]  # fmt: skip
+    if n:
+        ledger.append({"kind": "refund", "invoice_id": "inv-0", "idempotency_key": "r0",
+                       "status": "refunded", "amount": str(expected["inv-0"])})  # fmt: skip
     return Evidence(
         expected=expected,
         warehouse_invoices=(n, n, sum(expected.values(), Decimal(0))),
@@ -31,6 +34,11 @@ def clean(n: int = 4) -> Evidence:
         settled_in_time=True,
         reconciled=True,
         unplanned_exits=0,
+        # refund 0 in full (asked twice), refund 1 refused: more than was paid
+        refund_requests={"r0", "r1"},
+        refund_results=[("r0", "refunded"), ("r1", "rejected"), ("r0", "refunded")],
+        refunds_deactivated={"r0"},
+        warehouse_refunds=(2, 2),
     )
 
 
@@ -62,7 +70,17 @@ def test_each_broken_promise_is_named() -> None:
             replace(e, ledger=[*e.ledger, {**e.ledger[0], "idempotency_key": "inv-0:2"}]),
             replace(e, ledger=[*e.ledger, {**e.ledger[1], "status": "declined"}]),  # key reused
         ],
-        "one_row_per_id": [replace(e, warehouse_attempts=(5, 4))],
+        "refunds_answered_once": [
+            replace(e, refund_results=e.refund_results[:1]),  # r1 never answered
+            replace(e, refund_results=[*e.refund_results, ("r0", "rejected")]),  # 2 answers
+            replace(e, refunds_deactivated=set()),  # refunded, still entitled
+            replace(e, ledger=[*e.ledger, {**e.ledger[-1], "idempotency_key": "r2"}]),
+        ],
+        "one_row_per_id": [
+            replace(e, warehouse_attempts=(5, 4)),
+            replace(e, warehouse_refunds=(3, 2)),
+            replace(e, warehouse_refunds=(1, 1)),
+        ],
         "none_left_open": [replace(e, settled=3)],
         "reconciled": [replace(e, reconciled=False)],
         "settled_in_time": [replace(e, settled_in_time=False)],

@@ -33,9 +33,9 @@ def test_short_chaos_run_keeps_every_promise(tmp_path: Path) -> None:
     metrics = result["metrics"]
     assert result["scenario"] == "chaos"
     assert metrics["scenarios"] == len(SCENARIOS) == 4
-    # 2 SIGKILLs for each of 3 processors, a broker, the warehouse, the gateway
-    assert metrics["faults_injected"] == 2 * 3 + 3
-    assert metrics["invariants_held"] == metrics["invariants_checked"] == 4 * 8
+    # 2 SIGKILLs for each of 4 processors, a broker, the warehouse, the gateway
+    assert metrics["faults_injected"] == 2 * 4 + 3
+    assert metrics["invariants_held"] == metrics["invariants_checked"] == 4 * 9
     by_scenario = {r["scenario"]: r for r in result["results"]}
     assert list(by_scenario) == list(SCENARIOS)
     for r in by_scenario.values():
