@@ -602,6 +602,24 @@ def test_payment_request_decoder(rec: dict) -> None:
             assert PAYMENT_RETRIES[request["attempt"] - 1]
 
 
+def test_a_payment_request_due_beyond_the_dunning_schedule_is_refused() -> None:
+    """A retry topic is read in order: a request not due for years would hold its
+    partition up for years. The processor refuses what is due after its longest wait."""
+    now = datetime.now(UTC)
+    rec = {"payment_id": "inv-1:2", "idempotency_key": "inv-1:2", "invoice_id": "inv-1",
+           "account_id": "acct-1", "attempt": 2, "amount": Decimal("9.90"), "currency": "EUR",
+           "payment_method": "tok_visa", "gateway_account": "merchant-1",
+           "not_before": now + timedelta(days=400), "requested_at": now}  # fmt: skip
+    value = codec("payment_request").encode(rec)
+    assert payments.decode_request(value)["not_before"] == rec["not_before"]  # no bound
+    with pytest.raises(DecodeError, match="beyond the dunning schedule") as refused:
+        payments.decode_request(value, now + timedelta(days=36))
+    assert refused.value.reason == "invalid_request"
+    due_soon = {**rec, "not_before": now + timedelta(days=7)}
+    assert payments.decode_request(codec("payment_request").encode(due_soon),
+                                   now + timedelta(days=36))  # fmt: skip
+
+
 def test_the_crash_a_bad_attempt_number_caused() -> None:
     with pytest.raises(ValueError, match="count from 1"):
         after_attempt("declined", 0, datetime.now(UTC), SCHEDULE)

@@ -31,7 +31,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -105,13 +105,19 @@ def request_problem(req: dict[str, Any]) -> str | None:
     return None
 
 
-def decode_request(value: bytes | None) -> dict[str, Any]:
+def decode_request(value: bytes | None, latest_due: datetime | None = None) -> dict[str, Any]:
     """A record of billing.payment-requests or a retry topic; raises DecodeError (reason
-    invalid_request for one that decodes but cannot be attempted)."""
+    invalid_request for one that decodes but cannot be attempted, or, with `latest_due`,
+    one not due until after it: a retry topic is read in order, so such a record would
+    hold up its partition for as long)."""
     request = codec(PAYMENT_REQUESTS.schema).decode(value)
     problem = request_problem(request)
     if problem:
         raise DecodeError("invalid_request", problem)
+    if latest_due is not None and request["not_before"] > latest_due:
+        due = f"{request['not_before']:%Y-%m-%d}"
+        raise DecodeError("invalid_request", f"not due before {due}: beyond the dunning "
+                          f"schedule (latest {latest_due:%Y-%m-%d})")  # fmt: skip
     return request
 
 
@@ -298,6 +304,9 @@ class PaymentsProcessor:
         self.settings = settings
         self.gateway = gateway
         self.schedule = parse_schedule(settings.dunning)
+        # a retry due later than this is refused (it would hold its partition up); roomy
+        # enough for a schedule shortened while retries of the old one are waiting
+        self.longest_wait = max(*self.schedule, timedelta(days=35)) + timedelta(days=1)
         if len(self.schedule) > len(PAYMENT_RETRIES):
             raise ValueError(f"at most {len(PAYMENT_RETRIES)} dunning steps are supported")
         self.accounts = settings.merchant_accounts
@@ -403,7 +412,8 @@ class PaymentsProcessor:
                 log.info("payment run", run_id=run["run_id"], until=run["until"].isoformat())
                 self.tracker.finish(tp, offset)
             else:
-                self._schedule(Attempt(decode_request(msg.value()), tp, offset))
+                latest_due = datetime.now(UTC) + self.longest_wait
+                self._schedule(Attempt(decode_request(msg.value(), latest_due), tp, offset))
         except DecodeError as exc:
             produce_dead_letter(self.producer, msg, exc.reason, exc.detail, NAME,
                                 on_delivery=self.tracker.finisher(tp, offset, 1))  # fmt: skip
