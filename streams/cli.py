@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -472,13 +472,20 @@ def bill_run(
     import time
 
     from streams.kafka.local import bootstrap_servers
+    from streams.processors.rating import MAX_FUTURE, MAX_FUTURE_TEXT
     from streams.publish import bill_run_done, issue_bill_run
     from streams.ui import progress_bar
 
+    when = _parse_ts(until)
+    if when > datetime.now(UTC) + MAX_FUTURE:  # the rating processor would refuse it
+        raise typer.BadParameter(
+            f"more than {MAX_FUTURE_TEXT} ahead: periods close when they end, not before",
+            param_hint="--until",
+        )
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     chosen = [a for a in accounts.split(",") if a] if accounts else None
-    offsets = issue_bill_run(settings, bootstrap, _parse_ts(until), chosen)
+    offsets = issue_bill_run(settings, bootstrap, when, chosen)
     console.print(f"bill run issued to {len(offsets)} partitions")
     if not wait:
         return

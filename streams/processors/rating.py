@@ -75,7 +75,7 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_FUTURE = timedelta(days=1)
 _EARLIEST_US = to_micros(EARLIEST)
 _MAX_FUTURE_MS = MAX_FUTURE // timedelta(milliseconds=1)
-_MAX_FUTURE_TEXT = f"{MAX_FUTURE / timedelta(hours=1):g} hours"
+MAX_FUTURE_TEXT = f"{MAX_FUTURE / timedelta(hours=1):g} hours"
 # what this processor dead-letters, by reason: the codec's (empty_value, invalid_avro,
 # unknown_schema); invalid_event (decoded, but not a valid event); rejected (a valid event
 # the subscription's state refuses: unknown subscription, duplicate creation, late event,
@@ -95,7 +95,7 @@ def timestamp_problem(timestamp: datetime, published_ms: int | None) -> str | No
     if us < _EARLIEST_US:
         return f"timestamp before {EARLIEST.date()}"
     if published_ms is not None and us // 1000 > published_ms + _MAX_FUTURE_MS:
-        return f"timestamp more than {_MAX_FUTURE_TEXT} after the record was published"
+        return f"timestamp more than {MAX_FUTURE_TEXT} after the record was published"
     return None
 
 
@@ -164,7 +164,7 @@ def decode_bill_run(
     issued_ms = published_ms if published_ms is not None else to_micros(rec["issued_at"]) // 1000
     if until_ms > issued_ms + _MAX_FUTURE_MS:
         raise DecodeError("invalid_bill_run", f"until {rec['until'].isoformat()} is more than "
-                          f"{_MAX_FUTURE_TEXT} after the run was issued")  # fmt: skip
+                          f"{MAX_FUTURE_TEXT} after the run was issued")  # fmt: skip
     return rec
 
 
