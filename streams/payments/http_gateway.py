@@ -1,8 +1,10 @@
 """``SimulatorGateway``: the ``Gateway`` protocol over HTTP against the gateway simulator
 (``streambill gateway serve``), plus helpers that read its ledger and counters.
 
-One shared ``aiohttp.ClientSession`` (keep-alive, no connection cap) per gateway: create,
-use and close it on one event loop.
+The adapter speaks HTTP/1.1 through ``streams.httpclient`` (keep-alive connections,
+httptools parser): at thousands of charges a second the client's own CPU counts, and a
+general-purpose client (aiohttp's) cost about 0.4 ms per charge. Create, use and close a
+gateway on one event loop. The ledger and stats helpers are not hot and use aiohttp.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import httptools
 import orjson
-from yarl import URL
 
 from streams.domain.money import UnknownCurrency, minor_units
+from streams.httpclient import ConnectionPool, HttpClient, InvalidURL, Response
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -26,55 +29,58 @@ from streams.payments.gateway import (
     TransientError,
 )
 
-_TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+# timed out, refused, reset, closed before the answer, or not HTTP: the outcome is unknown
+_TRANSPORT_ERRORS = (TimeoutError, OSError, httptools.HttpParserError)
 _CHARGE_STATUSES = ("succeeded", "declined")
 _REFUND_STATUSES = ("refunded", "rejected")
+_JSON = {"Content-Type": "application/json"}
 
 
 class SimulatorGateway:
     def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
-        self._charge_urls: dict[str, URL] = {}
-
-    def _http(self) -> aiohttp.ClientSession:
-        # created on first use: a session belongs to the running event loop
-        if self._session is None or self._session.closed:
-            # no cookies, no compression: less work per request on the hot path
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-            )
-        return self._session
+        self._http = HttpClient(timeout_s)
+        # per merchant account: (pool, URL, the request's bytes up to the key's value)
+        self._charge_heads: dict[str, tuple[ConnectionPool, str, bytes]] = {}
 
     def _account_url(self, merchant_account: str) -> str:
         return f"{self.base_url}/v1/accounts/{quote(merchant_account, safe='')}"
 
-    def _charges_url(self, merchant_account: str) -> URL:
-        # parsed once per account, not per request
-        url = self._charge_urls.get(merchant_account)
-        if url is None:
-            url = self._charge_urls[merchant_account] = URL(
-                f"{self._account_url(merchant_account)}/charges"
-            )
-        return url
+    def _charge_head(self, merchant_account: str) -> tuple[ConnectionPool, str, bytes]:
+        # the URL parsed and the request line and fixed headers encoded once per account
+        found = self._charge_heads.get(merchant_account)
+        if found is None:
+            url = f"{self._account_url(merchant_account)}/charges"
+            try:
+                pool, target, host = self._http.endpoint(url)
+            except InvalidURL as exc:
+                raise ValueError(f"invalid gateway URL {url!r}") from exc
+            head = (
+                f"POST {target} HTTP/1.1\r\nHost: {host}\r\n"
+                "Content-Type: application/json\r\nIdempotency-Key: "
+            ).encode("latin-1")
+            found = self._charge_heads[merchant_account] = (pool, url, head)
+        return found
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
-        body = await self._post(
-            self._charges_url(request.merchant_account),
-            request.idempotency_key,
+        pool, url, head = self._charge_head(request.merchant_account)
+        body = orjson.dumps(
             {
                 "invoice_id": request.invoice_id,
                 "account_id": request.account_id,
                 "amount": _amount_text(request.amount, request.currency),
                 "currency": request.currency,
                 "payment_method": request.payment_method,
-            },
+            }
         )
-        return _charge_outcome(body)
+        key = _header_value(request.idempotency_key)
+        data = b"%s%s\r\nContent-Length: %d\r\n\r\n%s" % (head, key, len(body), body)
+        try:
+            resp = await pool.request(data, self.timeout_s)
+        except _TRANSPORT_ERRORS as exc:
+            raise _transient("POST", url, exc) from exc
+        return _charge_outcome(_decode(resp, url))
 
     async def refund(self, request: RefundRequest) -> RefundOutcome:
         body = await self._post(
@@ -97,32 +103,44 @@ class SimulatorGateway:
             f"{self._account_url(merchant_account)}/charges/by-key/"
             f"{quote(idempotency_key, safe='')}"
         )
-        status, headers, raw = await self._send("GET", url)
-        if status == 404 and _error_code(raw) != "unknown_account":
+        resp = await self._send("GET", url)
+        if resp.status == 404 and _error_code(resp.body) != "unknown_account":
             return None
-        return _charge_outcome(_decode(status, headers, raw, url))
+        return _charge_outcome(_decode(resp, url))
 
-    async def _post(self, url: str | URL, idempotency_key: str, payload: dict[str, Any]) -> dict:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
-        status, resp_headers, raw = await self._send("POST", url, orjson.dumps(payload), headers)
-        return _decode(status, resp_headers, raw, url)
+    async def _post(self, url: str, idempotency_key: str, payload: dict[str, Any]) -> dict:
+        headers = {**_JSON, "Idempotency-Key": idempotency_key}
+        return _decode(await self._send("POST", url, orjson.dumps(payload), headers), url)
 
     async def _send(
-        self, method: str, url: str | URL, data: bytes | None = None, headers: Any = None
-    ) -> tuple[int, Any, bytes]:
+        self,
+        method: str,
+        url: str,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         try:
-            async with self._http().request(method, url, data=data, headers=headers) as resp:
-                return resp.status, resp.headers, await resp.read()
-        except aiohttp.InvalidURL as exc:  # a ClientError, but no retry can fix it
+            return await self._http.request(method, url, data, headers)
+        except InvalidURL as exc:  # no retry can fix it
             raise ValueError(f"invalid gateway URL {url!r}") from exc
-        except _TRANSPORT_ERRORS as exc:  # timed out or disconnected: the outcome is unknown
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            raise TransientError(f"{method} {url}: {detail}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise _transient(method, url, exc) from exc
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
+        self._charge_heads.clear()
+
+
+def _header_value(value: str) -> bytes:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"invalid header value {value!r}: CR or LF")
+    return value.encode("latin-1")
+
+
+def _transient(method: str, url: str, exc: BaseException) -> TransientError:
+    """Timed out or disconnected: the outcome is unknown, a retry with the key learns it."""
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return TransientError(f"{method} {url}: {detail}")
 
 
 def _amount_text(amount: Decimal | str, currency: str) -> str:
@@ -163,19 +181,20 @@ def _error_message(raw: bytes) -> str:
     return raw[:200].decode(errors="replace")
 
 
-def _retry_after(headers: Any) -> float:
+def _retry_after(resp: Response) -> float:
     try:
-        if (ms := headers.get("Retry-After-Ms")) is not None:
+        if (ms := resp.header("Retry-After-Ms")) is not None:
             return max(0.0, float(ms) / 1000)
-        if (s := headers.get("Retry-After")) is not None:
+        if (s := resp.header("Retry-After")) is not None:
             return max(0.0, float(s))
     except ValueError:
         pass
     return 1.0
 
 
-def _decode(status: int, headers: Any, raw: bytes, url: str) -> dict[str, Any]:
+def _decode(resp: Response, url: str) -> dict[str, Any]:
     """A 200's JSON body, or the error its status means (see the module ``gateway``)."""
+    status, raw = resp.status, resp.body
     if status == 200:
         try:
             body = orjson.loads(raw)
@@ -185,7 +204,7 @@ def _decode(status: int, headers: Any, raw: bytes, url: str) -> dict[str, Any]:
             raise ValueError(f"{url}: unexpected response body {raw[:200]!r}")
         return body
     if status == 429:
-        raise RateLimited(_retry_after(headers), _error_message(raw))
+        raise RateLimited(_retry_after(resp), _error_message(raw))
     if status == 409 or status >= 500:  # in progress elsewhere, or unavailable
         raise TransientError(f"{url}: HTTP {status}: {_error_message(raw)}")
     # other 4xx: the request itself is wrong; retrying cannot help

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from streams.httpclient import ServerDisconnected
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -269,7 +270,7 @@ def test_transient_failures_and_retries_never_charge_twice() -> None:
 
         with pytest.raises(TransientError) as dropped:
             await s.gateway.charge(charge("k2"))
-        assert isinstance(dropped.value.__cause__, aiohttp.ServerDisconnectedError)
+        assert isinstance(dropped.value.__cause__, ServerDisconnected)
 
         started = time.monotonic()
         with pytest.raises(TransientError) as delayed:
