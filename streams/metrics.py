@@ -9,6 +9,7 @@ so that the dashboard and ``streambill lag`` find every process on this machine.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import time
@@ -38,6 +39,10 @@ WAREHOUSE_RETRIES = Counter("streambill_warehouse_retries_total",
 COMMIT_FAILURES = Counter("streambill_commit_failures_total",
                           "offset commits refused by the group (rebalance, coordinator moved)",
                           ["processor"])  # fmt: skip
+GC_PAUSE_SECONDS = Histogram("streambill_gc_pause_seconds",
+                             "cyclic garbage collection pauses of the process",
+                             ["generation"],
+                             buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1))  # fmt: skip
 INVOICES_EMITTED = Counter("streambill_invoices_total", "invoices emitted by the rating processor")
 PAYMENTS = Counter("streambill_payments_total", "payment attempts by outcome", ["status"])
 GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call latency",
@@ -58,8 +63,26 @@ def metrics_dir(settings: Settings) -> Path:
     return settings.home / "metrics"
 
 
+def observe_gc_pauses() -> None:
+    """Time every cyclic garbage collection: a full one over a large in-memory state
+    stops the process, urgent requests included, for as long. Once per process."""
+    if any(getattr(cb, "__name__", "") == "on_gc" for cb in gc.callbacks):
+        return
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pause = time.perf_counter() - started[0]
+            GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(pause)
+
+    gc.callbacks.append(on_gc)
+
+
 def serve(settings: Settings, name: str) -> str:
     """Start this process's metrics endpoint and advertise it; returns its URL."""
+    observe_gc_pauses()
     port = int(os.environ.get("STREAMBILL_METRICS_PORT", "0"))
     server, _thread = start_http_server(port, addr=os.environ.get("STREAMBILL_METRICS_HOST",
                                                                   "127.0.0.1"))  # fmt: skip

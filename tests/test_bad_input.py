@@ -752,7 +752,7 @@ def test_refund_refusal_against_an_oracle(
     paid: Decimal, refunded: Decimal, amount: Decimal, currency: str, invoice: str
 ) -> None:
     state = lane.PartitionState()
-    state.paid["inv-paid"] = lane.Paid("ch_1", "m-1", paid, "EUR")
+    state.record_paid("inv-paid", lane.Paid("ch_1", "m-1", paid, "EUR"))
     state.subscription_of.update({"inv-paid": "s", "inv-unpaid": "s"})
     state.refunded["inv-paid"] = refunded
     req = {

@@ -44,7 +44,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -85,36 +85,54 @@ STATE_CHUNK = 500  # state records per loop turn: requests wait at most one chun
 CATCH_UP_WAIT = 30.0  # seconds an unknown invoice waits for the state to catch up
 
 
-@dataclass
-class Paid:
+class Paid(NamedTuple):
     charge_reference: str | None
     merchant_account: str
     amount: Decimal
     currency: str
 
 
-@dataclass
-class Subscription:
+class Subscription(NamedTuple):
     account_id: str
     cancelled_by: str | None = None  # event_id of its cancellation
 
 
 @dataclass
 class PartitionState:
-    paid: dict[str, Paid] = field(default_factory=dict)
+    """What a partition's history says. It holds millions of paid invoices and
+    subscriptions, kept as plain tuples: the cyclic garbage collector stops tracking a
+    plain tuple of strings and decimals once it has seen it (not a NamedTuple or a
+    dataclass), so the full collections that the state's growth triggers do not walk
+    them; each such walk pauses the process, urgent requests included."""
+
+    paid: dict[str, tuple] = field(default_factory=dict)  # invoice -> Paid's fields
     subscription_of: dict[str, str] = field(default_factory=dict)
     refunded: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # refund_id -> first
     in_flight: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    subscriptions: dict[str, tuple] = field(default_factory=dict)  # -> Subscription's
     ready: bool = False  # state topics read up to their end at assignment
+
+    def paid_for(self, invoice_id: str) -> Paid | None:
+        fields = self.paid.get(invoice_id)
+        return None if fields is None else Paid._make(fields)
+
+    def record_paid(self, invoice_id: str, paid: Paid) -> None:
+        self.paid[invoice_id] = tuple(paid)
+
+    def subscription(self, subscription_id: str) -> Subscription | None:
+        fields = self.subscriptions.get(subscription_id)
+        return None if fields is None else Subscription._make(fields)
+
+    def record_subscription(self, subscription_id: str, sub: Subscription) -> None:
+        self.subscriptions[subscription_id] = tuple(sub)
 
 
 def refund_refusal(state: PartitionState, req: dict[str, Any]) -> str | None:
     """Why a refund request is rejected, from what the partition knows (None: it may go to
     the gateway). Pure."""
     invoice_id, amount = req["invoice_id"], req["amount"]
-    paid = state.paid.get(invoice_id)
+    paid = state.paid_for(invoice_id)
     if paid is None:
         return "invoice_not_paid" if invoice_id in state.subscription_of else "unknown_invoice"
     if req["currency"] != paid.currency:
@@ -323,9 +341,9 @@ class LaneProcessor:
             if topic == self.names["results"]:
                 r = codec(PAYMENT_RESULTS.schema).decode(msg.value())
                 if r["status"] == "succeeded":
-                    state.paid[r["invoice_id"]] = Paid(
+                    state.record_paid(r["invoice_id"], Paid(
                         r["gateway_reference"], r["gateway_account"], r["amount"], r["currency"]
-                    )
+                    ))  # fmt: skip
             elif topic == self.names["invoices"]:
                 inv = codec(INVOICES.schema).decode(msg.value())
                 state.subscription_of[inv["invoice_id"]] = inv["subscription_id"]
@@ -337,11 +355,12 @@ class LaneProcessor:
                         state.refunded[r["invoice_id"]] += r["amount"]
             else:
                 e = codec(SUBSCRIPTIONS.schema).decode(msg.value())
-                sub = state.subscriptions.get(e["subscription_id"])
+                sub_id = e["subscription_id"]
+                sub = state.subscription(sub_id)
                 if e["type"] == "subscription.created" and sub is None:
-                    state.subscriptions[e["subscription_id"]] = Subscription(e["account_id"])
+                    state.record_subscription(sub_id, Subscription(e["account_id"]))
                 elif e["type"] == "subscription.cancelled" and sub and not sub.cancelled_by:
-                    sub.cancelled_by = e["event_id"]
+                    state.record_subscription(sub_id, sub._replace(cancelled_by=e["event_id"]))
         except DecodeError:
             pass  # not ours to dead-letter: the topic's own consumers do
 
@@ -418,7 +437,8 @@ class LaneProcessor:
         refusal = refund_refusal(state, req)
         if refusal:
             return rejected(refusal)
-        paid = state.paid[invoice_id]
+        paid = state.paid_for(invoice_id)
+        assert paid is not None  # refund_refusal refuses an invoice not paid
         # concurrent requests of the same invoice see this one's amount as taken already
         state.refunded[invoice_id] += amount
         try:
@@ -453,14 +473,14 @@ class LaneProcessor:
         sub_id = event["subscription_id"]
         if sub_id not in state.subscriptions:
             await self._wait_for_state(msg.partition())
-        sub = state.subscriptions.get(sub_id)
+        sub = state.subscription(sub_id)
         refusal = cancellation_refusal(event, sub)
         if refusal:
             return self._dead_letter(msg, *refusal)
         assert sub is not None  # an unknown subscription is refused
         forward = sub.cancelled_by is None  # a repeat is not forwarded twice
         LANE_REQUESTS.labels(self.lane, "cancellation", "accepted" if forward else "repeat").inc()
-        sub.cancelled_by = event["event_id"]
+        state.record_subscription(sub_id, sub._replace(cancelled_by=event["event_id"]))
         immediate = event["mode"] == "immediate"
         done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(),
                                      immediate + forward)  # fmt: skip
