@@ -236,7 +236,10 @@ class Lane:
         self.limit = AimdLimit(cap=cap, limit=min(cap, 32))
         self.breaker = CircuitBreaker()
         self.in_flight = 0
+        self.sent = 0  # calls let through so far: the ticket of the last one
+        self.round_end = 0  # 429s to calls let through up to this one are already counted
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waking = 0  # waiters woken that have not taken their slot yet
         self._was_open = False
         # read when Prometheus scrapes: nothing is updated per call
         GATEWAY_IN_FLIGHT.labels(processor, name).set_function(lambda: self.in_flight)
@@ -244,27 +247,39 @@ class Lane:
             lambda: float(self.breaker.state != CLOSED)
         )
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the call's ticket, for ``release``."""
         while True:
-            if self.in_flight < self.limit.allowed:
+            # (slots promised to woken waiters that have not run yet are not free)
+            if self.in_flight + self.waking < self.limit.allowed:
                 if self.breaker.allow(time.monotonic()):
                     self.in_flight += 1
-                    return
+                    self.sent += 1
+                    return self.sent
                 await asyncio.sleep(max(0.01, self.breaker.retry_in(time.monotonic())))
                 continue
             waiter = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            finally:
+                if waiter.done() and not waiter.cancelled():
+                    self.waking -= 1
 
-    def release(self, outcome: str) -> None:
-        """outcome: ok (an answer), overload (429) or failure (transient)."""
+    def release(self, outcome: str, ticket: int | None = None) -> None:
+        """outcome: ok (an answer), overload (429) or failure (transient). A 429 to a call
+        let through before the last decrease (its ticket is at most ``round_end``) answers
+        for the same excess and does not cut the limit again: one decrease per round, as
+        TCP does, or the many 429s of one overshoot would cut it to the floor."""
         self.in_flight -= 1
         now = time.monotonic()
         if outcome == "ok":
             self.limit.on_success()
             self.breaker.on_success()
         elif outcome == "overload":
-            self.limit.on_overload()
+            if ticket is None or ticket > self.round_end:
+                self.limit.on_overload()
+                self.round_end = self.sent
             self.breaker.probing = False  # a 429 is an answer: the account is up
         else:
             opened = self.breaker.opened_count
@@ -278,11 +293,15 @@ class Lane:
         if self.breaker.state == "closed" and self._was_open:
             log.info("circuit closed: gateway account recovered", merchant_account=self.name)
         self._was_open = self.breaker.state != "closed"
-        while self.waiters and self.in_flight < self.limit.allowed:
+        # wake as many waiters as there are free slots (a success can free two: its own
+        # and one more allowed)
+        free = self.limit.allowed - self.in_flight - self.waking
+        while free > 0 and self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                break
+                self.waking += 1
+                free -= 1
 
 
 @dataclass
@@ -477,7 +496,7 @@ class PaymentsProcessor:
         started = time.monotonic()
         transient = 0
         while True:
-            await lane.acquire()
+            ticket = await lane.acquire()
             if self.stopping and not attempt.sent:
                 # stopping: work never sent is handed back (its offset stays uncommitted
                 # and the next owner charges it, with the same idempotency key)
@@ -487,7 +506,7 @@ class PaymentsProcessor:
             try:
                 outcome = await self.gateway.charge(charge)
             except RateLimited as exc:
-                lane.release("overload")
+                lane.release("overload", ticket)
                 await asyncio.sleep(exc.retry_after * self.rng.uniform(0.5, 1.5))
                 continue
             except TransientError:

@@ -77,3 +77,57 @@ def test_breaker_open_time_is_bounded(events) -> None:
             b.on_failure(now) if fail else b.on_success()
         assert b.current_open <= 8
         assert b.retry_in(now) <= 8
+
+
+def test_slow_start_doubles_per_round_until_the_first_overload() -> None:
+    limit = AimdLimit(cap=240, limit=32)
+    for _ in range(3):  # a round: one answer per slot
+        for _ in range(limit.allowed):
+            limit.on_success()
+    assert limit.allowed == 240  # 32 -> 64 -> 128 -> 240 (the cap)
+    limit = AimdLimit(cap=1000, limit=32)
+    for _ in range(32):
+        limit.on_success()
+    limit.on_overload()
+    assert limit.allowed == 57 and not limit.slow_start  # 64 * 0.9
+    for _ in range(57):  # now about +1 per round
+        limit.on_success()
+    assert limit.allowed == 58
+
+
+def test_a_lane_counts_one_429_per_round_and_wakes_every_free_slot() -> None:
+    """An overshoot answered by many 429s cuts the limit once, not once per 429 (that
+    would take it to the floor); a release wakes as many waiting calls as slots are free,
+    and the calls in flight never exceed the limit."""
+    import asyncio
+
+    from streams.processors.payments import Lane
+
+    async def scenario() -> None:
+        lane = Lane("test-lane", cap=100)
+        lane.limit.limit = 10
+        tickets = [await lane.acquire() for _ in range(10)]
+        assert tickets == list(range(1, 11)) and lane.in_flight == 10
+        for ticket in tickets:  # the gateway refuses all ten: one decrease
+            lane.release("overload", ticket)
+        assert lane.limit.allowed == 9 and lane.in_flight == 0
+        eleventh = await lane.acquire()
+        lane.release("overload", eleventh)  # sent after the decrease: counts
+        assert lane.limit.allowed == 8
+
+        peak = 0
+
+        async def call() -> None:
+            nonlocal peak
+            ticket = await lane.acquire()
+            peak = max(peak, lane.in_flight)
+            assert lane.in_flight <= lane.limit.allowed
+            await asyncio.sleep(0.001)
+            lane.release("ok", ticket)
+
+        await asyncio.gather(*(call() for _ in range(200)))
+        assert lane.in_flight == 0 and lane.waking == 0
+        assert all(w.done() for w in lane.waiters)
+        assert peak > 8  # the limit grew while the calls queued, and waiters filled it
+
+    asyncio.run(scenario())
