@@ -1,6 +1,6 @@
 """A payment-gateway SIMULATOR for tests and benchmarks: not a real gateway.
 
-An aiohttp server (``streambill gateway serve``) that behaves like a card gateway under
+An HTTP server (``streambill gateway serve``) that behaves like a card gateway under
 load: per merchant account it has a concurrency cap and an optional requests-per-minute
 limit (429 + Retry-After), lognormal latency, declines decided by the card token,
 injected transient failures, an outage switch, and idempotency keys that never let money
@@ -53,8 +53,8 @@ from typing import Any, ClassVar
 
 import orjson
 import structlog
-from aiohttp import web
 
+from streams.httpserver import HttpServer, Reply, Request, Router
 from streams.stack import ChildProcess, _die_with_parent
 
 log = structlog.get_logger(__name__)
@@ -321,7 +321,7 @@ class AccountState:
         self.conflicts = 0
         self.transient_injected = 0
 
-    def admit(self, now: float) -> web.Response | None:
+    def admit(self, now: float) -> Reply | None:
         """Take an in-flight slot, or the 429 that refuses the request."""
         if self.in_flight >= self.config.max_concurrency:
             self.rejected_429 += 1
@@ -382,19 +382,17 @@ _JSON = {"Content-Type": "application/json"}
 _REPLAYED = {"Content-Type": "application/json", "Idempotent-Replayed": "true"}
 
 
-def _json(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, headers=_JSON)
+def _json(body: bytes, status: int = 200) -> Reply:
+    return Reply(body, status, _JSON)
 
 
 def _json_error(
     status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
-) -> web.Response:
+) -> Reply:
     payload: dict[str, Any] = {"error": message}
     if code:
         payload["code"] = code
-    return web.Response(
-        body=orjson.dumps(payload), status=status, headers={**_JSON, **(headers or {})}
-    )
+    return Reply(orjson.dumps(payload), status, {**_JSON, **(headers or {})})
 
 
 def _text(body: dict[str, Any], name: str, limit: int = 200) -> str:
@@ -443,22 +441,20 @@ class GatewaySimulator:
 
     # --- charges and refunds ----------------------------------------------------------
 
-    async def _begin(
-        self, request: web.Request
-    ) -> tuple[AccountState, str, dict[str, Any]] | web.Response:
+    def _begin(self, request: Request) -> tuple[AccountState, str, dict[str, Any]] | Reply:
         """Checks shared by charges and refunds: account, outage, key and JSON body."""
-        acct = self.accounts.get(request.match_info["account"])
+        acct = self.accounts.get(request.params["account"])
         if acct is None:
             return _json_error(404, "unknown merchant account", code="unknown_account")
         acct.requests += 1
         if time.monotonic() < acct.outage_until:
             acct.rejected_outage += 1
             return _json_error(503, "gateway outage (simulated)", {"Retry-After": "1"})
-        key = request.headers.get("Idempotency-Key")
+        key = request.header("Idempotency-Key")
         if not key:
             return _json_error(400, "the Idempotency-Key header is required")
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(request.body)
         except orjson.JSONDecodeError:
             return _json_error(400, "the body must be JSON")
         if not isinstance(body, dict):
@@ -466,7 +462,7 @@ class GatewaySimulator:
         return acct, key, body
 
     @staticmethod
-    def _seen(acct: AccountState, key: str, kind: str, params: int) -> web.Response | None:
+    def _seen(acct: AccountState, key: str, kind: str, params: int) -> Reply | None:
         """The answer for a key seen before: replay, 422 (other parameters) or 409."""
         entry = acct.keys.get(key)
         if entry is None:
@@ -477,18 +473,18 @@ class GatewaySimulator:
             acct.conflicts += 1
             return _json_error(409, "a request with this idempotency key is in progress")
         acct.replays += 1
-        return web.Response(body=entry.body(), headers=_REPLAYED)
+        return Reply(entry.body(), 200, _REPLAYED)
 
     async def _process(
         self,
-        request: web.Request,
+        request: Request,
         acct: AccountState,
         key: str,
         kind: str,
         params: int,
         latency: Callable[[], float],
         record: Callable[[], _Charge | _Refund],
-    ) -> web.Response:
+    ) -> Reply:
         """Admission, latency while holding a slot, recording, then any injected fault."""
         if (refused := acct.admit(time.monotonic())) is not None:
             return refused
@@ -507,16 +503,15 @@ class GatewaySimulator:
             if entry is None:  # cancelled before recording: the key is free again
                 acct.keys.pop(key, None)
         if fault == "dropped":  # recorded, then the connection is lost without an answer
-            if request.transport is not None:
-                request.transport.close()
-            return web.Response(status=500)  # never sent: the transport is closed
+            request.drop()
+            return Reply(status=500)  # never sent: the connection is closed
         if fault == "delayed":  # recorded (slot freed), answered after the client gave up
             await asyncio.sleep(acct.config.timeout_delay_s)
         return _json(entry.body())
 
-    async def post_charge(self, request: web.Request) -> web.Response:
-        begun = await self._begin(request)
-        if isinstance(begun, web.Response):
+    async def post_charge(self, request: Request) -> Reply:
+        begun = self._begin(request)
+        if isinstance(begun, Reply):
             return begun
         acct, key, body = begun
         try:
@@ -559,9 +554,9 @@ class GatewaySimulator:
             request, acct, key, "charge", params, acct.charge_latency, record
         )
 
-    async def post_refund(self, request: web.Request) -> web.Response:
-        begun = await self._begin(request)
-        if isinstance(begun, web.Response):
+    async def post_refund(self, request: Request) -> Reply:
+        begun = self._begin(request)
+        if isinstance(begun, Reply):
             return begun
         acct, key, body = begun
         try:
@@ -618,18 +613,18 @@ class GatewaySimulator:
 
     # --- reads and admin --------------------------------------------------------------
 
-    async def get_charge_by_key(self, request: web.Request) -> web.Response:
-        acct = self.accounts.get(request.match_info["account"])
+    async def get_charge_by_key(self, request: Request) -> Reply:
+        acct = self.accounts.get(request.params["account"])
         if acct is None:
             return _json_error(404, "unknown merchant account", code="unknown_account")
-        entry = acct.keys.get(request.match_info["key"])
+        entry = acct.keys.get(request.params["key"])
         if isinstance(entry, _Charge):
             return _json(entry.body())
         if isinstance(entry, _Pending) and entry.kind == "charge":
             return _json_error(409, "a charge with this idempotency key is in progress")
         return _json_error(404, "no charge with this idempotency key", code="not_found")
 
-    async def get_ledger(self, request: web.Request) -> web.Response:
+    async def get_ledger(self, request: Request) -> Reply:
         name = request.query.get("account")
         if name is None:
             lines = self.ledger
@@ -640,7 +635,7 @@ class GatewaySimulator:
         # entries are serialized once, when recorded: a join is all a large ledger costs
         return _json(b'{"entries":[' + b",".join(lines) + b"]}")
 
-    async def get_stats(self, request: web.Request) -> web.Response:
+    async def get_stats(self, request: Request) -> Reply:
         return _json(
             orjson.dumps(
                 {
@@ -650,9 +645,9 @@ class GatewaySimulator:
             )
         )
 
-    async def post_outage(self, request: web.Request) -> web.Response:
+    async def post_outage(self, request: Request) -> Reply:
         try:
-            body = orjson.loads(await request.read() or b"{}")
+            body = orjson.loads(request.body or b"{}")
         except orjson.JSONDecodeError:
             return _json_error(400, "the body must be JSON")
         seconds = body.get("seconds") if isinstance(body, dict) else None
@@ -670,31 +665,40 @@ class GatewaySimulator:
             acct.outage_until = until
         return _json(orjson.dumps({"accounts": [a.name for a in chosen], "seconds": seconds}))
 
-    async def get_healthz(self, request: web.Request) -> web.Response:
+    async def get_healthz(self, request: Request) -> Reply:
         return _json(b'{"ok":true}')
 
 
-SIMULATOR = web.AppKey("simulator", GatewaySimulator)
+def build_router(sim: GatewaySimulator) -> Router:
+    router = Router()
+    router.add("POST", "/v1/accounts/{account}/charges", sim.post_charge)
+    router.add("POST", "/v1/accounts/{account}/refunds", sim.post_refund)
+    router.add("GET", "/v1/accounts/{account}/charges/by-key/{key}", sim.get_charge_by_key)
+    router.add("GET", "/v1/ledger", sim.get_ledger)
+    router.add("GET", "/v1/stats", sim.get_stats)
+    router.add("POST", "/v1/admin/outage", sim.post_outage)
+    router.add("GET", "/healthz", sim.get_healthz)
+    return router
 
 
-def build_app(config: SimulatorConfig) -> web.Application:
-    sim = GatewaySimulator(config)
-    app = web.Application()
-    app[SIMULATOR] = sim
-    app.router.add_post("/v1/accounts/{account}/charges", sim.post_charge)
-    app.router.add_post("/v1/accounts/{account}/refunds", sim.post_refund)
-    app.router.add_get("/v1/accounts/{account}/charges/by-key/{key}", sim.get_charge_by_key)
-    app.router.add_get("/v1/ledger", sim.get_ledger)
-    app.router.add_get("/v1/stats", sim.get_stats)
-    app.router.add_post("/v1/admin/outage", sim.post_outage)
-    app.router.add_get("/healthz", sim.get_healthz)
-    return app
+class SimulatorServer:
+    """The simulator served in this process (``streams.httpserver``: its CPU per request
+    counts against the payment run it serves). ``serve`` runs one until a signal; tests
+    start one directly."""
 
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.sim = GatewaySimulator(config)
+        self.http = HttpServer(build_router(self.sim))
+        self.url = ""
 
-def make_runner(app: web.Application) -> web.AppRunner:
-    # no access log (per-request logging would cost more than the handler itself); a short
-    # shutdown wait, since "delayed" responses may sleep for timeout_delay_s
-    return web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> SimulatorServer:
+        _, bound_port = await self.http.start(host, port, backlog=4096)
+        self.url = _url(host, bound_port)
+        return self
+
+    async def close(self) -> None:
+        # a short wait: "delayed" answers may sleep for timeout_delay_s
+        await self.http.close(timeout_s=1.0)
 
 
 def _url(host: str, port: int) -> str:
@@ -711,15 +715,13 @@ async def serve(
 ) -> None:
     """Serve until cancelled, SIGTERM or SIGINT; port 0 picks a free port. Once listening,
     ``{"url", "pid"}`` is written to ``ready_file`` (atomically)."""
-    runner = make_runner(build_app(config))
-    await runner.setup()
+    server = SimulatorServer(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     handled = []
     try:
-        site = web.TCPSite(runner, host, port, backlog=4096)
-        await site.start()
-        url = _url(host, runner.addresses[0][1])
+        await server.start(host, port)
+        url = server.url
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
@@ -741,7 +743,7 @@ async def serve(
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await server.close()
 
 
 def run_server(

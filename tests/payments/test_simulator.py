@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from streams.httpclient import ServerDisconnected
 from streams.payments.gateway import (
@@ -37,16 +36,14 @@ from streams.payments.http_gateway import (
 )
 from streams.payments.simulator import (
     DECLINE_CODES,
-    SIMULATOR,
     AccountConfig,
     GatewaySimulator,
     Latency,
     SimulatorConfig,
     SimulatorProcess,
-    build_app,
+    SimulatorServer,
     decline_code_for,
     default_accounts,
-    make_runner,
 )
 
 FAST = AccountConfig(
@@ -85,19 +82,15 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def served(cfg: SimulatorConfig, timeout_s: float = 5.0) -> AsyncIterator[Served]:
-    app = build_app(cfg)
-    runner = make_runner(app)
-    await runner.setup()
+    server = await SimulatorServer(cfg).start("127.0.0.1", 0)
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        gateway = SimulatorGateway(url, timeout_s=timeout_s)
+        gateway = SimulatorGateway(server.url, timeout_s=timeout_s)
         try:
-            yield Served(url, gateway, app[SIMULATOR])
+            yield Served(server.url, gateway, server.sim)
         finally:
             await gateway.close()
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 def run(
