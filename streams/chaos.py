@@ -539,6 +539,9 @@ class Chaos:
                 self.publish_batch(len(scenarios))
                 if not self.wait_settled("warm-up"):
                     raise InvariantBroken("the warm-up batch did not settle: see the logs")
+                self.attempts_seen = int(
+                    self._warehouse("SELECT count() FROM payment_attempts FINAL")[0][0]
+                )  # the first scenario counts its own attempts only
             for k, scenario in enumerate(scenarios):
                 outcome = Outcome(scenario)
                 self.console.print(f"[bold]{scenario}[/]")
