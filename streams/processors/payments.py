@@ -25,6 +25,7 @@ payment run (``billing.payment-control``) makes everything due up to its instant
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 import zlib
@@ -357,6 +358,7 @@ class PaymentsProcessor:
     # --- the loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        tune_gc()
         try:
             import uvloop
 
@@ -588,6 +590,19 @@ class PaymentsProcessor:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+
+
+def tune_gc() -> None:
+    """The cyclic collector, for a process with thousands of payments in flight. With the
+    default young-generation threshold (700 container objects allocated, net), a young
+    collection ran every few dozen payments and promoted the payments in flight, and a
+    full collection walked them all every few thousand: 12 % of the dispatcher's CPU. A
+    payment's objects are freed by reference counting when it completes, so the threshold
+    is raised, and what start-up allocated (modules, schemas) is frozen out of collections.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 def make_gateway(settings: Settings) -> Gateway:
