@@ -687,6 +687,7 @@ def test_payments_processor_handles_every_input(data: st.DataObject) -> None:
     proc.consumer = _FakeConsumer()
     proc.accounts = ("m-1", "m-2")
     proc.held, proc.horizon = {}, payments.EPOCH
+    proc.longest_wait = timedelta(days=36)
     proc.topics = {
         "invoices": INVOICES.name,
         "requests": PAYMENT_REQUESTS.name,
