@@ -203,10 +203,10 @@ def chaos_cluster(settings: Settings, console: Console) -> Iterator[tuple[str, d
         stop_local_kafka(env=env)  # a cluster left by an interrupted run
     shutil.rmtree(env["STREAMBILL_KAFKA_DIR"], ignore_errors=True)
     console.print(f"starting a {BROKERS}-broker Kafka cluster (replication 3, min ISR 2)")
-    bootstrap = start_local_kafka(BROKERS, env=env)
     try:
+        bootstrap = start_local_kafka(BROKERS, env=env)
         yield bootstrap, env
-    finally:
+    finally:  # also when a node failed to start: the others must not outlive the run
         stop_local_kafka(env=env)
 
 
