@@ -54,9 +54,10 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The last value of a header (name case-insensitive), decoded as Latin-1."""
-        wanted = name.lower().encode("latin-1")
+        exact = name.encode("latin-1")
+        wanted = exact.lower()
         for key, value in reversed(self.raw_headers):
-            if key.lower() == wanted:
+            if key == exact or key.lower() == wanted:
                 return value.decode("latin-1")
         return None
 
@@ -103,10 +104,13 @@ def _text(status: int, text: str) -> Reply:
 class Router:
     """Routes by method and path segments: ``/v1/accounts/{account}/charges``."""
 
+    CACHE_SIZE = 1024  # resolved (method, path)s kept: the few a hot path repeats
+
     def __init__(self) -> None:
         # segment count -> [(pattern, {method: handler})]; a pattern is a tuple of
         # literal segments and None (a parameter), with the parameters' names
         self._routes: dict[int, list[tuple[tuple[str | None, ...], list[str], dict]]] = {}
+        self._cache: dict[tuple[str, str], tuple[Handler | None, dict[str, str], int]] = {}
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         segments = path.strip("/").split("/")
@@ -118,9 +122,19 @@ class Router:
                 methods[method] = handler
                 return
         routes.append((pattern, names, {method: handler}))
+        self._cache.clear()
 
     def resolve(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], int]:
-        """(handler, parameters, 0), or (None, {}, 404 or 405)."""
+        """(handler, parameters, 0), or (None, {}, 404 or 405). The parameters are shared
+        by every request of a cached path: handlers read them, never change them."""
+        found = self._cache.get((method, path))
+        if found is None:
+            found = self._resolve(method, path)
+            if len(self._cache) < self.CACHE_SIZE:
+                self._cache[(method, path)] = found
+        return found
+
+    def _resolve(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], int]:
         segments = path.strip("/").split("/")
         found = 404
         for pattern, names, methods in self._routes.get(len(segments), ()):

@@ -139,3 +139,17 @@ def test_an_independent_client_and_shutdown_with_a_handler_still_running() -> No
             await client.close()
 
     asyncio.run(main())
+
+
+def test_the_router_caches_a_bounded_number_of_resolved_paths() -> None:
+    router = Router()
+    router.add("GET", "/a/{x}/b", echo)
+    router.add("POST", "/a/{x}/b", slow)
+    for i in range(Router.CACHE_SIZE + 50):
+        assert router.resolve("GET", f"/a/k{i}/b") == (echo, {"x": f"k{i}"}, 0)
+    assert len(router._cache) == Router.CACHE_SIZE
+    assert router.resolve("POST", "/a/k1/b") == (slow, {"x": "k1"}, 0)
+    assert router.resolve("PUT", "/a/k1/b")[2] == 405
+    assert router.resolve("GET", "/a/k1/c")[2] == 404
+    router.add("GET", "/a/{x}/c", echo)  # a new route: what was cached may be wrong now
+    assert router.resolve("GET", "/a/k1/c") == (echo, {"x": "k1"}, 0)

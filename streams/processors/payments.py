@@ -345,6 +345,11 @@ class PaymentsProcessor:
             "retries": [t.name for t in PAYMENT_RETRIES[: len(self.schedule)]],
         }
         self.retry_topics = {t.name: n for n, t in enumerate(PAYMENT_RETRIES, 1)}
+        self.results_topic = PAYMENT_RESULTS.name
+        # metric children looked up once, not per payment (labels() takes a lock)
+        self.records_metric = RECORDS.labels("payments", "all")
+        self.charge_seconds = GATEWAY_SECONDS.labels("payments", "charge")
+        self.payments_metric = {s: PAYMENTS.labels(s) for s in ("succeeded", "declined", "failed")}
         self.tracker = OffsetTracker()
         self.held: dict[TP, deque[Attempt]] = {}  # waiting until due, partition paused
         self.horizon = EPOCH  # a payment run's instant: due up to it means due now
@@ -378,7 +383,7 @@ class PaymentsProcessor:
                     if msg.error() is None:
                         self._handle(msg)
                 if msgs:
-                    RECORDS.labels("payments", "all").inc(len(msgs))
+                    self.records_metric.inc(len(msgs))
                 self.lag.maybe_update()
                 now = time.monotonic()
                 if now - last_due_check > 0.2:
@@ -525,8 +530,8 @@ class PaymentsProcessor:
             status = outcome.status
             break
         seconds = time.monotonic() - started
-        GATEWAY_SECONDS.labels("payments", "charge").observe(seconds)
-        PAYMENTS.labels(status).inc()
+        self.charge_seconds.observe(seconds)
+        (self.payments_metric.get(status) or PAYMENTS.labels(status)).inc()
         self._complete(attempt, status, outcome, seconds * 1000)
 
     def _complete(
@@ -561,7 +566,7 @@ class PaymentsProcessor:
             topic, request = follow_up
             self._produce(topic, key, codec(PAYMENT_REQUESTS.schema).encode(request), done)
         for result in results:
-            self._produce(PAYMENT_RESULTS.name, key, encode_result(result), done)
+            self._produce(self.results_topic, key, encode_result(result), done)
         self.completed += 1
 
     @staticmethod
