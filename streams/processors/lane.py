@@ -509,13 +509,13 @@ class LaneProcessor:
         )
         retries = 0
         while True:
-            await lane.acquire()
+            ticket = await lane.acquire()
             try:
                 started = time.monotonic()
                 outcome = await self.gateway.refund(request)
                 GATEWAY_SECONDS.labels(self.name, "refund").observe(time.monotonic() - started)
             except RateLimited as exc:
-                lane.release("overload")
+                lane.release("overload", ticket)  # one decrease per round of 429s
                 await asyncio.sleep(min(exc.retry_after, 0.05) * self.rng.uniform(0.5, 1.5))
                 continue
             except TransientError:
