@@ -88,6 +88,38 @@ class Codec:
             )
         return record
 
+    def leading_strings(self, data: bytes | None, n: int) -> tuple[str, ...] | None:
+        """The first n fields of a record written with the current schema, when they are
+        all strings, read without decoding the rest (a reader that needs two ids of a
+        large record, e.g. an invoice with its lines); None when this cannot be done
+        (another writer schema, not Avro), and the caller decodes the whole record."""
+        fields = self.schema["fields"][:n]
+        if len(fields) < n or any(f["type"] != "string" for f in fields):
+            raise ValueError(f"{self.name}: the first {n} fields are not all strings")
+        if not data or data[:HEADER_LEN] != self.header:
+            return None
+        out, pos, end = [], HEADER_LEN, len(data)
+        for _ in range(n):
+            length = shift = 0
+            while True:  # zig-zag varint
+                if pos >= end or shift > 63:
+                    return None
+                byte = data[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            length = (length >> 1) ^ -(length & 1)
+            if length < 0 or pos + length > end:
+                return None
+            try:
+                out.append(data[pos : pos + length].decode())
+            except UnicodeDecodeError:
+                return None
+            pos += length
+        return tuple(out)
+
 
 @cache
 def codec(name: str) -> Codec:

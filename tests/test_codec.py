@@ -132,3 +132,28 @@ def test_truncated_record_is_rejected() -> None:
     for cut in range(1, len(data)):
         with pytest.raises(DecodeError):
             c.decode(data[:cut])
+
+
+@given(
+    ids=st.tuples(*[st.text(max_size=40)] * 3),
+    cut=st.integers(min_value=0, max_value=400),
+)
+@settings(max_examples=300)
+def test_leading_strings_read_what_decode_reads(ids: tuple[str, str, str], cut: int) -> None:
+    """The lane reads an invoice's first ids without decoding its lines: the same values
+    as a full decode, or None (then it decodes) for anything it cannot read that way."""
+    from tests.samples import sample
+
+    inv = codec("invoice")
+    record = {**sample("invoice", 3), "invoice_id": ids[0], "account_id": ids[1],
+              "subscription_id": ids[2]}  # fmt: skip
+    data = inv.encode(record)
+    assert inv.leading_strings(data, 3) == ids
+    assert inv.leading_strings(data, 1) == ids[:1]
+    truncated = inv.leading_strings(data[:cut], 3)
+    assert truncated is None or truncated == ids  # never a wrong value
+    other_writer = b"\xc3\x01" + bytes(8) + data[10:]
+    assert inv.leading_strings(other_writer, 3) is None
+    assert inv.leading_strings(b"", 3) is None
+    with pytest.raises(ValueError, match="not all strings"):
+        inv.leading_strings(data, 6)  # the sixth field is a timestamp
