@@ -15,7 +15,6 @@ decimal strings of any length, timestamps of any year and offset).
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 
 import atheris
@@ -173,16 +172,7 @@ def seeds() -> list[bytes]:
     return [bytes([n]) + orjson.dumps(body) for n, body in bodies]
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["--write-seeds"]:  # --write-seeds DIR: a starting corpus
-        from pathlib import Path
-
-        for n, seed in enumerate(seeds()):
-            Path(sys.argv[2], f"seed-{n}").write_bytes(seed)
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    from harness import main  # fuzz/harness.py, next to this script
+
+    main(seeds, test_one_input)

@@ -14,8 +14,6 @@ pass DIR to the fuzzer (libFuzzer adds what it finds there).
 
 from __future__ import annotations
 
-import sys
-
 import atheris
 
 with atheris.instrument_imports(include=["streams", "fastavro"]):
@@ -144,16 +142,7 @@ def seeds() -> list[bytes]:
     return out
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["--write-seeds"]:  # --write-seeds DIR: a starting corpus
-        from pathlib import Path
-
-        for n, seed in enumerate(seeds()):
-            Path(sys.argv[2], f"seed-{n}").write_bytes(seed)
-        return
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    from harness import main  # fuzz/harness.py, next to this script
+
+    main(seeds, test_one_input)
