@@ -45,6 +45,18 @@ def rendered(url: str, profile: Path) -> dict[str, str]:
     return dict(re.findall(r'data-figure="(\w+)">([^<]*)<', dom))
 
 
+def refund_a_paid_invoice(
+    settings: Settings, api: requests.Session, base: str, sink: ProcessorProcess
+) -> None:
+    """A refund of 1.00 on an invoice the stack has paid, through the API, landed."""
+    paid = scalar(settings, "SELECT invoice_id FROM payment_attempts FINAL LIMIT 1")
+    refund = {"refund_id": "r-1", "invoice_id": paid, "account_id": "acme-1",
+              "amount": "1.00", "currency": "USD"}  # fmt: skip
+    assert api.post(f"{base}/v1/refunds", json=refund).status_code == 202
+    wait_until(lambda: scalar(settings, "SELECT count() FROM refunds FINAL") == 1, 60,
+               "the refund", [sink])  # fmt: skip
+
+
 def start_billing_stack(
     settings: Settings, bootstrap: str, procs: Procs, gateway_url: str
 ) -> tuple[ProcessorProcess, int]:
@@ -86,12 +98,7 @@ def test_the_dashboard_shows_what_the_warehouse_and_kafka_say(
     assert api.post(f"{base}/v1/usage", json={"events": [usage]}).status_code == 202
     paid_sql = "SELECT count() FROM payment_attempts FINAL WHERE status = 'succeeded'"
     wait_until(lambda: scalar(settings, paid_sql) >= 6, 90, "6 payments", [sink])
-    paid = scalar(settings, "SELECT invoice_id FROM payment_attempts FINAL LIMIT 1")
-    refund = {"refund_id": "r-1", "invoice_id": paid, "account_id": "acme-1",
-              "amount": "1.00", "currency": "USD"}  # fmt: skip
-    assert api.post(f"{base}/v1/refunds", json=refund).status_code == 202
-    wait_until(lambda: scalar(settings, "SELECT count() FROM refunds FINAL") == 1, 60,
-               "the refund", [sink])  # fmt: skip
+    refund_a_paid_invoice(settings, api, base, sink)
     wait_until(lambda: scalar(settings, "SELECT count() FROM dead_letters FINAL") >= 1, 60,
                "the late usage's dead letter", [sink])  # fmt: skip
     time.sleep(12)  # the dashboard samples the API every 5 s; nothing moves meanwhile

@@ -13,7 +13,7 @@ import requests
 from streams.config import Settings
 from tests.integration.helpers import Procs, scalar, wait_until
 from tests.integration.test_api import ACME, signup
-from tests.integration.test_dashboard import start_billing_stack
+from tests.integration.test_dashboard import refund_a_paid_invoice, start_billing_stack
 
 pytestmark = pytest.mark.kafka
 SECRETS = {
@@ -47,12 +47,7 @@ def test_no_secret_and_no_card_number_is_ever_logged(
         assert api.post(f"{base}/v1/subscriptions", json=signup(n)).status_code == 202
     wait_until(lambda: scalar(settings, "SELECT count() FROM payment_attempts FINAL") >= 3, 90,
                "payments", [sink])  # fmt: skip
-    paid = scalar(settings, "SELECT invoice_id FROM payment_attempts FINAL LIMIT 1")
-    refund = {"refund_id": "r-1", "invoice_id": paid, "account_id": "acme-1",
-              "amount": "1.00", "currency": "USD"}  # fmt: skip
-    assert api.post(f"{base}/v1/refunds", json=refund).status_code == 202
-    wait_until(lambda: scalar(settings, "SELECT count() FROM refunds FINAL") == 1, 60,
-               "the refund", [sink])  # fmt: skip
+    refund_a_paid_invoice(settings, api, base, sink)
     procs.stop_all()  # every process flushes its last lines
 
     logs = sorted((settings.home / "logs").glob("*.log"))
