@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -570,8 +570,31 @@ class ArrivalClock:
         self._consumer.close()
 
 
+def _lane_stages(log_path: Path, tag: str) -> dict[str, float]:
+    """p99 of each stage of the phase's refunds, from the lane's debug lines."""
+    import json
+
+    spans: dict[str, list[float]] = defaultdict(list)
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"refund stages"' not in line or f'"{tag}-' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        for key, value in entry.items():
+            if key.endswith("_ms"):
+                spans[key.removesuffix("_ms")].append(value)
+    return {f"{k}_p99_ms": round(percentile(sorted(v), 0.99), 1) for k, v in spans.items()}
+
+
 def _refund_phase(
-    env: Env, targets: list[tuple[str, str, Decimal]], seconds: float, every: float, tag: str
+    env: Env,
+    targets: list[tuple[str, str, Decimal]],
+    seconds: float,
+    every: float,
+    tag: str,
+    lane_log: Path,
 ) -> dict[str, Any]:
     """One refund request every `every` s for `seconds` s; latency from its produce to
     both its result and its entitlement on Kafka."""
@@ -619,7 +642,8 @@ def _refund_phase(
             "p99_ms": round(percentile(latencies, 0.99), 1),
             "max_ms": round(latencies[-1], 1),
             "to_gateway_answer_p99_ms": round(percentile(in_lane, 0.99), 1),
-            "answer_to_kafka_p99_ms": round(percentile(out, 0.99), 1)}  # fmt: skip
+            "answer_to_kafka_p99_ms": round(percentile(out, 0.99), 1),
+            "lane_stages": _lane_stages(lane_log, tag)}  # fmt: skip
 
 
 def bench_refund_latency(
@@ -634,7 +658,8 @@ def bench_refund_latency(
     import math
 
     from streams.kafka.topics import INVOICES
-    from streams.payments.http_gateway import fetch_ledger
+    from streams.metrics import scrape
+    from streams.payments.http_gateway import fetch_ledger, fetch_stats
     from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
     from streams.processors.rating import GROUP
     from streams.publish import issue_bill_run
@@ -655,9 +680,9 @@ def bench_refund_latency(
         sink = ProcessorProcess(env.settings, env.bootstrap, "sink", **bulk).start()
         payer = ProcessorProcess(env.settings, env.bootstrap, "payments", env=gateway_env,
                                  **bulk).start()  # fmt: skip
-        refunder = ProcessorProcess(
-            env.settings, env.bootstrap, "lane", "priority", env=gateway_env
-        )
+        # debug: the lane logs each refund's stages (_lane_stages)
+        lane_env = {**gateway_env, "STREAMBILL_LOG_LEVEL": "DEBUG"}
+        refunder = ProcessorProcess(env.settings, env.bootstrap, "lane", "priority", env=lane_env)
         procs = [sink, payer, refunder.start(), *_start_rating(env, 2, nice=BULK_NICE)]
         try:
             wait_for_warehouse_endpoint(env.settings, sink)
@@ -678,6 +703,16 @@ def bench_refund_latency(
                     return done >= len(refundable)
 
                 _wait(paid, procs, 600, "refundable invoices paid")
+            targets = [
+                (f"rinv-pay-{uuid.UUID(int=i)}", f"racct-{i:08d}",
+                 Decimal(f"{10 + i % 490}.{i % 100:02d}"))
+                for i in range(2 * per_phase)
+            ]  # fmt: skip
+            # bulk load off: nothing else in flight
+            console.print(f"refunds, bulk load off: {seconds:.0f} s")
+            quiet = _refund_phase(env, targets[:per_phase], seconds, every, "quiet",
+                                  refunder.log_path)  # fmt: skip
+            with progress_bar(console) as progress:
                 bulk_subs = encoded_subscriptions(subscriptions, monthly_plans())
                 task = progress.add_task("bill-run subscriptions rated (not timed)",
                                          total=len(bulk_subs))  # fmt: skip
@@ -686,11 +721,6 @@ def bench_refund_latency(
                 group = group_id(GROUP)
                 _wait(lambda: committed_lag(env, group, [SUBSCRIPTIONS.name]) == 0, procs, 3600,
                       "subscriptions rated")  # fmt: skip
-            targets = [
-                (f"rinv-pay-{uuid.UUID(int=i)}", f"racct-{i:08d}",
-                 Decimal(f"{10 + i % 490}.{i % 100:02d}"))
-                for i in range(2 * per_phase)
-            ]  # fmt: skip
             # what the bulk work landed while the refunds were timed: every payment
             # attempt (the bill-run subscriptions' creation invoices are charged too, ahead
             # of the payment run's invoices in the topic) and every period-end invoice
@@ -698,8 +728,6 @@ def bench_refund_latency(
                 "SELECT (SELECT count() FROM payment_attempts),"
                 " (SELECT count() FROM invoices WHERE reason = 'period_end')"
             )
-            console.print(f"refunds, bulk load off: {seconds:.0f} s")
-            quiet = _refund_phase(env, targets[:per_phase], seconds, every, "quiet")
             console.print(f"refunds during a {payments:,}-payment run and a "
                           f"{subscriptions:,}-subscription bill run: {seconds:.0f} s")  # fmt: skip
             bulk_invoices = encoded_due_invoices(payments, datetime.now(UTC), prefix="b")
@@ -707,9 +735,15 @@ def bench_refund_latency(
             del bulk_invoices
             before = query(env.settings, progress_sql)["rows"][0]
             issue_bill_run(env.settings, env.bootstrap, PERIOD_END)
-            busy = _refund_phase(env, targets[per_phase:], seconds, every, "busy")
+            busy = _refund_phase(env, targets[per_phase:], seconds, every, "busy",
+                                 refunder.log_path)  # fmt: skip
             after = query(env.settings, progress_sql)["rows"][0]
             ledger = asyncio.run(fetch_ledger(simulator.url))
+            simulator_gc = asyncio.run(fetch_stats(simulator.url))["gc"]
+            # the lane's full collections slower than 50 ms (its GC pause histogram)
+            lane_gc = {s.labels["le"]: s.value for s in scrape(env.settings, "lane-priority")
+                       if s.name == "streambill_gc_pause_seconds_bucket"
+                       and s.labels["generation"] == "2"}  # fmt: skip
             bulk_done = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
         finally:
             for p in procs:
@@ -734,6 +768,9 @@ def bench_refund_latency(
             "bill_run_invoices": int(bulk_done[1]),
         },
         "bulk": {"payments": payments, "subscriptions": subscriptions},
+        # stalls of the stand-in gateway and of the lane (each would add to the tail)
+        "simulator_gc": simulator_gc,
+        "lane_full_gc_over_50ms": lane_gc.get("+Inf", 0) - lane_gc.get("0.05", 0),
     }
 
 

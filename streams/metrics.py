@@ -57,6 +57,13 @@ LANE_REQUESTS = Counter("streambill_lane_requests_total", "urgent workflow reque
 REFUND_SECONDS = Histogram("streambill_refund_seconds",
                            "refund requested -> result published",
                            buckets=(.05, .1, .2, .3, .5, .75, 1, 2, 5))  # fmt: skip
+# where an urgent request's time goes: queued (its produce -> the lane consumed it),
+# decide (-> its gateway call may start), slot (waiting for a reserved gateway slot),
+# gateway (the call itself, as the lane sees it), publish (answer -> results produced)
+LANE_STAGE_SECONDS = Histogram("streambill_lane_stage_seconds",
+                               "time of one stage of an urgent request", ["lane", "stage"],
+                               buckets=(.001, .005, .01, .025, .05, .1, .2, .3, .5, 1, 2,
+                                        5))  # fmt: skip
 
 
 def metrics_dir(settings: Settings) -> Path:

@@ -68,6 +68,7 @@ from streams.lanes import WORKFLOWS, parse_urgent, workflows_of
 from streams.metrics import (
     GATEWAY_SECONDS,
     LANE_REQUESTS,
+    LANE_STAGE_SECONDS,
     RECORDS,
     REFUND_SECONDS,
     LagTracker,
@@ -130,6 +131,33 @@ class PartitionState:
 
     def record_subscription(self, subscription_id: str, sub: Subscription) -> None:
         self.subscriptions[subscription_id] = tuple(sub)
+
+
+@dataclass
+class Stages:
+    """When one refund reached each stage (wall clock, s): for the stage histogram and a
+    debug line per refund, so a slow one shows where its time went."""
+
+    produced: float | None  # the request's Kafka timestamp
+    consumed: float
+    decided: float = 0.0  # its gateway call may start (state looked up)
+    called: float = 0.0  # a reserved slot was taken: the (last) call starts
+    answered: float = 0.0
+
+    def observe(self, lane: str, refund_id: str) -> None:
+        published = time.time()
+        spans = {
+            "queued": self.consumed - self.produced if self.produced else None,
+            "decide": self.decided - self.consumed,
+            "slot": self.called - self.decided if self.called else None,
+            "gateway": self.answered - self.called if self.called else None,
+            "publish": published - (self.answered or self.decided),
+        }
+        for stage, seconds in spans.items():
+            if seconds is not None:
+                LANE_STAGE_SECONDS.labels(lane, stage).observe(max(seconds, 0.0))
+        ms = {f"{k}_ms": round(v * 1000, 1) for k, v in spans.items() if v is not None}
+        log.debug("refund stages", refund_id=refund_id, **ms)
 
 
 def refund_refusal(state: PartitionState, req: dict[str, Any]) -> str | None:
@@ -394,7 +422,11 @@ class LaneProcessor:
         except DecodeError as exc:
             self._dead_letter(msg, exc.reason, exc.detail)
             return
-        work = self._refund(req, tp, msg.offset()) if refund else self._cancel(req, msg)
+        if refund:
+            stages = Stages(published_ms(msg) / 1000 if published_ms(msg) else None, time.time())
+            work = self._refund(req, tp, msg.offset(), stages)
+        else:
+            work = self._cancel(req, msg)
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -406,7 +438,9 @@ class LaneProcessor:
 
     # --- one refund -------------------------------------------------------------------
 
-    async def _refund(self, req: dict[str, Any], tp: tuple[str, int], offset: int) -> None:
+    async def _refund(
+        self, req: dict[str, Any], tp: tuple[str, int], offset: int, stages: Stages
+    ) -> None:
         state = self.state[tp[1]]
         refund_id = req["refund_id"]
         first = state.results.get(refund_id)
@@ -414,11 +448,13 @@ class LaneProcessor:
             first = await asyncio.shield(state.in_flight[refund_id])
         if first is not None:  # a duplicate: the first result again, nothing refunded
             self._publish(first, None, tp, offset)
+            stages.decided = time.time()
+            stages.observe(self.lane, refund_id)
             return
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         state.in_flight[refund_id] = done
         try:
-            result, entitlement = await self._decide(state, req, tp[1])
+            result, entitlement = await self._decide(state, req, tp[1], stages)
             state.results[refund_id] = result
             if result["status"] == "refunded":
                 state.refunded[req["invoice_id"]] += result["amount"]
@@ -428,6 +464,7 @@ class LaneProcessor:
             if not done.done():
                 done.cancel()
         self._publish(result, entitlement, tp, offset)
+        stages.observe(self.lane, refund_id)
 
     def _dead_letter(self, msg: Any, reason: str, detail: str) -> None:
         workflow = "refund" if msg.topic() == self.names["refunds"] else "cancellation"
@@ -449,7 +486,7 @@ class LaneProcessor:
         return True
 
     async def _decide(
-        self, state: PartitionState, req: dict[str, Any], partition: int
+        self, state: PartitionState, req: dict[str, Any], partition: int, stages: Stages
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         invoice_id, amount = req["invoice_id"], req["amount"]
 
@@ -459,6 +496,7 @@ class LaneProcessor:
         if invoice_id not in state.paid:
             await self._wait_for_state(partition)
         refusal = refund_refusal(state, req)
+        stages.decided = time.time()
         if refusal:
             return rejected(refusal)
         paid = state.paid_for(invoice_id)
@@ -466,7 +504,7 @@ class LaneProcessor:
         # concurrent requests of the same invoice see this one's amount as taken already
         state.refunded[invoice_id] += amount
         try:
-            outcome = await self._call(paid, req)
+            outcome = await self._call(paid, req, stages)
         finally:
             state.refunded[invoice_id] -= amount
         if outcome.status != "refunded":
@@ -520,7 +558,7 @@ class LaneProcessor:
             self.tracker.finish((msg.topic(), msg.partition()), msg.offset())
         self.producer.poll(0)
 
-    async def _call(self, paid: Paid, req: dict[str, Any]) -> Any:
+    async def _call(self, paid: Paid, req: dict[str, Any], stages: Stages) -> Any:
         lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1, self.name)
         self.lanes[paid.merchant_account] = lane
         request = RefundRequest(
@@ -535,9 +573,10 @@ class LaneProcessor:
         while True:
             ticket = await lane.acquire()
             try:
-                started = time.monotonic()
+                stages.called = time.time()
                 outcome = await self.gateway.refund(request)
-                GATEWAY_SECONDS.labels(self.name, "refund").observe(time.monotonic() - started)
+                stages.answered = time.time()
+                GATEWAY_SECONDS.labels(self.name, "refund").observe(stages.answered - stages.called)
             except RateLimited as exc:
                 lane.release("overload", ticket)  # one decrease per round of 429s
                 await asyncio.sleep(min(exc.retry_after, 0.05) * self.rng.uniform(0.5, 1.5))

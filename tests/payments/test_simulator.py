@@ -385,6 +385,50 @@ def test_the_ledger_lists_every_recorded_entry_in_order() -> None:
     run(config(), scenario)
 
 
+def test_the_growing_ledger_is_kept_out_of_the_cyclic_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every FREEZE_EVERY ledger entries what is tracked is frozen: a full collection no
+    longer walks every charge recorded (it stalled every request in flight, refunds
+    included, for ~200 ms at 1M charges); the pauses the simulator had are in its stats."""
+    import gc
+
+    from streams.payments import simulator
+
+    monkeypatch.setattr(simulator, "FREEZE_EVERY", 5)
+    simulator.GC_PAUSES.install()
+    freezes = []
+    real_freeze = gc.freeze
+
+    def freeze() -> None:
+        freezes.append(len(freezes))
+        real_freeze()
+
+    monkeypatch.setattr(gc, "freeze", freeze)
+
+    async def scenario(s: Served) -> None:
+        gc.unfreeze()
+        for i in range(4):
+            await s.gateway.charge(charge(f"k{i}", invoice=f"inv-{i}"))
+        assert not freezes and gc.get_freeze_count() == 0
+        await s.gateway.charge(charge("k4", invoice="inv-4"))  # the 5th entry
+        assert len(freezes) == 1 and gc.get_freeze_count() > 0
+        for i in range(5, 9):
+            await s.gateway.charge(charge(f"k{i}", invoice=f"inv-{i}"))
+        assert len(freezes) == 1  # not again before the 10th
+        await s.gateway.charge(charge("k9", invoice="inv-9"))
+        assert len(freezes) == 2
+        gc.collect()
+        stats = (await fetch_stats(s.url))["gc"]
+        assert stats["collections"][2] >= 1
+        assert len(stats["max_pause_ms"]) == 3 and min(stats["max_pause_ms"]) >= 0
+
+    try:
+        run(config(), scenario)
+    finally:
+        gc.unfreeze()
+
+
 def test_bad_requests_are_refused_and_record_nothing() -> None:
     async def scenario(s: Served) -> None:
         for amount in ("-1", "abc", "0.00", "1e5", "1_000", " 1"):
