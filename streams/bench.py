@@ -448,9 +448,11 @@ def bench_payment_run(
 ) -> dict[str, Any]:
     """The payments processor against the simulator (4 merchant accounts): from the
     first due invoice published to the last first-attempt result in ClickHouse."""
+    import asyncio
     import math
 
     from streams.kafka.topics import INVOICES
+    from streams.payments.http_gateway import fetch_stats
     from streams.payments.reconcile import collect, reconcile
     from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
     from streams.warehouse import query
@@ -494,6 +496,7 @@ def bench_payment_run(
                 seconds = time.perf_counter() - started
             time.sleep(1.0)  # anything landing twice would show now
             ledger, results, landed_rows = collect(env.settings, env.bootstrap, simulator.url)
+            simulator_stats = asyncio.run(fetch_stats(simulator.url))
             report = reconcile(ledger, results, landed_rows)
             statuses = query(env.settings, "SELECT status, count() FROM payment_attempts FINAL "
                              "WHERE attempt = 1 GROUP BY status")["rows"]  # fmt: skip
@@ -516,6 +519,17 @@ def bench_payment_run(
         "ledger_entries": len(ledger),
         "payments_peak_rss_mb": round(rss, 1),
         "workers": workers,
+        # the gateway's side: 429s it answered (slots overrun), its own GC pauses
+        "simulator": {
+            "rejected_429": sum(a["rejected_429"] for a in simulator_stats["accounts"].values()),
+            "max_in_flight_seen": max(
+                a["max_in_flight_seen"] for a in simulator_stats["accounts"].values()
+            ),
+            "transient_injected": sum(
+                a["transient_injected"] for a in simulator_stats["accounts"].values()
+            ),
+            "gc": simulator_stats["gc"],
+        },
     }
 
 
@@ -570,11 +584,11 @@ class ArrivalClock:
         self._consumer.close()
 
 
-def _lane_stages(log_path: Path, tag: str) -> dict[str, float]:
-    """p99 of each stage of the phase's refunds, from the lane's debug lines."""
+def _lane_stages(log_path: Path, tag: str) -> dict[str, dict[str, float]]:
+    """The stages (ms) of each of the phase's refunds, from the lane's debug lines."""
     import json
 
-    spans: dict[str, list[float]] = defaultdict(list)
+    stages = {}
     for line in log_path.read_text(errors="replace").splitlines():
         if '"refund stages"' not in line or f'"{tag}-' not in line:
             continue
@@ -582,10 +596,10 @@ def _lane_stages(log_path: Path, tag: str) -> dict[str, float]:
             entry = json.loads(line)
         except ValueError:
             continue
-        for key, value in entry.items():
-            if key.endswith("_ms"):
-                spans[key.removesuffix("_ms")].append(value)
-    return {f"{k}_p99_ms": round(percentile(sorted(v), 0.99), 1) for k, v in spans.items()}
+        stages[entry["refund_id"]] = {
+            k.removesuffix("_ms"): v for k, v in entry.items() if k.endswith("_ms")
+        }
+    return stages
 
 
 def _refund_phase(
@@ -604,6 +618,7 @@ def _refund_phase(
     producer = clients.producer(env.settings, env.bootstrap, **{"linger.ms": 0})
     encode = codec(REFUNDS.schema).encode
     sent: dict[str, float] = {}
+    acked: dict[str, float] = {}  # the request's produce -> the broker's ack (ms)
     try:
         start = time.monotonic()
         n = 0
@@ -615,7 +630,9 @@ def _refund_phase(
                             "reason": "benchmark", "deactivate": True,
                             "requested_at": datetime.now(UTC)})  # fmt: skip
             sent[refund_id] = time.time()
-            producer.produce(REFUNDS.name, key=account.encode(), value=value)
+            producer.produce(REFUNDS.name, key=account.encode(), value=value,
+                             on_delivery=lambda err, msg, r=refund_id: acked.setdefault(
+                                 r, msg.latency() * 1000 if err is None else -1.0))  # fmt: skip
             producer.poll(0)
             n += 1
             time.sleep(max(0.0, start + n * every - time.monotonic()))
@@ -637,13 +654,26 @@ def _refund_phase(
     out = sorted(
         (max(clock.results[r], clock.entitlements[r]) - clock.completed[r]) * 1000 for r in done
     )
+    stages = _lane_stages(lane_log, tag)
+    spans: dict[str, list[float]] = defaultdict(list)
+    for one in stages.values():
+        for stage, ms in one.items():
+            spans[stage].append(ms)
+    # the slowest refunds, when they were sent and where their time went
+    total = {r: (max(clock.results[r], clock.entitlements[r]) - sent[r]) * 1000 for r in done}
+    slowest = [{"sent_at_s": round(sent[r] - sent[f"{tag}-0"], 2), "ms": round(total[r], 1),
+                "acked": round(acked.get(r, -1.0), 1), **stages.get(r, {})}
+               for r in sorted(done, key=total.get)[-12:]]  # fmt: skip
     return {"refunds": len(done), "sent": len(sent), "lost": len(sent) - len(done),
             "p50_ms": round(percentile(latencies, 0.5), 1),
             "p99_ms": round(percentile(latencies, 0.99), 1),
             "max_ms": round(latencies[-1], 1),
             "to_gateway_answer_p99_ms": round(percentile(in_lane, 0.99), 1),
             "answer_to_kafka_p99_ms": round(percentile(out, 0.99), 1),
-            "lane_stages": _lane_stages(lane_log, tag)}  # fmt: skip
+            "request_acked_p99_ms": round(percentile(sorted(acked.values()), 0.99), 1),
+            "lane_stages": {f"{k}_p99_ms": round(percentile(sorted(v), 0.99), 1)
+                            for k, v in spans.items()},
+            "slowest": slowest}  # fmt: skip
 
 
 def bench_refund_latency(

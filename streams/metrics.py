@@ -50,6 +50,9 @@ GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call lat
                             buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10))  # fmt: skip
 GATEWAY_IN_FLIGHT = Gauge("streambill_gateway_in_flight", "gateway calls in flight",
                           ["processor", "account"])  # fmt: skip
+GATEWAY_LIMIT = Gauge("streambill_gateway_limit",
+                      "calls a gateway account may have in flight now (its AIMD limit)",
+                      ["processor", "account"])  # fmt: skip
 CIRCUIT_OPEN = Gauge("streambill_circuit_open", "1 while a gateway account's breaker is open",
                      ["processor", "account"])  # fmt: skip
 LANE_REQUESTS = Counter("streambill_lane_requests_total", "urgent workflow requests",

@@ -65,6 +65,7 @@ from streams.metrics import (
     CIRCUIT_OPEN,
     COMMIT_FAILURES,
     GATEWAY_IN_FLIGHT,
+    GATEWAY_LIMIT,
     GATEWAY_SECONDS,
     PAYMENTS,
     RECORDS,
@@ -244,6 +245,7 @@ class Lane:
         self._was_open = False
         # read when Prometheus scrapes: nothing is updated per call
         GATEWAY_IN_FLIGHT.labels(processor, name).set_function(lambda: self.in_flight)
+        GATEWAY_LIMIT.labels(processor, name).set_function(lambda: self.limit.allowed)
         CIRCUIT_OPEN.labels(processor, name).set_function(
             lambda: float(self.breaker.state != CLOSED)
         )

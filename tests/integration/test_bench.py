@@ -68,6 +68,14 @@ def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> 
     assert m["bulk_off"]["refunds"] == m["bulk_off"]["sent"] >= 35
     assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
     assert m["gateway_p99_ms"] == 300
+    # where the time went, per stage of the lane, for every phase; and the stalls
+    for phase in (m["busy"], m["bulk_off"]):
+        stages = phase["lane_stages"]
+        assert set(stages) == {f"{s}_p99_ms" for s in
+                               ("queued", "decide", "slot", "gateway", "publish")}  # fmt: skip
+        # a refund's gateway call takes at least the simulator's fastest refund
+        assert 0 < stages["gateway_p99_ms"] <= phase["p99_ms"]
+    assert m["simulator_gc"]["collections"][0] > 0 and m["lane_full_gc_over_50ms"] >= 0
 
 
 def test_bench_signup_spike_contract_with_a_binding_limit(
