@@ -98,3 +98,58 @@ class CircuitBreaker:
     def _open(self, now: float, seconds: float) -> None:
         self.state, self.opened_at, self.current_open = OPEN, now, seconds
         self.opened_count += 1
+
+
+@dataclass
+class AnswerTimeout:
+    """How long to wait for one account's answer before asking again with the same
+    idempotency key: `multiple` times the p99 of its last `window` answers, within [floor,
+    ceiling]; the ceiling (the configured time-out) until `min_samples` answers are known.
+    Each time-out doubles the wait (as TCP's retransmission timer backs off) until an
+    answer comes in time, so a gateway that slows down is followed, not hammered.
+
+    Why: an answer that never comes (a lost connection, a stalled request) used to hold
+    its payment for the whole configured time-out; at the end of a payment run those few
+    payments were its last seconds. The retry is safe: the key makes the gateway return
+    what it recorded, or say the first request is still in progress."""
+
+    ceiling: float
+    floor: float = 1.0
+    multiple: float = 3.0
+    window: int = 1000
+    min_samples: int = 200
+    recompute_every: int = 100
+    answers: list[float] = field(default_factory=list)  # ring buffer of the last `window`
+    base: float = 0.0  # multiple x p99, within [floor, ceiling]; 0 until min_samples
+    backoff: float = 1.0
+    _next: int = 0  # ring position
+    _since: int = 0  # answers since the last recompute
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor <= self.ceiling:
+            raise ValueError("need 0 < floor <= ceiling")
+
+    @property
+    def seconds(self) -> float:
+        if not self.base:
+            return self.ceiling
+        return min(self.ceiling, self.base * self.backoff)
+
+    def on_answer(self, seconds: float) -> None:
+        if len(self.answers) < self.window:
+            self.answers.append(seconds)
+        else:
+            self.answers[self._next] = seconds
+            self._next = (self._next + 1) % self.window
+        self.backoff = 1.0
+        self._since += 1
+        if len(self.answers) >= self.min_samples and (
+            not self.base or self._since >= self.recompute_every
+        ):
+            self._since = 0
+            ordered = sorted(self.answers)
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            self.base = min(self.ceiling, max(self.floor, self.multiple * p99))
+
+    def on_timeout(self) -> None:
+        self.backoff = min(self.backoff * 2, 64.0)

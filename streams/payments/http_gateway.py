@@ -10,6 +10,7 @@ gateway on one event loop. The ledger and stats helpers are not hot and use aioh
 from __future__ import annotations
 
 import contextlib
+import time
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,7 @@ import orjson
 
 from streams.domain.money import UnknownCurrency, minor_units
 from streams.httpclient import ConnectionPool, HttpClient, InvalidURL, Response
+from streams.payments.control import AnswerTimeout
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -38,9 +40,12 @@ _JSON = {"Content-Type": "application/json"}
 
 class SimulatorGateway:
     def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
+        """timeout_s: the longest wait for a charge's answer; per merchant account the
+        wait follows its recent answers (``AnswerTimeout``) below that."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._http = HttpClient(timeout_s)
+        self.answer_timeouts: dict[str, AnswerTimeout] = {}
         # per merchant account: (pool, URL, the request's bytes up to the key's value)
         self._charge_heads: dict[str, tuple[ConnectionPool, str, bytes]] = {}
 
@@ -76,10 +81,20 @@ class SimulatorGateway:
         )
         key = _header_value(request.idempotency_key)
         data = b"%s%s\r\nContent-Length: %d\r\n\r\n%s" % (head, key, len(body), body)
+        timeout = self.answer_timeouts.get(request.merchant_account)
+        if timeout is None:
+            timeout = self.answer_timeouts[request.merchant_account] = AnswerTimeout(
+                ceiling=self.timeout_s, floor=min(1.0, self.timeout_s)
+            )
+        started = time.monotonic()
         try:
-            resp = await pool.request(data, self.timeout_s)
+            resp = await pool.request(data, timeout.seconds)
+        except TimeoutError as exc:
+            timeout.on_timeout()
+            raise _transient("POST", url, exc) from exc
         except _TRANSPORT_ERRORS as exc:
             raise _transient("POST", url, exc) from exc
+        timeout.on_answer(time.monotonic() - started)
         return _charge_outcome(_decode(resp, url))
 
     async def refund(self, request: RefundRequest) -> RefundOutcome:

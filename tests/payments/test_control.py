@@ -1,11 +1,20 @@
-"""AIMD limit and circuit breaker: pure state machines, driven with a fake clock."""
+"""AIMD limit, circuit breaker and answer time-out: pure state machines, driven with a fake
+clock."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.payments.control import CLOSED, HALF_OPEN, OPEN, AimdLimit, CircuitBreaker
+from streams.payments.control import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    AimdLimit,
+    AnswerTimeout,
+    CircuitBreaker,
+)
 
 
 @given(st.lists(st.booleans(), max_size=2000), st.integers(1, 300))
@@ -131,3 +140,68 @@ def test_a_lane_counts_one_429_per_round_and_wakes_every_free_slot() -> None:
         assert peak > 8  # the limit grew while the calls queued, and waiters filled it
 
     asyncio.run(scenario())
+
+
+def test_answer_timeout_is_the_ceiling_until_enough_answers_are_known() -> None:
+    timeout = AnswerTimeout(ceiling=5.0)
+    for _ in range(199):
+        timeout.on_answer(0.5)
+        assert timeout.seconds == 5.0
+    timeout.on_answer(0.5)
+    assert timeout.seconds == pytest.approx(1.5)  # 3 x p99 of 0.5 s
+
+
+def test_answer_timeout_is_three_times_the_p99_within_floor_and_ceiling() -> None:
+    # 99 % of answers at 0.2 s, 1 % at 1 s: the p99 is 1 s
+    timeout = AnswerTimeout(ceiling=5.0)
+    for i in range(1000):
+        timeout.on_answer(1.0 if i % 100 == 99 else 0.2)
+    assert timeout.seconds == pytest.approx(3.0)
+    fast = AnswerTimeout(ceiling=5.0, floor=1.0)
+    for _ in range(300):
+        fast.on_answer(0.01)
+    assert fast.seconds == 1.0  # the floor
+    slow = AnswerTimeout(ceiling=5.0)
+    for _ in range(300):
+        slow.on_answer(4.0)
+    assert slow.seconds == 5.0  # the ceiling
+
+
+def test_answer_timeout_backs_off_on_time_outs_and_resets_on_an_answer() -> None:
+    timeout = AnswerTimeout(ceiling=8.0)
+    for _ in range(300):
+        timeout.on_answer(0.5)
+    assert timeout.seconds == pytest.approx(1.5)
+    timeout.on_timeout()
+    assert timeout.seconds == pytest.approx(3.0)
+    timeout.on_timeout()
+    timeout.on_timeout()
+    assert timeout.seconds == 8.0  # 12 s, held to the ceiling
+    timeout.on_answer(0.5)
+    assert timeout.seconds == pytest.approx(1.5)
+
+
+def test_answer_timeout_follows_a_gateway_that_slows_down() -> None:
+    timeout = AnswerTimeout(ceiling=10.0, window=1000)
+    for _ in range(1000):
+        timeout.on_answer(0.25)
+    assert timeout.seconds == 1.0  # 3 x 0.25 s is below the floor
+    for _ in range(1000):  # the whole window replaced by slower answers
+        timeout.on_answer(2.0)
+    assert timeout.seconds == pytest.approx(6.0)
+
+
+@given(
+    st.lists(st.one_of(st.floats(0, 60), st.none()), max_size=1500),
+    st.floats(0.1, 10),
+    st.floats(1, 60),
+)
+def test_answer_timeout_stays_within_floor_and_ceiling(events, floor, ceiling) -> None:
+    if floor > ceiling:
+        floor, ceiling = ceiling, floor
+    timeout = AnswerTimeout(ceiling=ceiling, floor=floor)
+    for seconds in events:
+        timeout.on_timeout() if seconds is None else timeout.on_answer(seconds)
+        assert 0 < timeout.seconds <= ceiling
+        if timeout.base:
+            assert timeout.seconds >= floor

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from streams.httpclient import ServerDisconnected
+from streams.payments.control import AnswerTimeout
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -282,6 +283,34 @@ def test_transient_failures_and_retries_never_charge_twice() -> None:
         assert stats["transient_injected"] == 3 and stats["charges"] == 2
 
     run(config(transient_rate=1.0, timeout_delay_s=1.0), scenario, timeout_s=0.3)
+
+
+def test_an_answer_that_does_not_come_is_asked_again_after_the_accounts_usual_wait() -> None:
+    """The wait for a charge's answer follows the account's recent answers (3 x p99,
+    at least 1 s), not the configured 5 s: a delayed answer is retried after ~1 s."""
+
+    async def scenario(s: Served) -> None:
+        usual = AnswerTimeout(ceiling=s.gateway.timeout_s)
+        for _ in range(300):
+            usual.on_answer(0.01)
+        s.gateway.answer_timeouts["merchant-1"] = usual
+        assert usual.seconds == 1.0
+        for key in ("k1", "k2"):  # unavailable, dropped
+            with pytest.raises(TransientError):
+                await s.gateway.charge(charge(key))
+        started = time.monotonic()
+        with pytest.raises(TransientError) as delayed:
+            await s.gateway.charge(charge("k3"))
+        waited = time.monotonic() - started
+        assert isinstance(delayed.value.__cause__, TimeoutError)
+        assert 0.9 < waited < 2.5  # not the configured 5 s
+        assert usual.seconds == 2.0  # backed off: the next wait is longer
+        recorded = await s.gateway.charge(charge("k3"))  # the same key: what was recorded
+        assert recorded.status == "succeeded"
+        assert usual.seconds == 1.0  # an answer in time: back to the usual wait
+        assert [e["idempotency_key"] for e in await s.ledger()] == ["k2", "k3"]
+
+    run(config(transient_rate=1.0, timeout_delay_s=6.0), scenario, timeout_s=5.0)
 
 
 def test_an_outage_fails_every_request_until_it_ends() -> None:
