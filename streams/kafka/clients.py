@@ -23,6 +23,12 @@ def admin(settings: Settings, bootstrap: str) -> AdminClient:
     return AdminClient(_base(settings, bootstrap))
 
 
+# for latency-critical clients (the priority lane): librdkafka leaves Nagle's algorithm
+# on, so a small request written while an earlier one is unacknowledged can wait for the
+# broker's delayed ACK (the Java clients turn it off)
+NO_DELAY = {"socket.nagle.disable": True}
+
+
 def producer(settings: Settings, bootstrap: str, **overrides: Any) -> Producer:
     conf = {
         **_base(settings, bootstrap),

@@ -235,7 +235,7 @@ class LaneProcessor:
         # requests have a consumer of their own, served first; the state topics are read
         # by a second one in bounded chunks, so bulk history never delays a request
         self.consumer: Consumer = clients.consumer(
-            settings, bootstrap, group_id(group),
+            settings, bootstrap, group_id(group), **clients.NO_DELAY,
             **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5},
         )  # fmt: skip
         self.lag = LagTracker(self.consumer, self.name)
@@ -244,7 +244,9 @@ class LaneProcessor:
             **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
         )  # fmt: skip
         # latency first: no batching delay on the way out
-        self.producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
+        self.producer = clients.producer(
+            settings, bootstrap, **{"linger.ms": 0, **clients.NO_DELAY}
+        )
         self.names = {
             "refunds": REFUNDS.name,
             "cancellations": CANCELLATIONS.name,
