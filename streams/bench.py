@@ -209,6 +209,26 @@ def _wait(
         time.sleep(0.5)
 
 
+def _wait_for_members(
+    env: Env, group: str, members: int, procs: list[ProcessorProcess], timeout: float = 120
+) -> None:
+    """Until `members` consumers of the group each own partitions (rebalance done)."""
+    from confluent_kafka import KafkaException
+
+    from streams.kafka.lag import group_members
+
+    admin = clients.admin(env.settings, env.bootstrap)
+
+    def joined() -> bool:
+        try:
+            owners = group_members(admin, group)
+        except KafkaException:
+            return False
+        return len(owners) == members and all(owners.values())
+
+    _wait(joined, procs, timeout, f"{members} members in {group}")
+
+
 def _start_rating(env: Env, workers: int, nice: int = 0) -> list[ProcessorProcess]:
     procs = []
     for w in range(workers):
@@ -235,6 +255,9 @@ def bench_usage(base: Settings, events: int, workers: int, console: Console) -> 
             with progress_bar(console) as progress:
                 task = progress.add_task("subscriptions (not timed)", total=subs)
                 produce_encoded(env, SUBSCRIPTIONS, sub_items, lambda n: progress.advance(task, n))
+                # every worker in the group first: one joining later would rebalance the
+                # group (and restore state) inside the timed window
+                _wait_for_members(env, group, workers, rating)
                 _wait(lambda: committed_lag(env, group, [SUBSCRIPTIONS.name]) == 0, rating, 600,
                       "subscriptions")  # fmt: skip
                 task = progress.add_task("usage ingested", total=len(usage_items))

@@ -51,6 +51,7 @@ from streams.processors.rating import (
     decode_input,
 )
 from streams.processors.sink import COLUMNS, LANDERS, Sink
+from streams.processors.state import StateCache
 from tests import hostile
 from tests.hostile import (
     CODEC_REASONS,
@@ -318,6 +319,8 @@ def offline_rating_processor() -> RatingProcessor:
     proc.invoices_topic = INVOICES.name
     proc.producer = FakeProducer()
     proc.stores = {0: _NoState()}
+    proc.caches = {0: StateCache(1000)}
+    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
     proc.consumer = _NoConsumer()
     proc.max_idle = 0.5
     proc._delivery_error = None

@@ -26,6 +26,7 @@ Periods close
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from streams.codec import DecodeError, codec
@@ -60,12 +61,21 @@ from streams.kafka.topics import (
 )
 from streams.metrics import BATCH_SECONDS, INVOICES_EMITTED, RECORDS, LagTracker
 from streams.processors.deadletter import produce_dead_letter
+from streams.processors.rating_codec import InvoiceWriter, UsageReader
 from streams.processors.runtime import StopFlag, poll_batch
-from streams.processors.state import PartitionStore, due_key
+from streams.processors.state import PartitionStore, StateCache, due_key
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
+# records consumed per transaction at most: one poll (librdkafka hands over what it has
+# fetched ahead, waiting at most 0.1 s for more). A subscription touched several times in
+# a transaction gets one state record in the changelog, and the commit's fixed cost is
+# shared by more records; under load a transaction takes well under a second.
+BATCH_RECORDS = 50_000
 MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-partition
+# committed subscription states kept decoded in memory per worker (see StateCache); about
+# 2-3 KB each with a busy period's event ids, so the default stays near 250 MB
+STATE_CACHE_ENTRIES = 100_000
 NAME = "rating"
 # The timestamps the ingestion API refuses (streams/api/records.py) are refused here too,
 # for records published to Kafka directly: an event from before 2000, or dated more than a
@@ -120,6 +130,19 @@ def decode_input(
     if problem:
         return None, None, ("invalid_event", f"{problem}: {event.timestamp.isoformat()}")
     return event, rec["account_id"], None
+
+
+@functools.cache
+def usage_reader() -> UsageReader:
+    """decode_input's fast path for ordinary usage records (None: take decode_input)."""
+    return UsageReader(USAGE.schema, _EARLIEST_US, _MAX_FUTURE_MS)
+
+
+@functools.cache
+def invoice_writer() -> InvoiceWriter:
+    """An invoice's Avro value: the bytes codec(INVOICES.schema) writes for invoice_record."""
+    encode = codec(INVOICES.schema).encode
+    return InvoiceWriter(INVOICES.schema, lambda *args: encode(invoice_record(*args)))
 
 
 def published_ms(msg: Any) -> int | None:
@@ -193,7 +216,7 @@ def invoice_record(inv: Invoice, plan_id: str, payment_method: str | None) -> di
     }
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A decoded input record waiting for its turn in event-time order."""
 
@@ -237,9 +260,10 @@ class RatingProcessor:
         catalog: Catalog,
         worker: int = 0,
         clock: str = "event",
-        batch_size: int = 5000,
+        batch_size: int = BATCH_RECORDS,
         close_chunk: int = 2000,
         max_idle: float = 0.5,
+        state_cache_entries: int = STATE_CACHE_ENTRIES,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -257,6 +281,7 @@ class RatingProcessor:
         self.subscriptions_topic, self.usage_topic = SUBSCRIPTIONS.name, USAGE.name
         self.control_topic, self.invoices_topic = CONTROL.name, INVOICES.name
         self.changelog_topic = RATING_CHANGELOG.name
+        self.usage_reader, self.invoice_writer = usage_reader(), invoice_writer()
         self.admin = clients.admin(settings, bootstrap)
         self.consumer: Consumer = clients.consumer(
             settings, bootstrap, group_id(GROUP), **{"partition.assignment.strategy": "range"}
@@ -274,7 +299,11 @@ class RatingProcessor:
         self.producer.init_transactions()
         self.state_root = settings.state_dir / "rating"
         self.stores: dict[int, PartitionStore] = {}
+        # partition -> committed states, decoded (shares state_cache_entries with the others)
+        self.caches: dict[int, StateCache] = {}
+        self.state_cache_entries = state_cache_entries
         self.jobs: dict[int, CloseJob] = {}
+        self.jobs_running: set[int] = set()  # partitions whose bill run closed periods last turn
         self.changelog_next: dict[int, int] = {}
         self.stop = StopFlag()
         self.invoices_emitted = 0
@@ -283,26 +312,40 @@ class RatingProcessor:
     # --- partition lifecycle ---------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for p in sorted({tp.partition for tp in partitions}):
-            if p not in self.stores:
-                self.stores[p] = self._restore(p)
+        new = sorted({tp.partition for tp in partitions} - set(self.stores))
+        for p, store in self._restore(new).items():
+            self.stores[p] = store
+            self.caches[p] = StateCache(0)
+        self._size_caches()
         log.info("assigned", partitions=sorted(self.stores))
+
+    def _size_caches(self) -> None:
+        for cache in self.caches.values():
+            cache.capacity = max(1, self.state_cache_entries // len(self.caches))
+            cache.trim()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for p in sorted({tp.partition for tp in partitions}):
             store = self.stores.pop(p, None)
             if store:
                 store.close()
+            self.caches.pop(p, None)
             self.jobs.pop(p, None)
             # unapplied records are fetched again from the committed offsets
             self.buffers.pop(p, None)
             self.blocked_since.pop(p, None)
             self.throttled = {(t, q) for t, q in self.throttled if q != p}
+        self._size_caches()
         log.info("revoked", partitions=sorted({tp.partition for tp in partitions}))
 
-    def _restore(self, p: int) -> PartitionStore:
-        """Bring partition p's RocksDB up to the end of its changelog partition."""
-        store = PartitionStore(Path(self.state_root) / f"p{p}")
+    def _restore(self, partitions: list[int]) -> dict[int, PartitionStore]:
+        """Bring the RocksDB of each partition up to the end of its changelog partition:
+        all of them through one consumer, each done at its end-of-partition event (a store
+        already up to date still has the last transaction's commit marker ahead of it, so
+        the event is what says so, promptly: polls wait 0.1 s at most)."""
+        stores = {p: PartitionStore(Path(self.state_root) / f"p{p}") for p in partitions}
+        if not stores:
+            return stores
         restorer = clients.consumer(
             self.settings,
             self.bootstrap,
@@ -310,32 +353,47 @@ class RatingProcessor:
             **{"enable.partition.eof": True},
         )
         try:
-            changelog = TopicPartition(RATING_CHANGELOG.name, p)
-            low, high = clients.retrying(
-                lambda: restorer.get_watermark_offsets(changelog, timeout=30)
-            )
-            start = max(store.checkpoint, low)
-            if start >= high:
-                return store
-            restorer.assign([TopicPartition(RATING_CHANGELOG.name, p, start)])
-            restored, done = 0, False
-            while not done:
-                states: dict[str, bytes | None] = {}
-                moves = []
-                for msg in restorer.consume(10_000, timeout=1.0):
-                    if msg.error():
-                        done = True  # partition EOF: caught up
-                        continue
-                    sub = msg.key().decode()
-                    old = store.get(sub) if sub not in states else states[sub]
+            todo = []
+            for p, store in stores.items():
+                changelog = TopicPartition(RATING_CHANGELOG.name, p)
+                low, high = clients.retrying(
+                    lambda changelog=changelog: restorer.get_watermark_offsets(changelog, 30)
+                )
+                start = max(store.checkpoint, low)
+                if start < high:
+                    todo.append(TopicPartition(RATING_CHANGELOG.name, p, start))
+            if not todo:
+                return stores
+            restorer.assign(todo)
+            restoring = {tp.partition for tp in todo}
+            restored: Counter[int] = Counter()
+            while restoring:
+                # partition -> (states, due-index moves, next changelog offset)
+                chunk: dict[int, tuple[dict[str, bytes | None], list, int]] = {}
+                for msg in restorer.consume(10_000, timeout=0.1):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            restoring.discard(msg.partition())  # caught up
+                        elif err.fatal():
+                            raise KafkaException(err)
+                        continue  # transient: librdkafka retries
+                    p, sub = msg.partition(), msg.key().decode()
+                    states, moves, _ = chunk.get(p) or ({}, [], 0)
+                    old = stores[p].get(sub) if sub not in states else states[sub]
                     states[sub] = msg.value()
                     moves.append((self._due_key_of(sub, old), self._due_key_of(sub, msg.value())))
-                    store_next = msg.offset() + 1
-                    restored += 1
-                if states:
-                    store.write(states, moves, store_next)
-            log.info("state restored", partition=p, records=restored, from_offset=start)
-            return store
+                    chunk[p] = (states, moves, msg.offset() + 1)
+                    restored[p] += 1
+                for p, (states, moves, next_offset) in chunk.items():
+                    stores[p].write(states, moves, next_offset)
+            log.info("state restored", partitions=[tp.partition for tp in todo],
+                     records=sum(restored.values()))  # fmt: skip
+            return stores
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            raise
         finally:
             restorer.close()
 
@@ -357,7 +415,9 @@ class RatingProcessor:
         )
         try:
             while not self.stop:
-                msgs = poll_batch(self.consumer, self.batch_size, 0.1)
+                # a bill run closing periods has work without input: no waiting for records
+                timeout = 0.0 if self.jobs_running & set(self.jobs) else 0.1
+                msgs = poll_batch(self.consumer, self.batch_size, timeout)
                 if msgs or self.jobs or self.clock == "wall":
                     started = time.perf_counter()
                     self._transaction(msgs)
@@ -389,8 +449,9 @@ class RatingProcessor:
                     continue
                 self._buffer(msg)
             self._drain_all(batch, positions)
-            self._release_backpressure()
-            touched_jobs |= self._run_jobs(batch)
+            self._backpressure()
+            self.jobs_running = self._run_jobs(batch)
+            touched_jobs |= self.jobs_running
             if self.clock == "wall":
                 now = datetime.now(UTC)
                 for p in list(self.stores):
@@ -422,39 +483,63 @@ class RatingProcessor:
     # --- events -------------------------------------------------------------------------
 
     def _state(self, batch: Batch, p: int, sub: str) -> SubscriptionState | None:
-        dirty = batch.states.setdefault(p, {})
-        if sub in dirty:
+        """The subscription's state as this transaction sees it. Its first touch takes the
+        committed version out of the cache (or reads it from RocksDB): the domain updates
+        it in place, and only a commit puts it back (_apply_to_stores)."""
+        dirty = batch.states.get(p)
+        if dirty is None:
+            dirty = batch.states[p] = {}
+            batch.original_due[p] = {}
+        elif sub in dirty:
             return dirty[sub]
-        raw = self.stores[p].get(sub)
-        state = SubscriptionState.from_bytes(raw) if raw is not None else None
-        batch.original_due.setdefault(p, {})[sub] = self._due_key_of(sub, state)
+        cached = self.caches[p].take(sub)
+        if cached is not None:
+            state, due = cached
+        else:
+            raw = self.stores[p].get(sub)
+            state = SubscriptionState.from_bytes(raw) if raw is not None else None
+            due = self._due_key_of(sub, state)
+        batch.original_due[p][sub] = due
         return state
 
     def _buffer(self, msg: Any) -> None:
-        topic = msg.topic()
-        event, account_id, error = decode_input(
-            msg.value(), topic == self.usage_topic, published_ms(msg)
-        )
-        timestamp = event.timestamp.timestamp() if event is not None else float("-inf")
-        pending = Pending(timestamp, msg, event, error, account_id)
-        topics = self.buffers.get(msg.partition())
+        topic, value, p = msg.topic(), msg.value(), msg.partition()
+        kind, published = msg.timestamp()
+        if not kind:
+            published = None
+        usage = topic == self.usage_topic
+        fast = self.usage_reader.read(value, published) if usage else None
+        if fast is not None:
+            event, account_id, us = fast
+            # what event.timestamp.timestamp() gives: µs / 10^6, rounded once
+            pending = Pending(us / 1_000_000, msg, event, None, account_id)
+        else:
+            event, account_id, error = decode_input(value, usage, published)
+            timestamp = event.timestamp.timestamp() if event is not None else float("-inf")
+            pending = Pending(timestamp, msg, event, error, account_id)
+        topics = self.buffers.get(p)
         if topics is None:
-            topics = self.buffers[msg.partition()] = {
+            topics = self.buffers[p] = {
                 self.subscriptions_topic: deque(),
                 self.usage_topic: deque(),
             }
         topics[topic].append(pending)
-        if len(topics[topic]) >= MAX_BUFFERED:
-            # the other topic lags behind in event time: stop fetching this one meanwhile,
-            # so waiting records cannot grow without bound
-            self.consumer.pause([TopicPartition(topic, msg.partition())])
-            self.throttled.add((topic, msg.partition()))
 
-    def _release_backpressure(self) -> None:
-        for topic, p in list(self.throttled):
-            if len(self.buffers.get(p, {}).get(topic, ())) < MAX_BUFFERED // 2:
-                self.consumer.resume([TopicPartition(topic, p)])
-                self.throttled.discard((topic, p))
+    def _backpressure(self) -> None:
+        """After draining: a topic-partition with MAX_BUFFERED records still waiting (the
+        other topic lags behind in event time) is paused, so that waiting records cannot
+        grow without bound, and resumed once it is down to half of that. Decided after the
+        drain, not while buffering a batch: pausing drops what the consumer has fetched
+        ahead, and a large batch of one topic usually drains at once."""
+        for p, topics in self.buffers.items():
+            for topic, waiting in topics.items():
+                if (topic, p) in self.throttled:
+                    if len(waiting) < MAX_BUFFERED // 2:
+                        self.consumer.resume([TopicPartition(topic, p)])
+                        self.throttled.discard((topic, p))
+                elif len(waiting) >= MAX_BUFFERED:
+                    self.consumer.pause([TopicPartition(topic, p)])
+                    self.throttled.add((topic, p))
 
     def _positions(self, topics: list[str], p: int) -> dict[str, int]:
         """Next offset to be delivered per topic of partition p. A partition that has
@@ -530,6 +615,14 @@ class RatingProcessor:
                     since = self.blocked_since.setdefault(p, time.monotonic())
                     if caught[empty] is False or time.monotonic() - since < self.max_idle:
                         return None  # the silent topic may still hold earlier events
+                # the other topic has nothing before them: all of this one's go, in order
+                waiting = subs or usage
+                apply = self._apply
+                for pending in waiting:
+                    apply(pending, batch)
+                positions[(waiting[-1].msg.topic(), p)] = waiting[-1].msg.offset() + 1
+                waiting.clear()
+                return None
             if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
                 pending = subs.popleft()
             else:
@@ -557,14 +650,16 @@ class RatingProcessor:
     def _emit(
         self, batch: Batch, p: int, state: SubscriptionState | None, invoices: list[Invoice]
     ) -> None:
-        encode = codec(INVOICES.schema).encode
+        if not invoices:
+            return
+        encode = self.invoice_writer.encode
         for inv in invoices:
             plan_id = state.plan_id if state is not None else ""
             method = state.payment_method if state is not None else None
             self.producer.produce(
                 self.invoices_topic,
                 key=inv.account_id.encode(),
-                value=encode(invoice_record(inv, plan_id, method)),
+                value=encode(inv, plan_id, method),
                 partition=p,
                 on_delivery=self._on_delivery,
             )
@@ -654,9 +749,10 @@ class RatingProcessor:
         if state is None:
             return
         end = next_period_end(state)
-        if end is None or end > until:
-            return
-        if accounts is not None and state.account_id not in accounts:
+        due = end is not None and end <= until
+        if not due or (accounts is not None and state.account_id not in accounts):
+            if sub not in batch.states[p]:  # untouched: the committed version, as it was
+                self.caches[p].put(sub, state, batch.original_due[p][sub])
             return
         new_state, invoices = close_periods(state, until, self.catalog)
         batch.states[p][sub] = new_state
@@ -698,9 +794,13 @@ class RatingProcessor:
             store = self.stores.get(p)
             if store is None:
                 continue
+            cache = self.caches[p]
             original_due = batch.original_due.get(p, {})
-            moves = [
-                (original_due.get(sub), self._due_key_of(sub, state))
-                for sub, state in states.items()
-            ]
+            moves = []
+            for sub, state in states.items():
+                due = self._due_key_of(sub, state)
+                moves.append((original_due.get(sub), due))
+                if state is not None:
+                    cache.put(sub, state, due)
             store.write(batch.encoded[p], moves, self.changelog_next.get(p))
+            cache.trim()

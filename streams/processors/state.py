@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 CHECKPOINT = b"c|checkpoint"
 MEMTABLE_BYTES = 8 << 20
@@ -42,6 +44,13 @@ class PartitionStore:
         options.set_write_buffer_size(MEMTABLE_BYTES)
         options.set_max_write_buffer_number(2)
         self.db = Rdict(str(path), options)
+        # No write-ahead log: the store is a cache of the changelog, and each write is one
+        # atomic batch carrying its checkpoint. A crash loses at most the memtables' batches
+        # (a clean close flushes them), i.e. the store falls back to an earlier checkpoint
+        # whose states are consistent with it, and _restore replays the changelog from there.
+        write_options = WriteOptions()
+        write_options.disable_wal = True
+        self.db.set_write_options(write_options)
 
     def get(self, subscription_id: str) -> bytes | None:
         return self.db.get(state_key(subscription_id))
@@ -78,7 +87,9 @@ class PartitionStore:
             else:
                 batch.put(state_key(sub), value)
         for old, new in due_moves:
-            if old is not None and old != new:
+            if old == new:
+                continue  # unchanged (`old` is the key the committed state was indexed under)
+            if old is not None:
                 batch.delete(old)
             if new is not None:
                 batch.put(new, b"")
@@ -92,3 +103,37 @@ class PartitionStore:
     def destroy(self) -> None:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class StateCache:
+    """Committed states of one partition, kept decoded in memory: (state, its due key) by
+    subscription id, the least recently committed first.
+
+    An entry is always a committed version. The rating processor takes an entry out
+    (``take``) when a transaction first touches its subscription (the domain updates
+    states in place) and puts the new version back (``put``) only once that transaction
+    has committed, just as RocksDB is written only then: an aborted transaction leaves
+    nothing of its own here, and a revoked partition's cache is dropped with its store.
+    Bounded: beyond ``capacity`` entries the least recently committed are dropped, and
+    read from RocksDB again when needed."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: dict[str, tuple[Any, bytes | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def take(self, subscription_id: str) -> tuple[Any, bytes | None] | None:
+        return self.entries.pop(subscription_id, None)
+
+    def put(self, subscription_id: str, state: Any, due: bytes | None) -> None:
+        self.entries[subscription_id] = (state, due)
+
+    def trim(self) -> None:
+        """Drop the oldest entries beyond capacity, and a sixteenth more, so that a full
+        cache is not trimmed again after every transaction."""
+        excess = len(self.entries) - self.capacity
+        if excess > 0:
+            for key in list(islice(self.entries, excess + self.capacity // 16)):
+                del self.entries[key]

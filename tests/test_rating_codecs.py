@@ -1,0 +1,228 @@
+"""The rating processor's hand-written codecs (streams/processors/rating_codec.py) side by
+side with the general path.
+
+UsageReader against decode_input (fastavro, parse_event, timestamp_problem): the fast
+reader may only decline (None, the general path then decides); whatever it accepts must be
+exactly what the general path gives, and it must accept the ordinary records, or it is no
+fast path. InvoiceWriter against fastavro: the same bytes for every invoice."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams.codec import codec
+from streams.demo import DEMO_CATALOG
+from streams.domain.catalog import Catalog
+from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
+from streams.domain.invoice import Invoice, InvoiceLine
+from streams.domain.rating import apply_event, close_periods
+from streams.kafka.topics import INVOICES, USAGE
+from streams.processors.rating import (
+    RatingProcessor,
+    decode_input,
+    invoice_record,
+    invoice_writer,
+    usage_reader,
+)
+from streams.processors.rating_codec import InvoiceWriter, UsageReader
+from tests.hostile import Msg, hostile_encode, micros, ms, unscaled
+from tests.test_bad_input import published_times, raw_records
+
+MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PUBLISHED_MS = ms(datetime(2026, 3, 1, 9, 30, tzinfo=UTC))
+CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
+
+
+def T(day: int) -> datetime:
+    return datetime(2026, 1, 1, 10, tzinfo=UTC) + timedelta(days=day)
+
+
+def same_outcome(value: bytes, published: int | None) -> bool:
+    """The fast reader agrees with decode_input; True if it took the record."""
+    fast = usage_reader().read(value, published)
+    event, account, error = decode_input(value, True, published)
+    if fast is None:
+        return False
+    assert error is None, error  # accepted by the fast reader: valid for the general path
+    f_event, f_account, us = fast
+    assert f_event == event and f_account == account
+    assert f_event.timestamp.tzinfo is event.timestamp.tzinfo
+    assert f_event.quantity.as_tuple() == event.quantity.as_tuple()  # same digits, same scale
+    assert us == micros(event.timestamp) and us / 1_000_000 == event.timestamp.timestamp()
+    return True
+
+
+@MANY
+@given(rec=raw_records("usage_event"), published=published_times())
+def test_hostile_records_are_read_alike(rec: dict, published: int | None) -> None:
+    same_outcome(hostile_encode("usage_event", rec), published)
+
+
+texts = st.text(min_size=1, max_size=15)  # at most 60 bytes of UTF-8: a one-byte length
+ordinary = st.fixed_dictionaries({
+    "event_id": texts, "account_id": texts, "subscription_id": texts, "metric": texts,
+    "timestamp": st.integers(micros(datetime(2025, 1, 1, tzinfo=UTC)),
+                             micros(datetime(2026, 3, 1, tzinfo=UTC))),
+    "quantity": st.integers(1, 10**27 - 1).map(unscaled),
+})  # fmt: skip
+
+
+@MANY
+@given(rec=ordinary, published=st.sampled_from([None, PUBLISHED_MS]))
+def test_ordinary_records_take_the_fast_path(rec: dict, published: int | None) -> None:
+    assert same_outcome(hostile_encode("usage_event", rec), published)
+
+
+@MANY
+@given(
+    rec=ordinary,
+    cuts=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255), st.booleans()), max_size=4),
+    published=published_times(),
+)
+def test_damaged_records_are_read_alike(rec: dict, cuts: list, published: int | None) -> None:
+    """Bytes overwritten, inserted or cut off: the fast reader declines or agrees."""
+    value = bytearray(hostile_encode("usage_event", rec))
+    for pos, byte, insert in cuts:
+        pos %= len(value) + 1
+        if insert:
+            value[pos:pos] = bytes([byte])
+        elif pos < len(value):
+            value[pos] = byte
+        else:
+            del value[len(value) // 2 :]
+    same_outcome(bytes(value), published)
+
+
+def test_a_changed_schema_turns_the_fast_path_off(monkeypatch) -> None:
+    monkeypatch.setattr(UsageReader, "FIELDS", UsageReader.FIELDS[:-1])
+    reader = UsageReader(USAGE.schema, 0, 0)
+    value = codec(USAGE.schema).encode({
+        "event_id": "e", "timestamp": datetime(2026, 1, 2, tzinfo=UTC), "account_id": "a",
+        "subscription_id": "s", "metric": "m", "quantity": Decimal("1.5"),
+    })  # fmt: skip
+    assert not reader.enabled and reader.read(value, None) is None
+    assert usage_reader().read(value, None) is not None
+
+
+def test_the_processor_buffers_what_either_path_decodes() -> None:
+    """_buffer: a record the fast reader takes and one only the general path can read (an
+    empty event id: its dead letter) are both buffered, in offset order."""
+    proc = object.__new__(RatingProcessor)
+    proc.buffers = {}
+    proc.subscriptions_topic, proc.usage_topic = "subs", USAGE.name
+    proc.usage_reader = usage_reader()
+    base = {
+        "event_id": "e1", "timestamp": micros(datetime(2026, 1, 2, tzinfo=UTC)),
+        "account_id": "a", "subscription_id": "s", "metric": "m", "quantity": unscaled(10**9),
+    }  # fmt: skip
+    good = hostile_encode("usage_event", base)
+    bad = hostile_encode("usage_event", {**base, "event_id": ""})
+    proc._buffer(Msg(USAGE.name, good, b"a", 0, 0, PUBLISHED_MS))
+    proc._buffer(Msg(USAGE.name, bad, b"a", 0, 1, PUBLISHED_MS))
+    first, second = proc.buffers[0][USAGE.name]
+    assert first.error is None and first.event.quantity == Decimal(1) and first.account_id == "a"
+    assert first.timestamp == datetime(2026, 1, 2, tzinfo=UTC).timestamp()
+    assert second.event is None and second.error[0] == "invalid_event"
+    assert second.timestamp == float("-inf")
+
+
+# --- InvoiceWriter ------------------------------------------------------------------------
+
+decimals = st.builds(
+    lambda n, exp, negative_zero: Decimal("-0") if negative_zero else Decimal(n).scaleb(exp),
+    st.one_of(st.integers(-(10**12), 10**12), st.integers(-(10**40), 10**40)),
+    st.integers(-12, 6),
+    st.integers(0, 20).map(lambda n: n == 0),  # now and then -0
+)
+instants = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+)
+lines = st.builds(
+    InvoiceLine,
+    charge_id=st.text(max_size=70),
+    kind=st.sampled_from(["flat", "usage", "proration_credit", "proration_charge"]),
+    period_start=instants,
+    period_end=instants,
+    quantity=decimals,
+    amount=decimals,
+)
+invoices = st.builds(
+    Invoice,
+    invoice_id=st.text(max_size=40),
+    account_id=st.text(max_size=70),
+    subscription_id=st.text(max_size=10),
+    currency=st.sampled_from(["EUR", "JPY", ""]),
+    issued_at=instants,
+    lines=st.lists(lines, max_size=5).map(tuple),
+    total=decimals,
+    reason=st.text(max_size=12),
+)
+
+
+def fastavro_bytes(inv: Invoice, plan_id: str, method: str | None) -> bytes | type:
+    try:
+        return codec(INVOICES.schema).encode(invoice_record(inv, plan_id, method))
+    except Exception as exc:  # the writer must fail alike
+        return type(exc)
+
+
+@MANY
+@given(inv=invoices, plan_id=st.text(max_size=70), method=st.none() | st.text(max_size=70))
+def test_invoices_are_written_as_fastavro_writes_them(
+    inv: Invoice, plan_id: str, method: str | None
+) -> None:
+    expected = fastavro_bytes(inv, plan_id, method)
+    if isinstance(expected, bytes):
+        assert invoice_writer().encode(inv, plan_id, method) == expected
+    else:  # e.g. more than 9 fraction digits: fastavro refuses, the writer leaves it to it
+        try:
+            invoice_writer().encode(inv, plan_id, method)
+        except Exception as exc:
+            assert type(exc) is expected
+        else:
+            raise AssertionError("the writer encoded what fastavro refuses")
+
+
+def refuse(*_: object) -> bytes:
+    raise AssertionError("an ordinary invoice went to fastavro")
+
+
+def test_the_domains_invoices_take_the_fast_path() -> None:
+    """Invoices of every kind the domain issues, in EUR and JPY, negative lines (credits)
+    and zero amounts included: written by hand, byte for byte fastavro's."""
+    fast = InvoiceWriter(INVOICES.schema, refuse)
+    events = [
+        SubscriptionCreated(T(1), "a1", "s1", "starter-eur", "tok_1"),
+        Usage("e1", T(2), "s1", "api_calls", Decimal("1234.5")),
+        PlanChanged(T(40), "s1", "growth-eur"),
+        Usage("e2", T(41), "s1", "api_calls", Decimal("7")),
+        Cancelled(T(50), "s1", "immediate"),
+        SubscriptionCreated(T(1), "a2", "s2", "team-jpy", None),
+    ]
+    states: dict = {}
+    issued = []
+    for event in events:
+        state, new, rejected = apply_event(states.get(event.subscription_id), event, CATALOG)
+        assert not rejected, rejected
+        states[event.subscription_id] = state
+        issued += [(inv, state) for inv in new]
+    issued += [(inv, states["s2"]) for inv in close_periods(states["s2"], T(100), CATALOG)[1]]
+    kinds = {ln.kind for inv, _ in issued for ln in inv.lines}
+    assert kinds == {"flat", "usage", "proration_credit", "proration_charge"}
+    assert {inv.currency for inv, _ in issued} == {"EUR", "JPY"}
+    for inv, state in issued:
+        value = fast.encode(inv, state.plan_id, state.payment_method)
+        assert value == fastavro_bytes(inv, state.plan_id, state.payment_method)
+
+
+def test_a_changed_invoice_schema_goes_to_fastavro(monkeypatch) -> None:
+    monkeypatch.setattr(InvoiceWriter, "FIELDS", InvoiceWriter.FIELDS[:-1])
+    calls = []
+    writer = InvoiceWriter(INVOICES.schema, lambda *args: calls.append(args) or b"fastavro")
+    inv = Invoice("i", "a", "s", "EUR", T(1), (), Decimal(0), "created")
+    assert not writer.enabled and writer.encode(inv, "p", None) == b"fastavro" and calls
