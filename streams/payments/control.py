@@ -111,14 +111,11 @@ class AnswerTimeout:
     Why: an answer that never comes (a lost connection, a stalled request) used to hold
     its payment for the whole configured time-out; at the end of a payment run those few
     payments were its last seconds. The retry is safe: the key makes the gateway return
-    what it recorded, or say the first request is still in progress. Twice the p99 is
-    more patient than TCP (whose retransmission timer, mean + 4 deviations, is about the
-    p99 for such a latency distribution): with a lognormal median 250 ms, p99 1 s, about
-    2 answers in 10,000 come later than that, and cost one more request each."""
+    what it recorded, or say the first request is still in progress."""
 
     ceiling: float
     floor: float = 1.0
-    multiple: float = 2.0
+    multiple: float = 3.0
     window: int = 1000
     min_samples: int = 200
     recompute_every: int = 100

@@ -286,7 +286,7 @@ def test_transient_failures_and_retries_never_charge_twice() -> None:
 
 
 def test_an_answer_that_does_not_come_is_asked_again_after_the_accounts_usual_wait() -> None:
-    """The wait for a charge's answer follows the account's recent answers (2 x p99,
+    """The wait for a charge's answer follows the account's recent answers (3 x p99,
     at least 1 s), not the configured 5 s: a delayed answer is retried after ~1 s."""
 
     async def scenario(s: Served) -> None:
