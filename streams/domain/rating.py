@@ -267,7 +267,14 @@ def apply_event(
     if state.subscription_id != event.subscription_id:
         raise ValueError("event is for another subscription than the state")
 
-    state, invoices = close_periods(state, t, catalog)
+    if state.status != STATUS_ENDED and state._period_start(state.period_index + 1) <= t:
+        state, invoices = close_periods(state, t, catalog)
+    else:
+        invoices = []  # nothing due: what close_periods would find (the usual case)
+
+    if isinstance(event, Usage) and state.status != STATUS_ENDED and t >= state.segment_start:
+        _add_usage(state, event, catalog.plan(state.plan_id))  # the hot path, first
+        return state, invoices, []
 
     def reject(reason: str) -> tuple[SubscriptionState, list[Invoice], list[Rejection]]:
         return state, invoices, [Rejection(reason, event)]
@@ -277,10 +284,6 @@ def apply_event(
     if t < state.segment_start:
         # only possible with out-of-order delivery: that span is already invoiced
         return reject("late event: its billing segment is already invoiced")
-
-    if isinstance(event, Usage):
-        _add_usage(state, event, catalog.plan(state.plan_id))
-        return state, invoices, []
     if isinstance(event, PlanChanged):
         reason = _change_plan(state, event, t, catalog, invoices)
         return reject(reason) if reason else (state, invoices, [])
