@@ -24,6 +24,17 @@ MAGIC = b"\xc3\x01"
 HEADER_LEN = len(MAGIC) + 8
 
 
+def avro_long(n: int) -> bytes:
+    """Avro's encoding of a long: zig-zag, then base-128 little-endian varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 class DecodeError(ValueError):
     """A value that cannot be read; ``reason`` is a short code for the dead-letter topic."""
 

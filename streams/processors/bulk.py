@@ -25,19 +25,9 @@ from typing import Any
 import orjson
 
 from streams.codec import HEADER_LEN, SCHEMAS_DIR, codec, load_schema_json
+from streams.codec import avro_long as _varint
 
 SYNC = b"streambill-sink!"  # 16 bytes; any value works, it only has to be the file's
-
-
-def _varint(n: int) -> bytes:
-    """Avro long: zig-zag, then base-128 little-endian."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def container_header(schema_name: str) -> bytes:

@@ -21,6 +21,7 @@ from decimal import Context, Decimal
 from typing import Any
 
 from streams.codec import HEADER_LEN, codec
+from streams.codec import avro_long as _long
 from streams.domain.events import Usage
 from streams.domain.invoice import Invoice
 from streams.domain.money import MAX_INTEGER_DIGITS
@@ -117,17 +118,6 @@ class UsageReader:
         event_id, account_id, subscription_id, metric = strings
         usage = Usage(event_id, _EPOCH + timedelta(0, 0, us), subscription_id, metric, quantity)
         return usage, account_id, us
-
-
-def _long(n: int) -> bytes:
-    """Avro's zig-zag varint of a long."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 _SMALL_LONGS = [_long(n) for n in range(64)]
