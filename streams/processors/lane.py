@@ -425,7 +425,8 @@ class LaneProcessor:
             self._dead_letter(msg, exc.reason, exc.detail)
             return
         if refund:
-            stages = Stages(published_ms(msg) / 1000 if published_ms(msg) else None, time.time())
+            published = published_ms(msg)
+            stages = Stages(published / 1000 if published else None, time.time())
             work = self._refund(req, tp, msg.offset(), stages)
         else:
             work = self._cancel(req, msg)

@@ -75,7 +75,7 @@ def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> 
                                ("queued", "decide", "slot", "gateway", "publish")}  # fmt: skip
         # a refund's gateway call takes at least the simulator's fastest refund
         assert 0 < stages["gateway_p99_ms"] <= phase["p99_ms"]
-    assert m["simulator_gc"]["collections"][0] > 0 and m["lane_full_gc_over_50ms"] >= 0
+    assert m["simulator_gc"]["collections"][0] > 0
 
 
 def test_bench_signup_spike_contract_with_a_binding_limit(
