@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +40,9 @@ __all__ = [
     "connect",
     "encode_request",
 ]
+
+
+LateCallback = Callable[["asyncio.Future[Response]"], None]
 
 
 class InvalidURL(ValueError):
@@ -142,11 +145,17 @@ class Connection(asyncio.Protocol):
         self.transport.write(data)
         return waiter
 
-    async def request(self, data: bytes, timeout_s: float) -> Response:
+    async def request(
+        self, data: bytes, timeout_s: float, late: tuple[float, LateCallback] | None = None
+    ) -> Response:
         """Send ``data`` and wait at most ``timeout_s`` for the response; on any failure
-        (time-out and cancellation included) the connection is closed."""
+        (time-out and cancellation included) the connection is closed. ``late``: (seconds,
+        callback) calls ``callback(waiter)`` if no response came within those seconds; the
+        callback may end the wait by setting an exception on the waiter."""
         waiter = self.send(data)
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, waiter)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout_s, _expire, waiter)
+        late_timer = loop.call_later(late[0], late[1], waiter) if late else None
         try:
             return await waiter
         except BaseException:
@@ -154,6 +163,8 @@ class Connection(asyncio.Protocol):
             raise
         finally:
             timer.cancel()
+            if late_timer is not None:
+                late_timer.cancel()
 
     def _fail(self, exc: BaseException) -> None:
         waiter, self.waiter = self.waiter, None
@@ -205,9 +216,12 @@ class ConnectionPool:
         self._busy: set[Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def request(self, data: bytes, timeout_s: float) -> Response:
+    async def request(
+        self, data: bytes, timeout_s: float, late: tuple[float, LateCallback] | None = None
+    ) -> Response:
         """Send one complete request (bytes, as ``encode_request`` makes them) on an idle
-        connection or a new one; ``timeout_s`` bounds connecting and answering together."""
+        connection or a new one; ``timeout_s`` bounds connecting and answering together;
+        ``late`` as ``Connection.request``."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # connections belong to the loop that opened them
             self._drop_all()
@@ -220,7 +234,7 @@ class ConnectionPool:
             timeout_s = max(0.0, timeout_s - (loop.time() - started))
         self._busy.add(conn)
         try:
-            response = await conn.request(data, timeout_s)
+            response = await conn.request(data, timeout_s, late)
         finally:
             self._busy.discard(conn)
         if response.keep_alive and not conn.closed and len(self._idle) < self.max_idle:

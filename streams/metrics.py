@@ -53,6 +53,9 @@ GATEWAY_IN_FLIGHT = Gauge("streambill_gateway_in_flight", "gateway calls in flig
 GATEWAY_LIMIT = Gauge("streambill_gateway_limit",
                       "calls a gateway account may have in flight now (its AIMD limit)",
                       ["processor", "account"])  # fmt: skip
+LATE_LOOKUPS = Counter("streambill_gateway_late_lookups_total",
+                      "charges whose answer was late, looked up by idempotency key meanwhile",
+                      ["account", "found"])  # fmt: skip
 CIRCUIT_OPEN = Gauge("streambill_circuit_open", "1 while a gateway account's breaker is open",
                      ["processor", "account"])  # fmt: skip
 LANE_REQUESTS = Counter("streambill_lane_requests_total", "urgent workflow requests",

@@ -111,7 +111,11 @@ class AnswerTimeout:
     Why: an answer that never comes (a lost connection, a stalled request) used to hold
     its payment for the whole configured time-out; at the end of a payment run those few
     payments were its last seconds. The retry is safe: the key makes the gateway return
-    what it recorded, or say the first request is still in progress."""
+    what it recorded, or say the first request is still in progress.
+
+    `late_seconds` (the p99 itself, once known) is when an answer counts as late: the
+    caller may then look the key up beside the call still open (a hedge), which finds an
+    outcome recorded whose answer is stuck long before the wait runs out."""
 
     ceiling: float
     floor: float = 1.0
@@ -121,6 +125,7 @@ class AnswerTimeout:
     recompute_every: int = 100
     answers: list[float] = field(default_factory=list)  # ring buffer of the last `window`
     base: float = 0.0  # multiple x p99, within [floor, ceiling]; 0 until min_samples
+    p99: float = 0.0  # of the last `window` answers; 0 until min_samples
     backoff: float = 1.0
     _next: int = 0  # ring position
     _since: int = 0  # answers since the last recompute
@@ -135,6 +140,13 @@ class AnswerTimeout:
             return self.ceiling
         return min(self.ceiling, self.base * self.backoff)
 
+    @property
+    def late_seconds(self) -> float | None:
+        """When an answer is late (None while the usual answers are not known yet, or when
+        late would not come before the wait runs out)."""
+        late = self.p99 * self.backoff
+        return late if 0 < late < self.seconds else None
+
     def on_answer(self, seconds: float) -> None:
         if len(self.answers) < self.window:
             self.answers.append(seconds)
@@ -148,8 +160,8 @@ class AnswerTimeout:
         ):
             self._since = 0
             ordered = sorted(self.answers)
-            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-            self.base = min(self.ceiling, max(self.floor, self.multiple * p99))
+            self.p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            self.base = min(self.ceiling, max(self.floor, self.multiple * self.p99))
 
     def on_timeout(self) -> None:
         self.backoff = min(self.backoff * 2, 64.0)

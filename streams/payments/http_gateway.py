@@ -9,9 +9,11 @@ gateway on one event loop. The ledger and stats helpers are not hot and use aioh
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -21,6 +23,7 @@ import orjson
 
 from streams.domain.money import UnknownCurrency, minor_units
 from streams.httpclient import ConnectionPool, HttpClient, InvalidURL, Response
+from streams.metrics import LATE_LOOKUPS
 from streams.payments.control import AnswerTimeout
 from streams.payments.gateway import (
     ChargeOutcome,
@@ -36,6 +39,7 @@ _TRANSPORT_ERRORS = (TimeoutError, OSError, httptools.HttpParserError)
 _CHARGE_STATUSES = ("succeeded", "declined")
 _REFUND_STATUSES = ("refunded", "rejected")
 _JSON = {"Content-Type": "application/json"}
+MAX_LATE_LOOKUPS = 10
 
 
 class SimulatorGateway:
@@ -48,6 +52,8 @@ class SimulatorGateway:
         self.answer_timeouts: dict[str, AnswerTimeout] = {}
         # per merchant account: (pool, URL, the request's bytes up to the key's value)
         self._charge_heads: dict[str, tuple[ConnectionPool, str, bytes]] = {}
+        self._late_lookups: dict[str, int] = {}  # per merchant account, in flight
+        self._lookup_tasks: set[asyncio.Task[None]] = set()
 
     def _account_url(self, merchant_account: str) -> str:
         return f"{self.base_url}/v1/accounts/{quote(merchant_account, safe='')}"
@@ -86,9 +92,15 @@ class SimulatorGateway:
             timeout = self.answer_timeouts[request.merchant_account] = AnswerTimeout(
                 ceiling=self.timeout_s, floor=min(1.0, self.timeout_s)
             )
+        late_s = timeout.late_seconds
+        late = None
+        if late_s is not None:
+            late = (late_s, partial(self._late, request.merchant_account, request.idempotency_key))
         started = time.monotonic()
         try:
-            resp = await pool.request(data, timeout.seconds)
+            resp = await pool.request(data, timeout.seconds, late)
+        except _FoundByKey as found:
+            return found.outcome
         except TimeoutError as exc:
             timeout.on_timeout()
             raise _transient("POST", url, exc) from exc
@@ -96,6 +108,30 @@ class SimulatorGateway:
             raise _transient("POST", url, exc) from exc
         timeout.on_answer(time.monotonic() - started)
         return _charge_outcome(_decode(resp, url))
+
+    def _late(self, account: str, key: str, waiter: asyncio.Future[Response]) -> None:
+        """A charge's answer is late (past the account's p99): look its key up beside the
+        open call. An outcome recorded whose answer is stuck (a stalled connection or
+        server) then ends the wait at once instead of at the time-out plus a second
+        request; a charge still in progress keeps waiting. At most MAX_LATE_LOOKUPS per
+        account at once, so a gateway that slows down as a whole is not asked twice."""
+        if self._late_lookups.get(account, 0) >= MAX_LATE_LOOKUPS or waiter.done():
+            return
+        self._late_lookups[account] = self._late_lookups.get(account, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._look_up_late(account, key, waiter))
+        self._lookup_tasks.add(task)
+        task.add_done_callback(self._lookup_tasks.discard)
+
+    async def _look_up_late(self, account: str, key: str, waiter: asyncio.Future) -> None:
+        try:
+            outcome = await self.lookup(account, key)
+        except (TransientError, ValueError):  # in progress (409), unreachable: wait on
+            outcome = None
+        finally:
+            self._late_lookups[account] -= 1
+        LATE_LOOKUPS.labels(account, str(outcome is not None).lower()).inc()
+        if outcome is not None and not waiter.done():
+            waiter.set_exception(_FoundByKey(outcome))
 
     async def refund(self, request: RefundRequest) -> RefundOutcome:
         body = await self._post(
@@ -142,8 +178,18 @@ class SimulatorGateway:
             raise _transient(method, url, exc) from exc
 
     async def close(self) -> None:
+        for task in list(self._lookup_tasks):
+            task.cancel()
         await self._http.close()
         self._charge_heads.clear()
+
+
+class _FoundByKey(Exception):
+    """Ends the wait for a late answer: its outcome was found by its idempotency key."""
+
+    def __init__(self, outcome: ChargeOutcome) -> None:
+        super().__init__(outcome.status)
+        self.outcome = outcome
 
 
 def _header_value(value: str) -> bytes:

@@ -205,3 +205,32 @@ def test_answer_timeout_stays_within_floor_and_ceiling(events, floor, ceiling) -
         assert 0 < timeout.seconds <= ceiling
         if timeout.base:
             assert timeout.seconds >= floor
+
+
+def test_an_answer_is_late_past_the_p99_and_never_after_the_wait_runs_out() -> None:
+    timeout = AnswerTimeout(ceiling=8.0)
+    for _ in range(199):
+        timeout.on_answer(0.5)
+    assert timeout.late_seconds is None  # the usual answers are not known yet
+    timeout = AnswerTimeout(ceiling=8.0)
+    for i in range(1000):  # the window: 99 % at 0.2 s, 1 % at 1 s
+        timeout.on_answer(1.0 if i % 100 == 99 else 0.2)
+    assert timeout.late_seconds == pytest.approx(1.0)  # the p99
+    timeout.on_timeout()
+    assert timeout.late_seconds == pytest.approx(2.0)  # follows the backed-off wait
+    # a p99 above the ceiling: late would come after the time-out, so never
+    slow = AnswerTimeout(ceiling=2.0)
+    for _ in range(300):
+        slow.on_answer(3.0)
+    assert slow.late_seconds is None
+
+
+@given(st.lists(st.floats(0.001, 20.0), min_size=200, max_size=1200), st.integers(0, 5))
+def test_late_comes_before_the_wait_runs_out(answers, timeouts) -> None:
+    timeout = AnswerTimeout(ceiling=5.0)
+    for seconds in answers:
+        timeout.on_answer(seconds)
+    for _ in range(timeouts):
+        timeout.on_timeout()
+    late = timeout.late_seconds
+    assert late is None or 0 < late < timeout.seconds

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from streams.httpclient import ServerDisconnected
+from streams.metrics import LATE_LOOKUPS
 from streams.payments.control import AnswerTimeout
 from streams.payments.gateway import (
     ChargeOutcome,
@@ -30,6 +31,7 @@ from streams.payments.gateway import (
     TransientError,
 )
 from streams.payments.http_gateway import (
+    MAX_LATE_LOOKUPS,
     SimulatorGateway,
     fetch_ledger,
     fetch_stats,
@@ -285,15 +287,27 @@ def test_transient_failures_and_retries_never_charge_twice() -> None:
     run(config(transient_rate=1.0, timeout_delay_s=1.0), scenario, timeout_s=0.3)
 
 
+def usual_answers(s: Served, seconds: float) -> AnswerTimeout:
+    """merchant-1's recent answers all took `seconds`."""
+    usual = AnswerTimeout(ceiling=s.gateway.timeout_s)
+    for _ in range(300):
+        usual.on_answer(seconds)
+    s.gateway.answer_timeouts["merchant-1"] = usual
+    return usual
+
+
+def late_lookups(found: bool) -> float:
+    return LATE_LOOKUPS.labels("merchant-1", str(found).lower())._value.get()
+
+
 def test_an_answer_that_does_not_come_is_asked_again_after_the_accounts_usual_wait() -> None:
     """The wait for a charge's answer follows the account's recent answers (3 x p99,
-    at least 1 s), not the configured 5 s: a delayed answer is retried after ~1 s."""
+    at least 1 s), not the configured 5 s: a delayed answer is retried after ~1 s.
+    (The late lookup by key, which would find it sooner, is held at its cap here.)"""
 
     async def scenario(s: Served) -> None:
-        usual = AnswerTimeout(ceiling=s.gateway.timeout_s)
-        for _ in range(300):
-            usual.on_answer(0.01)
-        s.gateway.answer_timeouts["merchant-1"] = usual
+        usual = usual_answers(s, 0.01)
+        s.gateway._late_lookups["merchant-1"] = MAX_LATE_LOOKUPS  # all in use
         assert usual.seconds == 1.0
         for key in ("k1", "k2"):  # unavailable, dropped
             with pytest.raises(TransientError):
@@ -311,6 +325,49 @@ def test_an_answer_that_does_not_come_is_asked_again_after_the_accounts_usual_wa
         assert [e["idempotency_key"] for e in await s.ledger()] == ["k2", "k3"]
 
     run(config(transient_rate=1.0, timeout_delay_s=6.0), scenario, timeout_s=5.0)
+
+
+def test_a_late_answer_is_found_by_its_key_while_the_call_is_still_open() -> None:
+    """Past the account's p99 the key is looked up beside the open call: an outcome
+    recorded whose answer is stuck ends the wait at once (no time-out, no second charge
+    request), and a retry with the key gets the same outcome."""
+
+    async def scenario(s: Served) -> None:
+        usual_answers(s, 0.05)
+        for key in ("k1", "k2"):  # unavailable, dropped
+            with pytest.raises(TransientError):
+                await s.gateway.charge(charge(key))
+        found_before = late_lookups(True)
+        started = time.monotonic()
+        outcome = await s.gateway.charge(charge("k3"))  # answered 6 s late
+        waited = time.monotonic() - started
+        assert outcome.status == "succeeded" and outcome.reference
+        assert waited < 0.5  # not the 1 s time-out, let alone the 6 s answer
+        assert late_lookups(True) == found_before + 1
+        assert await s.gateway.charge(charge("k3")) == outcome
+        assert [e["idempotency_key"] for e in await s.ledger()] == ["k2", "k3"]
+        stats = (await fetch_stats(s.url))["accounts"]["merchant-1"]
+        assert stats["charges"] == 2 and stats["conflicts_409"] == 0
+
+    run(config(transient_rate=1.0, timeout_delay_s=6.0), scenario, timeout_s=5.0)
+
+
+def test_a_slow_charge_still_in_progress_keeps_its_call_when_looked_up() -> None:
+    """A late charge that the gateway is still working on (the lookup says 409) is not
+    abandoned: its own answer ends the wait."""
+
+    async def scenario(s: Served) -> None:
+        usual_answers(s, 0.02)
+        not_found_before = late_lookups(False)
+        started = time.monotonic()
+        outcome = await s.gateway.charge(charge("slow"))
+        assert outcome.status == "succeeded"
+        assert 0.25 < time.monotonic() - started < 1.0
+        assert late_lookups(False) == not_found_before + 1
+        stats = (await fetch_stats(s.url))["accounts"]["merchant-1"]
+        assert stats["requests"] == 1 and stats["charges"] == 1 and stats["replays"] == 0
+
+    run(config(latency_median_ms=300, latency_p99_ms=301), scenario, timeout_s=5.0)
 
 
 def test_an_outage_fails_every_request_until_it_ends() -> None:
