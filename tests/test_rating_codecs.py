@@ -29,7 +29,7 @@ from streams.processors.rating import (
     invoice_writer,
     usage_reader,
 )
-from streams.processors.rating_codec import InvoiceWriter, UsageReader
+from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
 from tests.hostile import Msg, hostile_encode, micros, ms, unscaled
 from tests.test_bad_input import published_times, raw_records
 
@@ -44,12 +44,14 @@ def T(day: int) -> datetime:
 
 def same_outcome(value: bytes, published: int | None) -> bool:
     """The fast reader agrees with decode_input; True if it took the record."""
-    fast = usage_reader().read(value, published)
+    record = usage_reader().read(value, published)
     event, account, error = decode_input(value, True, published)
-    if fast is None:
+    if record is None:
         return False
     assert error is None, error  # accepted by the fast reader: valid for the general path
-    f_event, f_account, us = fast
+    f_event, f_account, us = usage_event(record), record[2], record[1]
+    assert record == (event.event_id, us, account, event.subscription_id, event.metric,
+                      int(event.quantity.scaleb(9)))  # fmt: skip
     assert f_event == event and f_account == account
     assert f_event.timestamp.tzinfo is event.timestamp.tzinfo
     assert f_event.quantity.as_tuple() == event.quantity.as_tuple()  # same digits, same scale
@@ -125,7 +127,8 @@ def test_the_processor_buffers_what_either_path_decodes() -> None:
     proc._buffer(Msg(USAGE.name, good, b"a", 0, 0, PUBLISHED_MS))
     proc._buffer(Msg(USAGE.name, bad, b"a", 0, 1, PUBLISHED_MS))
     first, second = proc.buffers[0][USAGE.name]
-    assert first.error is None and first.event.quantity == Decimal(1) and first.account_id == "a"
+    assert first.error is None and first.record[5] == 10**9 and first.account_id == "a"
+    assert usage_event(first.record).quantity == Decimal(1)
     assert first.timestamp == datetime(2026, 1, 2, tzinfo=UTC).timestamp()
     assert second.event is None and second.error[0] == "invalid_event"
     assert second.timestamp == float("-inf")

@@ -54,6 +54,11 @@ class Usage:
 
 Event = SubscriptionCreated | PlanChanged | Cancelled | Usage
 
+# A usage event as the rating processor reads it from Avro, before (and mostly instead of)
+# a Usage: (event_id, timestamp µs, account_id, subscription_id, metric, quantity in
+# integer 10^-9 units). See rating.UsageTally.
+UsageRecord = tuple[str, int, str, str, str, int]
+
 EVENT_TYPES: dict[str, type] = {
     "subscription.created": SubscriptionCreated,
     "subscription.plan_changed": PlanChanged,

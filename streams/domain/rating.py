@@ -18,7 +18,14 @@ from decimal import Decimal
 import orjson
 
 from streams.domain.catalog import Aggregation, Catalog, Plan, UnknownPlan
-from streams.domain.events import Cancelled, Event, PlanChanged, SubscriptionCreated, Usage
+from streams.domain.events import (
+    Cancelled,
+    Event,
+    PlanChanged,
+    SubscriptionCreated,
+    Usage,
+    UsageRecord,
+)
 from streams.domain.invoice import (
     KIND_FLAT,
     KIND_PRORATION_CHARGE,
@@ -343,6 +350,72 @@ def _add_usage(state: SubscriptionState, event: Usage, plan: Plan) -> None:
 
 _SUM = Aggregation.SUM.value
 _MAX = Aggregation.MAX.value
+_HORIZON_US = to_micros(HORIZON)
+_NANO = -9  # UsageTally's quantities: integers of 10^-9 units
+
+
+class UsageTally:
+    """Usage of one subscription that only adds up, totalled before it touches the state.
+
+    Equivalent to ``apply_event`` of each of its events in turn, as long as they are
+    *plain*: the subscription has not ended and each event falls inside its open segment
+    (``start_us <= timestamp < end_us``: no period to close, nothing late). The caller
+    checks that and appends the events to ``records``; ``settle`` de-duplicates their ids
+    against the state (the first counts), sums, maxes and counts each metric's quantities
+    as integers and adds the results to the state's Decimal aggregates once. CTX's 100
+    digits keep every sum exact, so one addition of the total leaves the same value, with
+    the same digits and exponent, as one addition per event.
+    """
+
+    __slots__ = ("end_us", "plan", "records", "start_us", "state")
+
+    def __init__(self, state: SubscriptionState, plan: Plan) -> None:
+        if state.status == STATUS_ENDED or plan.plan_id != state.plan_id:
+            raise ValueError("no tally for an ended subscription or another plan")
+        self.state = state
+        self.plan = plan
+        self.start_us = to_micros(state.segment_start)
+        end = state._period_start(state.period_index + 1)
+        self.end_us = min(to_micros(end), _HORIZON_US)
+        # plain events in order: (event_id, timestamp µs, account_id, subscription_id,
+        # metric, quantity in integer 10^-9 units > 0), as the processor reads them
+        self.records: list[UsageRecord] = []
+
+    def settle(self) -> SubscriptionState:
+        """Apply the recorded events to the state (once: the tally is empty afterwards)."""
+        seen = self.state.seen_event_ids
+        aggs = self.plan.aggregation_names()
+        totals: dict[str, list[int]] = {}  # metric -> [sum, max, count]
+        for event_id, _, _, _, metric, nanos in self.records:
+            if event_id in seen:
+                continue  # a retried delivery: counted once (the first)
+            seen.add(event_id)
+            if not aggs.get(metric):
+                continue  # a metric the plan does not price (see _add_usage)
+            t = totals.get(metric)
+            if t is None:
+                totals[metric] = [nanos, nanos, 1]
+            else:
+                t[0] += nanos
+                if nanos > t[1]:
+                    t[1] = nanos
+                t[2] += 1
+        self.records = []
+        usage = self.state.usage
+        for metric, (total, top, n) in totals.items():
+            values = usage.setdefault(metric, {})
+            for agg in aggs[metric]:
+                old = values.get(agg)
+                if agg == _SUM:
+                    q = Decimal(total).scaleb(_NANO, CTX)
+                    values[agg] = q if old is None else CTX.add(old, q)
+                elif agg == _MAX:
+                    q = Decimal(top).scaleb(_NANO, CTX)
+                    values[agg] = q if old is None else max(old, q)
+                else:
+                    q = Decimal(n)
+                    values[agg] = q if old is None else CTX.add(old, q)
+        return self.state
 
 
 def _change_plan(

@@ -1,9 +1,10 @@
 """The rating processor's two hot codecs, written out by hand for the current schemas.
 
 - ``UsageReader``: a billing.usage record of the current writer schema, read and validated
-  straight into a ``Usage`` (what ``rating.decode_input`` does through fastavro and
-  ``parse_event``). It takes only what is plainly valid and answers None for anything
-  else, which then goes through the general path: it never decides a dead letter.
+  into a plain tuple (``usage_event`` makes of it the ``Usage`` that ``rating.decode_input``
+  gives through fastavro and ``parse_event``). It takes only what is plainly valid and
+  answers None for anything else, which then goes through the general path: it never
+  decides a dead letter.
 - ``InvoiceWriter``: an ``Invoice`` written as the bytes fastavro writes for its
   ``invoice_record`` (the same single-object header, the same minimal varints, decimals
   of as many bytes as fastavro gives them); anything it does not expect goes to fastavro.
@@ -15,6 +16,7 @@ side by side with fastavro, on hostile and ordinary records.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
@@ -22,7 +24,7 @@ from typing import Any
 
 from streams.codec import HEADER_LEN, codec
 from streams.codec import avro_long as _long
-from streams.domain.events import Usage
+from streams.domain.events import Usage, UsageRecord
 from streams.domain.invoice import Invoice
 from streams.domain.money import MAX_INTEGER_DIGITS
 from streams.domain.timestamps import to_micros
@@ -66,58 +68,73 @@ class UsageReader:
         self.header = c.header
         self.enabled = schema_layout(c.schema["fields"]) == self.FIELDS
         self.earliest_us, self.max_future_ms = earliest_us, max_future_ms
-        self.decimals = Context(prec=38)  # as fastavro reads decimal(38, 9)
 
-    def read(self, data: bytes | None, published_ms: int | None) -> tuple[Usage, str, int] | None:
-        """(event, account_id, timestamp µs) of a plainly valid record: every string
-        non-empty with a one-byte length (under 64 bytes) and valid UTF-8, a quantity
-        above 0 and below 10^18, a timestamp from the earliest accepted to at most
-        max_future_ms after publication, no trailing byte. None for anything else."""
-        if not self.enabled or not data or data[:HEADER_LEN] != self.header:
+    def read(self, data: bytes | None, published_ms: int | None) -> UsageRecord | None:
+        """(event_id, timestamp µs, account_id, subscription_id, metric, quantity in 10^-9
+        units) of a plainly valid record: every string non-empty with a one-byte length
+        (under 64 bytes) and valid UTF-8, a timestamp of an 8-byte varint (1978 to 3111)
+        from the earliest accepted to at most max_future_ms after publication, a quantity
+        above 0 and below 10^18, no trailing byte. None for anything else. No Usage, datetime
+        or Decimal is built here: ``usage_event`` makes the event when one is needed."""
+        if not self.enabled or not data or not data.startswith(self.header):
             return None
-        size = len(data)
-        strings = []
         try:
-            pos = HEADER_LEN
-            for i in range(5):
-                if i == 1:  # the timestamp: a zig-zag varint, at most 9 bytes (no wrap-around)
-                    us = shift = 0
-                    while True:
-                        b = data[pos]
-                        pos += 1
-                        us |= (b & 0x7F) << shift
-                        if b < 0x80:
-                            break
-                        shift += 7
-                        if shift > 56:
-                            return None
-                    continue
-                b = data[pos]  # a string's length: one byte, zig-zag, 1 to 63
-                if b & 0x81 or b == 0:
-                    return None
-                end = pos + 1 + (b >> 1)
-                if end > size:
-                    return None
-                strings.append(data[pos + 1 : end].decode())
-                pos = end
-            b = data[pos]  # the quantity's length: 1 to 12 bytes hold any unscaled < 10^27
-            if b & 0x81 or b == 0 or b > 24:
+            # each string: a one-byte zig-zag length (1 to 63), then its bytes; a string cut
+            # short makes the next read (of a length, the timestamp) fail
+            n = data[_H]
+            if n & 0x81 or not n:
                 return None
-            pos += 1
-            if pos + (b >> 1) != size:  # truncated, or trailing bytes
+            pos = _H + 1 + (n >> 1)
+            event_id = data[_H + 1 : pos].decode()
+            # the timestamp: a zig-zag varint, taken only as 8 bytes (7 with the continuation
+            # bit, the 8th without), its 7-bit groups gathered in three steps of masks
+            (x,) = _U64(data, pos)
+            if x & 0x8080808080808080 != 0x0080808080808080:
                 return None
-            unscaled = int.from_bytes(data[pos:], "big", signed=True)
-        except (IndexError, UnicodeDecodeError):
+            x = (x & 0x007F007F007F007F) | ((x & 0x7F007F007F007F00) >> 1)
+            x = (x & 0x00003FFF00003FFF) | ((x & 0x3FFF00003FFF0000) >> 2)
+            x = (x & 0x000000000FFFFFFF) | ((x & 0x0FFFFFFF00000000) >> 4)
+            pos += 8
+            n = data[pos]
+            if n & 0x81 or not n:
+                return None
+            start, pos = pos + 1, pos + 1 + (n >> 1)
+            account_id = data[start:pos].decode()
+            n = data[pos]
+            if n & 0x81 or not n:
+                return None
+            start, pos = pos + 1, pos + 1 + (n >> 1)
+            subscription_id = data[start:pos].decode()
+            n = data[pos]
+            if n & 0x81 or not n:
+                return None
+            start, pos = pos + 1, pos + 1 + (n >> 1)
+            metric = data[start:pos].decode()
+            # the quantity's length: 1 to 12 bytes hold any unscaled < 10^27; then the end
+            n = data[pos]
+            if n & 0x81 or not n or n > 24 or pos + 1 + (n >> 1) != len(data):
+                return None
+            unscaled = int.from_bytes(data[pos + 1 :], "big", signed=True)
+        except (IndexError, UnicodeDecodeError, struct.error):
             return None
-        us = (us >> 1) ^ -(us & 1)
+        us = (x >> 1) ^ -(x & 1)
         if not 0 < unscaled < _MAX_UNSCALED or us < self.earliest_us:
             return None
         if published_ms is not None and us // 1000 > published_ms + self.max_future_ms:
             return None
-        quantity = Decimal(unscaled).scaleb(-9, self.decimals)  # exact: < 10^27
-        event_id, account_id, subscription_id, metric = strings
-        usage = Usage(event_id, _EPOCH + timedelta(0, 0, us), subscription_id, metric, quantity)
-        return usage, account_id, us
+        return event_id, us, account_id, subscription_id, metric, unscaled
+
+
+_H = HEADER_LEN
+_U64 = struct.Struct("<Q").unpack_from
+_DECIMALS = Context(prec=38)  # as fastavro reads decimal(38, 9)
+
+
+def usage_event(rec: UsageRecord) -> Usage:
+    """The domain event of a record UsageReader took: what decode_input gives for it."""
+    event_id, us, _, subscription_id, metric, unscaled = rec
+    quantity = Decimal(unscaled).scaleb(-9, _DECIMALS)  # exact: < 10^27
+    return Usage(event_id, _EPOCH + timedelta(0, 0, us), subscription_id, metric, quantity)
 
 
 _SMALL_LONGS = [_long(n) for n in range(64)]
