@@ -101,12 +101,12 @@ class SubscriptionState:
                 self.account_id,
                 self.plan_id,
                 self.currency,
-                self.interval.value,
+                self.interval,  # a StrEnum: orjson writes its value
                 to_micros(self.anchor),
                 self.period_index,
                 to_micros(self.segment_start),
                 self.status,
-                _usage_to_json(self.usage),
+                {m: {a: str(v) for a, v in aggs.items()} for m, aggs in self.usage.items()},
                 sorted(self.seen_event_ids),
                 self.changes_at_segment_start,
                 self.payment_method,
@@ -170,15 +170,6 @@ class SubscriptionState:
 
 _INTERVALS: dict[str, Interval] = {i.value: i for i in Interval}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _usage_to_json(usage: dict[str, dict[str, Decimal]]) -> dict[str, dict[str, str]]:
-    out = {}
-    for m, aggs in usage.items():
-        out[m] = values = {}
-        for a, v in aggs.items():
-            values[a] = str(v)
-    return out
 
 
 def next_period_end(state: SubscriptionState) -> datetime | None:
