@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-from functools import cache
+import struct
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Context, Decimal
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,132 @@ def avro_long(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_SMALL_LONGS = [avro_long(n) for n in range(64)]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DOUBLE = struct.Struct("<d").pack
+
+
+class _Unexpected(Exception):
+    """A value the flat writer leaves to fastavro (which writes it, or says what is wrong)."""
+
+
+def _string(value: Any) -> bytes:
+    if type(value) is not str:
+        raise _Unexpected
+    b = value.encode()
+    n = len(b)
+    return (_SMALL_LONGS[n] if n < 64 else avro_long(n)) + b
+
+
+def _bytes(value: Any) -> bytes:
+    if type(value) is not bytes:
+        raise _Unexpected
+    n = len(value)
+    return (_SMALL_LONGS[n] if n < 64 else avro_long(n)) + value
+
+
+def _integer(bits: int) -> Callable[[Any], bytes]:
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def write(value: Any) -> bytes:
+        if type(value) is not int or not low <= value <= high:
+            raise _Unexpected
+        return _SMALL_LONGS[value] if 0 <= value < 64 else avro_long(value)
+
+    return write
+
+
+def _double(value: Any) -> bytes:
+    if type(value) is not float:
+        raise _Unexpected
+    return _DOUBLE(value)
+
+
+def _boolean(value: Any) -> bytes:
+    if type(value) is not bool:
+        raise _Unexpected
+    return b"\x01" if value else b"\x00"
+
+
+def _timestamp_micros(value: Any) -> bytes:
+    if type(value) is not datetime or value.tzinfo is None:
+        raise _Unexpected
+    d = value - _EPOCH
+    return avro_long((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds)
+
+
+def _decimal(precision: int, scale: int) -> Callable[[Any], bytes]:
+    exact = Context(prec=precision + scale)  # scaleb of up to `precision` digits: exact
+
+    def write(value: Any) -> bytes:
+        """The unscaled value, big-endian two's complement, in (bit length of its
+        magnitude + 8) // 8 bytes, after a length: as fastavro writes it."""
+        if type(value) is not Decimal or not value.is_finite():
+            raise _Unexpected
+        sign, digits, exp = value.as_tuple()
+        if len(digits) > precision or exp + scale < 0:  # type: ignore[operator]
+            raise _Unexpected  # fastavro refuses it: let it say so
+        magnitude = int(value.copy_abs().scaleb(scale, exact))
+        n = (magnitude.bit_length() + 8) // 8
+        return _SMALL_LONGS[n] + (-magnitude if sign else magnitude).to_bytes(n, "big", signed=True)
+
+    return write
+
+
+def _optional(write: Callable[[Any], bytes], null_first: bool) -> Callable[[Any], bytes]:
+    null, some = (b"\x00", b"\x02") if null_first else (b"\x02", b"\x00")
+
+    def write_optional(value: Any) -> bytes:
+        return null if value is None else some + write(value)
+
+    return write_optional
+
+
+def _field_writer(t: Any) -> Callable[[Any], bytes] | None:
+    """The writer of one field type, or None for a type the flat writer leaves alone."""
+    if isinstance(t, list):
+        if len(t) != 2 or "null" not in t:
+            return None
+        inner = _field_writer(t[1 - t.index("null")])
+        return _optional(inner, t[0] == "null") if inner else None
+    if isinstance(t, dict):
+        logical = t.get("logicalType")
+        if logical == "timestamp-micros" and t.get("type") == "long":
+            return _timestamp_micros
+        if logical == "decimal" and t.get("type") == "bytes":
+            return _decimal(t["precision"], t.get("scale", 0))
+        return None if logical else _field_writer(t.get("type"))
+    return {
+        "string": _string, "bytes": _bytes, "int": _integer(32), "long": _integer(64),
+        "double": _double, "boolean": _boolean,
+    }.get(t)  # fmt: skip
+
+
+class FlatWriter:
+    """Records of a flat schema (strings, bytes, ints, longs, doubles, booleans, decimals,
+    timestamps, and optional ones of these) written as fastavro writes them, about twice
+    as fast: one small function per field instead of fastavro's general walk. Any value
+    it does not expect (a float for a decimal, a naive datetime, a missing field) is left
+    to fastavro, which writes it or raises what it always raised."""
+
+    def __init__(self, schema: dict) -> None:
+        writers = [(f["name"], _field_writer(f["type"])) for f in schema["fields"]]
+        self.fields: list[tuple[str, Callable[[Any], bytes]]] | None = (
+            [(n, w) for n, w in writers if w is not None]
+            if all(w is not None for _, w in writers)
+            else None
+        )
+
+    def write(self, record: dict[str, Any]) -> bytes | None:
+        """The body, or None when fastavro must write this record."""
+        if self.fields is None:
+            return None
+        try:
+            return b"".join([write(record[name]) for name, write in self.fields])
+        except (_Unexpected, KeyError, TypeError):
+            return None
 
 
 class DecodeError(ValueError):
@@ -59,8 +189,10 @@ class Codec:
 
     def __init__(self, name: str, schemas_dir: Path = SCHEMAS_DIR) -> None:
         self.name = name
+        self.schemas_dir = schemas_dir
         self.schema = parse_schema(load_schema_json(schemas_dir / f"{name}.avsc"))
         self.header = MAGIC + schema_fingerprint(self.schema)
+        self.flat = FlatWriter(self.schema)
         # fingerprint -> writer schema; the current one is read without resolution
         self.writers: dict[bytes, dict | None] = {self.header[2:]: None}
         for old in sorted((schemas_dir / "history").glob(f"{name}.*.avsc")):
@@ -68,18 +200,43 @@ class Codec:
             self.writers.setdefault(schema_fingerprint(parsed), parsed)
 
     def encode(self, record: dict[str, Any]) -> bytes:
+        body = self.flat.write(record)
+        if body is not None:
+            return self.header + body
         buf = io.BytesIO()
         buf.write(self.header)
         fastavro.schemaless_writer(buf, self.schema, record)
         return buf.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
+        return self._decode(data, self.schema, self.writers)
+
+    def projection(self, fields: tuple[str, ...]) -> Callable[[bytes | None], dict[str, Any]]:
+        """A decoder that builds only `fields` of a record and skips the rest (fastavro
+        skips without building objects): a reader that needs an invoice's total, not its
+        lines. The same checks and errors as ``decode`` (header, writer schema, trailing
+        bytes), and older writer schemas are resolved against the projection."""
+        unknown = set(fields) - {f["name"] for f in self.schema["fields"]}
+        if unknown:
+            raise ValueError(f"{self.name} has no field {sorted(unknown)}")
+        raw = load_schema_json(self.schemas_dir / f"{self.name}.avsc")
+        reader = parse_schema({**raw, "fields": [f for f in raw["fields"] if f["name"] in fields]})
+        writers = {
+            fp: (writer if writer is not None else self.schema)
+            for fp, writer in self.writers.items()
+        }
+        return partial(self._decode, reader=reader, writers=writers)
+
+    def _decode(
+        self, data: bytes | None, reader: dict, writers: dict[bytes, dict | None]
+    ) -> dict[str, Any]:
+        """`writers`: fingerprint -> writer schema, None for `reader` itself."""
         if not data:
             raise DecodeError("empty_value", f"{self.name}: no value (tombstone or empty)")
         if data[:2] != MAGIC or len(data) < HEADER_LEN:
             raise DecodeError("invalid_avro", f"{self.name}: not Avro single-object encoding")
         try:
-            writer = self.writers[data[2:HEADER_LEN]]
+            writer = writers[data[2:HEADER_LEN]]
         except KeyError:
             raise DecodeError(
                 "unknown_schema", f"{self.name}: writer fingerprint {data[2:HEADER_LEN].hex()}"
@@ -88,9 +245,9 @@ class Codec:
         buf.seek(HEADER_LEN)
         try:
             if writer is None:
-                record = fastavro.schemaless_reader(buf, self.schema, None)
+                record = fastavro.schemaless_reader(buf, reader, None)
             else:
-                record = fastavro.schemaless_reader(buf, writer, self.schema)
+                record = fastavro.schemaless_reader(buf, writer, reader)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise DecodeError("invalid_avro", f"{self.name}: {type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(data):

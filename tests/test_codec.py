@@ -157,3 +157,142 @@ def test_leading_strings_read_what_decode_reads(ids: tuple[str, str, str], cut: 
     assert inv.leading_strings(b"", 3) is None
     with pytest.raises(ValueError, match="not all strings"):
         inv.leading_strings(data, 6)  # the sixth field is a timestamp
+
+
+DUE_FIELDS = ("invoice_id", "account_id", "currency", "issued_at", "total", "payment_method")
+
+
+@given(n=st.integers(0, 5000), lines=st.integers(0, 40), cut=st.integers(0, 3000))
+@settings(max_examples=200)
+def test_a_projection_reads_what_decode_reads_and_refuses_what_it_refuses(
+    n: int, lines: int, cut: int
+) -> None:
+    """The payments processor reads an invoice's payable fields and skips its lines: the
+    same values as a full decode, and the same refusals (truncated, trailing bytes, a
+    damaged byte, another writer)."""
+    from tests.samples import sample
+
+    inv = codec("invoice")
+    due = inv.projection(DUE_FIELDS)
+    record = sample("invoice", n)
+    record["lines"] = (record["lines"] * (lines + 1))[:lines]
+    data = inv.encode(record)
+    full = inv.decode(data)
+    assert due(data) == {k: full[k] for k in DUE_FIELDS}
+    for damaged in (data[:cut], data + b"\x00", data[: cut % len(data)] + b"\xff" * 3):
+        try:
+            expected = inv.decode(damaged)
+        except DecodeError as exc:
+            with pytest.raises(DecodeError) as refused:
+                due(damaged)
+            assert refused.value.reason == exc.reason
+        else:
+            assert due(damaged) == {k: expected[k] for k in DUE_FIELDS}
+    with pytest.raises(DecodeError, match="unknown_schema"):
+        due(b"\xc3\x01" + bytes(8) + data[10:])
+    with pytest.raises(ValueError, match="no field"):
+        inv.projection(("total", "tip"))
+
+
+def test_a_projection_resolves_an_older_writer(tmp_path: Path) -> None:
+    current = json.loads((SCHEMAS_DIR / "subscription_event.avsc").read_text())
+    old = {**current, "fields": [f for f in current["fields"] if f["name"] != "payment_method"]}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "subscription_event.avsc").write_text(json.dumps(old))
+    (tmp_path / "new" / "history").mkdir(parents=True)
+    (tmp_path / "new" / "subscription_event.avsc").write_text(json.dumps(current))
+    (tmp_path / "new" / "history" / "subscription_event.1.avsc").write_text(json.dumps(old))
+    created_at = datetime(2026, 1, 1, tzinfo=UTC)
+    data = Codec("subscription_event", tmp_path / "old").encode({
+        "event_id": "e", "type": "subscription.created", "timestamp": created_at,
+        "account_id": "a", "subscription_id": "s", "plan_id": "p", "mode": None,
+    })  # fmt: skip
+    read = Codec("subscription_event", tmp_path / "new").projection(("plan_id", "payment_method"))
+    assert read(data) == {"plan_id": "p", "payment_method": None}
+
+
+FLAT_SCHEMAS = ["alert", "dead_letter", "entitlement", "payment_request", "payment_result",
+                "payment_run", "refund_request", "refund_result", "subscription_event",
+                "usage_event"]  # fmt: skip
+
+
+def _fastavro_body(c: Codec, record: dict) -> bytes:
+    import io
+
+    import fastavro
+
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, c.schema, record)
+    return buf.getvalue()
+
+
+def _value_strategy(t: object) -> st.SearchStrategy:
+    """Values of one field type, ordinary and extreme (the flat writer's domain)."""
+    if isinstance(t, list):
+        inner = next(x for x in t if x != "null")
+        return st.one_of(st.none(), _value_strategy(inner))
+    if isinstance(t, dict):
+        if t.get("logicalType") == "timestamp-micros":
+            return st.datetimes(timezones=st.just(UTC))
+        if t.get("logicalType") == "decimal":
+            places = t.get("scale", 0)
+            bound = Decimal("9" * (t["precision"] - places) + "." + "9" * places)  # exact
+            fits = lambda d: len(d.as_tuple().digits) <= t["precision"]  # noqa: E731
+            return st.decimals(-bound, bound, places=places, allow_nan=False).filter(fits)
+        return _value_strategy(t["type"])
+    return {
+        "string": st.text(max_size=80), "bytes": st.binary(max_size=80),
+        "int": st.integers(-(2**31), 2**31 - 1), "long": st.integers(-(2**63), 2**63 - 1),
+        "double": st.floats(allow_nan=False), "boolean": st.booleans(),
+    }[t]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FLAT_SCHEMAS)
+@settings(max_examples=150)
+@given(data=st.data())
+def test_the_flat_writer_writes_what_fastavro_writes(name: str, data: st.DataObject) -> None:
+    c = codec(name)
+    assert c.flat.fields is not None  # the fast path is the one under test
+    record = {f["name"]: data.draw(_value_strategy(f["type"]), label=f["name"])
+              for f in c.schema["fields"]}  # fmt: skip
+    body = c.flat.write(record)
+    assert body is not None and body == _fastavro_body(c, record)
+    assert c.encode(record) == c.header + body
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("amount", 12.5),  # a float for a decimal
+        ("amount", Decimal("1.0000000001")),  # more digits than the scale
+        ("amount", Decimal("NaN")),
+        ("completed_at", datetime(2026, 1, 1)),  # naive
+        ("attempt", True),  # a bool for an int
+        ("attempt", 2**31),  # out of an int's range
+        ("latency_ms", 3),  # an int for a double: fastavro writes it
+        ("gateway_reference", 7),  # no branch of the union
+        ("decline_code", ...),  # missing
+    ],
+)
+def test_values_the_flat_writer_does_not_expect_are_left_to_fastavro(field, value) -> None:
+    from tests.samples import sample
+
+    c = codec("payment_result")
+    record = sample("payment_result", 3)
+    if value is ...:
+        del record[field]
+    else:
+        record[field] = value
+    assert c.flat.write(record) is None
+    try:
+        expected = c.header + _fastavro_body(c, record)
+    except Exception as exc:  # whatever fastavro raises, encode raises too
+        with pytest.raises(type(exc)):
+            c.encode(record)
+    else:
+        assert c.encode(record) == expected
+
+
+def test_the_flat_writer_is_off_for_nested_schemas() -> None:
+    assert codec("invoice").flat.fields is None  # lines: an array of records
+    assert codec("bill_run").flat.fields is None  # a map and an array
