@@ -76,26 +76,43 @@ def metrics_dir(settings: Settings) -> Path:
     return settings.home / "metrics"
 
 
-def observe_gc_pauses() -> None:
-    """Time every cyclic garbage collection: a full one over a large in-memory state
-    stops the process, urgent requests included, for as long. Once per process."""
-    if any(getattr(cb, "__name__", "") == "on_gc" for cb in gc.callbacks):
-        return
-    started = [0.0]
+class GcPauses:
+    """Every cyclic garbage collection timed: a full one over a large in-memory state
+    stops the process, urgent requests included, for as long. Observed into
+    streambill_gc_pause_seconds, and kept as counts and the longest pause per generation
+    for a process without a metrics endpoint (the gateway simulator's /v1/stats)."""
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.max_pause_s = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        """Once per process."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            pause = time.perf_counter() - started[0]
-            GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(pause)
+            self._started = time.perf_counter()
+            return
+        generation = info["generation"]
+        pause = time.perf_counter() - self._started
+        self.collections[generation] += 1
+        self.max_pause_s[generation] = max(self.max_pause_s[generation], pause)
+        GC_PAUSE_SECONDS.labels(str(generation)).observe(pause)
 
-    gc.callbacks.append(on_gc)
+    def stats(self) -> dict[str, list[float]]:
+        return {"collections": list(self.collections),
+                "max_pause_ms": [round(p * 1000, 1) for p in self.max_pause_s]}  # fmt: skip
+
+
+GC_PAUSES = GcPauses()
 
 
 def serve(settings: Settings, name: str) -> str:
     """Start this process's metrics endpoint and advertise it; returns its URL."""
-    observe_gc_pauses()
+    GC_PAUSES.install()
     port = int(os.environ.get("STREAMBILL_METRICS_PORT", "0"))
     server, _thread = start_http_server(port, addr=os.environ.get("STREAMBILL_METRICS_HOST",
                                                                   "127.0.0.1"))  # fmt: skip

@@ -56,6 +56,7 @@ import orjson
 import structlog
 
 from streams.httpserver import HttpServer, Reply, Request, Router
+from streams.metrics import GC_PAUSES
 from streams.stack import ChildProcess, _die_with_parent
 
 log = structlog.get_logger(__name__)
@@ -386,36 +387,6 @@ class AccountState:
 
 _JSON = {"Content-Type": "application/json"}
 _REPLAYED = {"Content-Type": "application/json", "Idempotent-Replayed": "true"}
-
-
-class GcPauses:
-    """The simulator's own collection pauses (in /v1/stats): a benchmark can tell that the
-    latency it measured is the configured one, not the stand-in's stalls."""
-
-    def __init__(self) -> None:
-        self.collections = [0, 0, 0]
-        self.max_pause_s = [0.0, 0.0, 0.0]
-        self._started = 0.0
-
-    def install(self) -> None:
-        if self._on_gc not in gc.callbacks:
-            gc.callbacks.append(self._on_gc)
-
-    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-            return
-        generation = info["generation"]
-        self.collections[generation] += 1
-        pause = time.perf_counter() - self._started
-        self.max_pause_s[generation] = max(self.max_pause_s[generation], pause)
-
-    def stats(self) -> dict[str, list[float]]:
-        return {"collections": list(self.collections),
-                "max_pause_ms": [round(p * 1000, 1) for p in self.max_pause_s]}  # fmt: skip
-
-
-GC_PAUSES = GcPauses()
 
 
 def _json(body: bytes, status: int = 200) -> Reply:
