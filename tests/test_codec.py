@@ -197,7 +197,6 @@ def test_a_projection_reads_what_decode_reads_and_refuses_what_it_refuses(
         inv.projection(("total", "tip"))
 
 
-
 FLAT_SCHEMAS = ["alert", "dead_letter", "entitlement", "payment_request", "payment_result",
                 "payment_run", "refund_request", "refund_result", "subscription_event",
                 "usage_event"]  # fmt: skip
