@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Context, Decimal
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +189,6 @@ class Codec:
 
     def __init__(self, name: str, schemas_dir: Path = SCHEMAS_DIR) -> None:
         self.name = name
-        self.schemas_dir = schemas_dir
         self.schema = parse_schema(load_schema_json(schemas_dir / f"{name}.avsc"))
         self.header = MAGIC + schema_fingerprint(self.schema)
         self.flat = FlatWriter(self.schema)
@@ -209,34 +208,12 @@ class Codec:
         return buf.getvalue()
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
-        return self._decode(data, self.schema, self.writers)
-
-    def projection(self, fields: tuple[str, ...]) -> Callable[[bytes | None], dict[str, Any]]:
-        """A decoder that builds only `fields` of a record and skips the rest (fastavro
-        skips without building objects): a reader that needs an invoice's total, not its
-        lines. The same checks and errors as ``decode`` (header, writer schema, trailing
-        bytes), and older writer schemas are resolved against the projection."""
-        unknown = set(fields) - {f["name"] for f in self.schema["fields"]}
-        if unknown:
-            raise ValueError(f"{self.name} has no field {sorted(unknown)}")
-        raw = load_schema_json(self.schemas_dir / f"{self.name}.avsc")
-        reader = parse_schema({**raw, "fields": [f for f in raw["fields"] if f["name"] in fields]})
-        writers = {
-            fp: (writer if writer is not None else self.schema)
-            for fp, writer in self.writers.items()
-        }
-        return partial(self._decode, reader=reader, writers=writers)
-
-    def _decode(
-        self, data: bytes | None, reader: dict, writers: dict[bytes, dict | None]
-    ) -> dict[str, Any]:
-        """`writers`: fingerprint -> writer schema, None for `reader` itself."""
         if not data:
             raise DecodeError("empty_value", f"{self.name}: no value (tombstone or empty)")
         if data[:2] != MAGIC or len(data) < HEADER_LEN:
             raise DecodeError("invalid_avro", f"{self.name}: not Avro single-object encoding")
         try:
-            writer = writers[data[2:HEADER_LEN]]
+            writer = self.writers[data[2:HEADER_LEN]]
         except KeyError:
             raise DecodeError(
                 "unknown_schema", f"{self.name}: writer fingerprint {data[2:HEADER_LEN].hex()}"
@@ -245,9 +222,9 @@ class Codec:
         buf.seek(HEADER_LEN)
         try:
             if writer is None:
-                record = fastavro.schemaless_reader(buf, reader, None)
+                record = fastavro.schemaless_reader(buf, self.schema, None)
             else:
-                record = fastavro.schemaless_reader(buf, writer, reader)
+                record = fastavro.schemaless_reader(buf, writer, self.schema)
         except Exception as exc:  # fastavro raises many types on corrupt input
             raise DecodeError("invalid_avro", f"{self.name}: {type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(data):

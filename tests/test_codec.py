@@ -85,8 +85,7 @@ def test_compatibility_check_rejects_a_breaking_change() -> None:
 
 
 def test_old_writer_schema_is_resolved(tmp_path: Path) -> None:
-    """A record written with a kept older version decodes under the current schema, in
-    full or projected."""
+    """A record written with a kept older version decodes under the current schema."""
     current = json.loads((SCHEMAS_DIR / "subscription_event.avsc").read_text())
     old = {**current, "fields": [f for f in current["fields"] if f["name"] != "payment_method"]}
     (tmp_path / "old").mkdir()
@@ -102,8 +101,6 @@ def test_old_writer_schema_is_resolved(tmp_path: Path) -> None:
     })  # fmt: skip
     decoded = Codec("subscription_event", tmp_path / "new").decode(data)
     assert decoded["payment_method"] is None and decoded["plan_id"] == "p"
-    read = Codec("subscription_event", tmp_path / "new").projection(("plan_id", "payment_method"))
-    assert read(data) == {"plan_id": "p", "payment_method": None}
 
 
 def usage(quantity: Decimal) -> dict:
@@ -160,41 +157,6 @@ def test_leading_strings_read_what_decode_reads(ids: tuple[str, str, str], cut: 
     assert inv.leading_strings(b"", 3) is None
     with pytest.raises(ValueError, match="not all strings"):
         inv.leading_strings(data, 6)  # the sixth field is a timestamp
-
-
-DUE_FIELDS = ("invoice_id", "account_id", "currency", "issued_at", "total", "payment_method")
-
-
-@given(n=st.integers(0, 5000), lines=st.integers(0, 40), cut=st.integers(0, 3000))
-@settings(max_examples=200)
-def test_a_projection_reads_what_decode_reads_and_refuses_what_it_refuses(
-    n: int, lines: int, cut: int
-) -> None:
-    """The payments processor reads an invoice's payable fields and skips its lines: the
-    same values as a full decode, and the same refusals (truncated, trailing bytes, a
-    damaged byte, another writer)."""
-    from tests.samples import sample
-
-    inv = codec("invoice")
-    due = inv.projection(DUE_FIELDS)
-    record = sample("invoice", n)
-    record["lines"] = (record["lines"] * (lines + 1))[:lines]
-    data = inv.encode(record)
-    full = inv.decode(data)
-    assert due(data) == {k: full[k] for k in DUE_FIELDS}
-    for damaged in (data[:cut], data + b"\x00", data[: cut % len(data)] + b"\xff" * 3):
-        try:
-            expected = inv.decode(damaged)
-        except DecodeError as exc:
-            with pytest.raises(DecodeError) as refused:
-                due(damaged)
-            assert refused.value.reason == exc.reason
-        else:
-            assert due(damaged) == {k: expected[k] for k in DUE_FIELDS}
-    with pytest.raises(DecodeError, match="unknown_schema"):
-        due(b"\xc3\x01" + bytes(8) + data[10:])
-    with pytest.raises(ValueError, match="no field"):
-        inv.projection(("total", "tip"))
 
 
 FLAT_SCHEMAS = ["alert", "dead_letter", "entitlement", "payment_request", "payment_result",

@@ -123,19 +123,13 @@ def decode_request(value: bytes | None, latest_due: datetime | None = None) -> d
     return request
 
 
-# what a payment needs of an invoice: its lines are skipped, not decoded
-_decode_due = codec(INVOICES.schema).projection(
-    ("invoice_id", "account_id", "currency", "issued_at", "total", "payment_method")
-)
-
-
 def request_for_invoice(
     value: bytes | None, merchant_accounts: tuple[str, ...], now: datetime
 ) -> dict[str, Any] | None:
     """A record of billing.invoices -> the request of its first attempt, or None when
     there is nothing to collect (a credit, zero, no payment method); raises DecodeError
     (reason invalid_invoice for one that decodes but cannot be charged)."""
-    inv = _decode_due(value)
+    inv = codec(INVOICES.schema).decode(value)
     if not payable(inv["total"], inv["payment_method"]):
         return None
     request = {
