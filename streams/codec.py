@@ -44,13 +44,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DOUBLE = struct.Struct("<d").pack
 
 
-class _Unexpected(Exception):
-    """A value the flat writer leaves to fastavro (which writes it, or says what is wrong)."""
+class LeftToFastavro(Exception):
+    """A value a hand-written Avro writer leaves to fastavro (which writes it, or says
+    what is wrong). The avro_* functions below raise it for any value they do not
+    expect; they write exactly what fastavro writes for the others."""
 
 
-def _string(value: Any) -> bytes:
+def avro_string(value: Any) -> bytes:
     if type(value) is not str:
-        raise _Unexpected
+        raise LeftToFastavro
     b = value.encode()
     n = len(b)
     return (_SMALL_LONGS[n] if n < 64 else avro_long(n)) + b
@@ -58,7 +60,7 @@ def _string(value: Any) -> bytes:
 
 def _bytes(value: Any) -> bytes:
     if type(value) is not bytes:
-        raise _Unexpected
+        raise LeftToFastavro
     n = len(value)
     return (_SMALL_LONGS[n] if n < 64 else avro_long(n)) + value
 
@@ -68,7 +70,7 @@ def _integer(bits: int) -> Callable[[Any], bytes]:
 
     def write(value: Any) -> bytes:
         if type(value) is not int or not low <= value <= high:
-            raise _Unexpected
+            raise LeftToFastavro
         return _SMALL_LONGS[value] if 0 <= value < 64 else avro_long(value)
 
     return write
@@ -76,34 +78,34 @@ def _integer(bits: int) -> Callable[[Any], bytes]:
 
 def _double(value: Any) -> bytes:
     if type(value) is not float:
-        raise _Unexpected
+        raise LeftToFastavro
     return _DOUBLE(value)
 
 
 def _boolean(value: Any) -> bytes:
     if type(value) is not bool:
-        raise _Unexpected
+        raise LeftToFastavro
     return b"\x01" if value else b"\x00"
 
 
-def _timestamp_micros(value: Any) -> bytes:
+def avro_timestamp_micros(value: Any) -> bytes:
     if type(value) is not datetime or value.tzinfo is None:
-        raise _Unexpected
+        raise LeftToFastavro
     d = value - _EPOCH
     return avro_long((d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds)
 
 
-def _decimal(precision: int, scale: int) -> Callable[[Any], bytes]:
+def avro_decimal(precision: int, scale: int) -> Callable[[Any], bytes]:
     exact = Context(prec=precision + scale)  # scaleb of up to `precision` digits: exact
 
     def write(value: Any) -> bytes:
         """The unscaled value, big-endian two's complement, in (bit length of its
         magnitude + 8) // 8 bytes, after a length: as fastavro writes it."""
         if type(value) is not Decimal or not value.is_finite():
-            raise _Unexpected
+            raise LeftToFastavro
         sign, digits, exp = value.as_tuple()
         if len(digits) > precision or exp + scale < 0:  # type: ignore[operator]
-            raise _Unexpected  # fastavro refuses it: let it say so
+            raise LeftToFastavro  # fastavro refuses it: let it say so
         magnitude = int(value.copy_abs().scaleb(scale, exact))
         n = (magnitude.bit_length() + 8) // 8
         return _SMALL_LONGS[n] + (-magnitude if sign else magnitude).to_bytes(n, "big", signed=True)
@@ -130,12 +132,12 @@ def _field_writer(t: Any) -> Callable[[Any], bytes] | None:
     if isinstance(t, dict):
         logical = t.get("logicalType")
         if logical == "timestamp-micros" and t.get("type") == "long":
-            return _timestamp_micros
+            return avro_timestamp_micros
         if logical == "decimal" and t.get("type") == "bytes":
-            return _decimal(t["precision"], t.get("scale", 0))
+            return avro_decimal(t["precision"], t.get("scale", 0))
         return None if logical else _field_writer(t.get("type"))
     return {
-        "string": _string, "bytes": _bytes, "int": _integer(32), "long": _integer(64),
+        "string": avro_string, "bytes": _bytes, "int": _integer(32), "long": _integer(64),
         "double": _double, "boolean": _boolean,
     }.get(t)  # fmt: skip
 
@@ -161,7 +163,7 @@ class FlatWriter:
             return None
         try:
             return b"".join([write(record[name]) for name, write in self.fields])
-        except (_Unexpected, KeyError, TypeError):
+        except (LeftToFastavro, KeyError, TypeError):
             return None
 
 
