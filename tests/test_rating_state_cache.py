@@ -208,3 +208,23 @@ def test_a_crash_leaves_the_store_at_a_consistent_checkpoint(tmp_path: Path) -> 
         due = [key for key, _ in store.due_after(b"", 10**9) if key.endswith(b"|s%d" % k)]
         assert len(due) == written, k
     store.close()
+
+
+def test_the_cache_and_transaction_sizes_are_settings(monkeypatch: Any, tmp_path: Path) -> None:
+    from streams.config import Settings
+
+    assert (Settings().rating_state_cache, Settings().rating_transaction_records) == (
+        50_000,
+        20_000,
+    )
+    monkeypatch.setenv("STREAMBILL_RATING_STATE_CACHE", "1200")
+    monkeypatch.setenv("STREAMBILL_RATING_TRANSACTION_RECORDS", "700")
+    settings = Settings()
+    assert (settings.rating_state_cache, settings.rating_transaction_records) == (1200, 700)
+    # the worker's cache is shared by its partitions
+    proc = processor(tmp_path / "p0", 1)
+    proc.state_cache_entries = settings.rating_state_cache
+    proc.caches = {p: StateCache(0) for p in range(4)}
+    proc._size_caches()
+    assert [c.capacity for c in proc.caches.values()] == [300] * 4
+    proc.stores[0].close()

@@ -26,6 +26,7 @@ Periods close
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import time
@@ -70,15 +71,7 @@ from streams.processors.state import PartitionStore, StateCache, due_key
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"
-# records consumed per transaction at most: one poll (librdkafka hands over what it has
-# fetched ahead, waiting at most 0.1 s for more). A subscription touched several times in
-# a transaction gets one state record in the changelog, and the commit's fixed cost is
-# shared by more records; under load a transaction takes well under a second.
-BATCH_RECORDS = 50_000
 MAX_BUFFERED = 5_000  # decoded records waiting for event-time order, per topic-partition
-# committed subscription states kept decoded in memory per worker (see StateCache); about
-# 2-3 KB each with a busy period's event ids, so the default stays near 250 MB
-STATE_CACHE_ENTRIES = 100_000
 NAME = "rating"
 # The timestamps the ingestion API refuses (streams/api/records.py) are refused here too,
 # for records published to Kafka directly: an event from before 2000, or dated more than a
@@ -133,6 +126,17 @@ def decode_input(
     if problem:
         return None, None, ("invalid_event", f"{problem}: {event.timestamp.isoformat()}")
     return event, rec["account_id"], None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """At most `arenas` glibc malloc arenas for this process (mallopt M_ARENA_MAX; the
+    default is 8 per core), set before librdkafka's and RocksDB's threads allocate: in a
+    1M-subscription bill run a worker held six 64 MiB thread arenas beside its main heap,
+    each keeping what was freed in it. False where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-8, arenas) == 1  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
 
 
 def tune_gc() -> None:
@@ -281,15 +285,20 @@ class RatingProcessor:
         catalog: Catalog,
         worker: int = 0,
         clock: str = "event",
-        batch_size: int = BATCH_RECORDS,
+        batch_size: int | None = None,  # default: settings.rating_transaction_records
         close_chunk: int = 2000,
         max_idle: float = 0.5,
-        state_cache_entries: int = STATE_CACHE_ENTRIES,
+        state_cache_entries: int | None = None,  # default: settings.rating_state_cache
     ) -> None:
+        limit_malloc_arenas()  # before the Kafka clients' and RocksDB's threads exist
         self.settings = settings
         self.catalog = catalog
         self.clock = clock
-        self.batch_size = batch_size
+        # records consumed per transaction at most: one poll (librdkafka hands over what it
+        # has fetched ahead, waiting at most 0.1 s for more). A subscription touched several
+        # times in a transaction gets one state record in the changelog, and the commit's
+        # fixed cost is shared by more records; under load a transaction takes under a second.
+        self.batch_size = batch_size or settings.rating_transaction_records
         self.close_chunk = close_chunk
         self.max_idle = max_idle
         # partition -> topic -> records in offset order, not yet applied
@@ -320,9 +329,12 @@ class RatingProcessor:
         self.producer.init_transactions()
         self.state_root = settings.state_dir / "rating"
         self.stores: dict[int, PartitionStore] = {}
-        # partition -> committed states, decoded (shares state_cache_entries with the others)
+        # partition -> committed states, decoded (see StateCache); the partitions share
+        # state_cache_entries, about 3 KB a state with a busy period's event ids
         self.caches: dict[int, StateCache] = {}
-        self.state_cache_entries = state_cache_entries
+        self.state_cache_entries = state_cache_entries or settings.rating_state_cache
+        if self.batch_size < 1 or self.state_cache_entries < 1:
+            raise ValueError("the rating transaction size and state cache must be at least 1")
         self.jobs: dict[int, CloseJob] = {}
         self.jobs_running: set[int] = set()  # partitions whose bill run closed periods last turn
         self.changelog_next: dict[int, int] = {}
