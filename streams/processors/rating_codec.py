@@ -22,12 +22,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
 from typing import Any
 
-from streams.codec import HEADER_LEN, codec
+from streams.codec import (
+    HEADER_LEN,
+    LeftToFastavro,
+    avro_decimal,
+    avro_string,
+    avro_timestamp_micros,
+    codec,
+)
 from streams.codec import avro_long as _long
 from streams.domain.events import Usage, UsageRecord
 from streams.domain.invoice import Invoice
 from streams.domain.money import MAX_INTEGER_DIGITS
-from streams.domain.timestamps import to_micros
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_UNSCALED = 10 ** (MAX_INTEGER_DIGITS + 9)  # quantities from 10^18 are refused
@@ -137,9 +143,8 @@ def usage_event(rec: UsageRecord) -> Usage:
     return Usage(event_id, _EPOCH + timedelta(0, 0, us), subscription_id, metric, quantity)
 
 
-_SMALL_LONGS = [_long(n) for n in range(64)]
 _SCALE = 9
-_SCALED = Context(prec=38 + _SCALE)  # scaleb by 9 of up to 38 digits: exact
+_decimal = avro_decimal(38, _SCALE)
 
 
 class InvoiceWriter:
@@ -176,19 +181,19 @@ class InvoiceWriter:
         if self.enabled:
             try:
                 return self._encode(inv, plan_id, payment_method)
-            except _Unexpected:
+            except LeftToFastavro:
                 pass
         return self.fallback(inv, plan_id, payment_method)
 
     def _encode(self, inv: Invoice, plan_id: str, payment_method: str | None) -> bytes:
         out = [self.header]
-        put, string, decimal = out.append, _string, _decimal
+        put, string, decimal = out.append, avro_string, _decimal
         put(string(inv.invoice_id))
         put(string(inv.account_id))
         put(string(inv.subscription_id))
         put(string(plan_id))
         put(string(inv.currency))
-        put(_long(_micros(inv.issued_at)))
+        put(avro_timestamp_micros(inv.issued_at))
         put(string(inv.reason))
         lines = inv.lines
         if lines:
@@ -196,8 +201,8 @@ class InvoiceWriter:
             for ln in lines:
                 put(string(ln.charge_id))
                 put(string(ln.kind))
-                put(_long(_micros(ln.period_start)))
-                put(_long(_micros(ln.period_end)))
+                put(avro_timestamp_micros(ln.period_start))
+                put(avro_timestamp_micros(ln.period_end))
                 put(decimal(ln.quantity))
                 put(decimal(ln.amount))
         put(b"\x00")  # end of the array
@@ -208,37 +213,5 @@ class InvoiceWriter:
             put(b"\x02")
             put(string(payment_method))
         else:
-            raise _Unexpected
+            raise LeftToFastavro
         return b"".join(out)
-
-
-class _Unexpected(Exception):
-    """A value the hand-written encoder leaves to fastavro."""
-
-
-def _string(s: str) -> bytes:
-    if type(s) is not str:
-        raise _Unexpected
-    b = s.encode()
-    n = len(b)
-    return (_SMALL_LONGS[n] if n < 64 else _long(n)) + b
-
-
-def _micros(dt: datetime) -> int:
-    if type(dt) is not datetime or dt.tzinfo is None:
-        raise _Unexpected
-    return to_micros(dt)
-
-
-def _decimal(d: Decimal) -> bytes:
-    """decimal(38, 9) as fastavro writes it: the unscaled value, big-endian two's
-    complement, in (bit length of its magnitude + 8) // 8 bytes, after a length."""
-    if type(d) is not Decimal or not d.is_finite():
-        raise _Unexpected
-    sign, digits, exp = d.as_tuple()
-    if len(digits) > 38 or exp + _SCALE < 0:
-        raise _Unexpected  # fastavro refuses it: let it say so
-    magnitude = int(d.copy_abs().scaleb(_SCALE, _SCALED))
-    n = (magnitude.bit_length() + 8) // 8
-    raw = (-magnitude if sign else magnitude).to_bytes(n, "big", signed=True)
-    return _SMALL_LONGS[n] + raw
