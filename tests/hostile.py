@@ -439,3 +439,25 @@ def rating_scenario(
     ordered = iter(by_topic)
     inputs = [next(ordered) if i.topic == SUBSCRIPTIONS else i for i in inputs] + late
     return Scenario(inputs, totals, accts, subs)
+
+
+def bare_rating_processor(catalog: Any, store: Any, cache_entries: int) -> Any:
+    """A RatingProcessor on partition 0 without a broker: its record handling is driven by
+    hand and its outputs go to a FakeProducer."""
+    from streams.kafka.topics import INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE
+    from streams.processors import rating
+    from streams.processors.state import StateCache
+
+    proc = object.__new__(rating.RatingProcessor)
+    proc.catalog = catalog
+    proc.buffers, proc.blocked_since, proc.throttled = {}, {}, set()
+    proc.subscriptions_topic, proc.usage_topic = SUBSCRIPTIONS.name, USAGE.name
+    proc.invoices_topic, proc.changelog_topic = INVOICES.name, RATING_CHANGELOG.name
+    proc.producer = FakeProducer()
+    proc.stores = {0: store}
+    proc.caches = {0: StateCache(cache_entries)}
+    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
+    proc.changelog_next = {}
+    proc.max_idle = 0.5
+    proc._delivery_error = None
+    return proc

@@ -22,11 +22,10 @@ from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import SubscriptionState, apply_event, close_periods
-from streams.kafka.topics import INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE
-from streams.processors import rating
+from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
 from streams.processors.rating import Batch, RatingProcessor
 from streams.processors.state import PartitionStore, StateCache
-from tests.hostile import FakeProducer, Msg
+from tests.hostile import Msg, bare_rating_processor
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
@@ -41,20 +40,9 @@ class _Consumer:
 
 
 def processor(path: Path, cache_entries: int) -> RatingProcessor:
-    proc = object.__new__(RatingProcessor)
-    proc.catalog = CATALOG
-    proc.buffers, proc.blocked_since, proc.throttled = {}, {}, set()
-    proc.subscriptions_topic, proc.usage_topic = SUBSCRIPTIONS.name, USAGE.name
-    proc.invoices_topic, proc.changelog_topic = INVOICES.name, RATING_CHANGELOG.name
-    proc.producer = FakeProducer()
+    proc = bare_rating_processor(CATALOG, PartitionStore(path), cache_entries)
     proc.consumer = _Consumer()
-    proc.stores = {0: PartitionStore(path)}
-    proc.caches = {0: StateCache(cache_entries)}
-    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
-    proc.changelog_next = {}
     proc.close_chunk = 3
-    proc.max_idle = 0.5
-    proc._delivery_error = None
     return proc
 
 

@@ -25,12 +25,11 @@ from streams.codec import codec
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import UsageTally, apply_event, close_periods
-from streams.kafka.topics import DEAD_LETTER, INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE
+from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE
 from streams.processors import rating
 from streams.processors.rating import Batch, RatingProcessor
 from streams.processors.rating_codec import usage_event
-from streams.processors.state import StateCache
-from tests.hostile import FakeProducer, Msg, micros
+from tests.hostile import Msg, bare_rating_processor, micros
 
 METERED = {"charge_id": "calls", "model": "per_unit", "metric": "api_calls",
            "aggregation": "sum", "unit_amount": "0.001"}  # fmt: skip
@@ -153,19 +152,7 @@ class _NoState:
 
 
 def processor() -> RatingProcessor:
-    proc = object.__new__(RatingProcessor)
-    proc.catalog = CATALOG
-    proc.buffers, proc.blocked_since, proc.throttled = {}, {}, set()
-    proc.subscriptions_topic, proc.usage_topic = SUBSCRIPTIONS.name, USAGE.name
-    proc.invoices_topic, proc.changelog_topic = INVOICES.name, RATING_CHANGELOG.name
-    proc.producer = FakeProducer()
-    proc.stores = {0: _NoState()}
-    proc.caches = {0: StateCache(10_000)}
-    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
-    proc.max_idle = 0.5
-    proc.changelog_next = {}
-    proc._delivery_error = None
-    return proc
+    return bare_rating_processor(CATALOG, _NoState(), 10_000)
 
 
 SUB_KINDS = ["created", "created", "plan_changed", "cancel_now", "cancel_later"]
