@@ -265,7 +265,8 @@ def apply_event(
     if state.subscription_id != event.subscription_id:
         raise ValueError("event is for another subscription than the state")
 
-    if state.status != STATUS_ENDED and state._period_start(state.period_index + 1) <= t:
+    due = next_period_end(state)
+    if due is not None and due <= t:
         state, invoices = close_periods(state, t, catalog)
     else:
         invoices = []  # nothing due: what close_periods would find (the usual case)
@@ -366,7 +367,8 @@ class UsageTally:
         self.state = state
         self.plan = plan
         self.start_us = to_micros(state.segment_start)
-        end = state._period_start(state.period_index + 1)
+        end = next_period_end(state)
+        assert end is not None  # not ended
         self.end_us = min(to_micros(end), _HORIZON_US)
         # plain events in order: (event_id, timestamp µs, account_id, subscription_id,
         # metric, quantity in integer 10^-9 units > 0), as the processor reads them

@@ -25,7 +25,6 @@ payment run (``billing.payment-control``) makes everything due up to its instant
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import random
 import time
@@ -80,7 +79,7 @@ from streams.payments.gateway import (
     TransientError,
 )
 from streams.processors.deadletter import produce_dead_letter
-from streams.processors.runtime import StopFlag
+from streams.processors.runtime import StopFlag, tune_gc
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-payments"
@@ -375,7 +374,9 @@ class PaymentsProcessor:
     # --- the loop -------------------------------------------------------------------
 
     def run(self) -> int:
-        tune_gc()
+        # a young collection every few dozen payments promoted those in flight and full
+        # ones walked them all: 12 % of the dispatcher's CPU at the default thresholds
+        tune_gc(20_000, 10)
         try:
             import uvloop
 
@@ -607,19 +608,6 @@ class PaymentsProcessor:
                 return
             except BufferError:
                 self.producer.poll(0.05)
-
-
-def tune_gc() -> None:
-    """The cyclic collector, for a process with thousands of payments in flight. With the
-    default young-generation threshold (700 container objects allocated, net), a young
-    collection ran every few dozen payments and promoted the payments in flight, and a
-    full collection walked them all every few thousand: 12 % of the dispatcher's CPU. A
-    payment's objects are freed by reference counting when it completes, so the threshold
-    is raised, and what start-up allocated (modules, schemas) is frozen out of collections.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 10, 10)
 
 
 def make_gateway(settings: Settings) -> Gateway:

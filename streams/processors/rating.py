@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ from streams.kafka.topics import (
 from streams.metrics import BATCH_SECONDS, INVOICES_EMITTED, RECORDS, LagTracker
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
-from streams.processors.runtime import StopFlag, poll_batch
+from streams.processors.runtime import StopFlag, poll_batch, tune_gc
 from streams.processors.state import PartitionStore, StateCache, due_key
 
 log = structlog.get_logger(__name__)
@@ -137,19 +136,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
         return ctypes.CDLL("libc.so.6").mallopt(-8, arenas) == 1  # -8: M_ARENA_MAX
     except (OSError, AttributeError):
         return False
-
-
-def tune_gc() -> None:
-    """The cyclic collector, for a worker that takes tens of thousands of records per
-    transaction, each two or three tracked objects (the Kafka message, its Pending, its
-    record), and keeps many states decoded: at the default young-generation threshold (700
-    tracked objects allocated, net) a transaction ran hundreds of young collections that
-    promoted the records in flight, and full ones walked the cached states. Records and
-    states hold no reference cycles (reference counting frees them), so the threshold is
-    raised, and what start-up allocated is frozen out of collections."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
 
 
 @functools.cache
@@ -441,7 +427,10 @@ class RatingProcessor:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
-        tune_gc()
+        # tens of thousands of records per transaction (two or three tracked objects each)
+        # and many decoded states: at the default thresholds a transaction ran hundreds of
+        # young collections, and full ones walked the cached states
+        tune_gc(50_000, 20)
         self.consumer.subscribe(
             [SUBSCRIPTIONS.name, USAGE.name, CONTROL.name],
             on_assign=self._on_assign,
