@@ -730,7 +730,7 @@ def bench_refund_latency(
         lane_env = {**gateway_env, "STREAMBILL_LOG_LEVEL": "DEBUG"}
         refunder = ProcessorProcess(env.settings, env.bootstrap, "lane", "priority", env=lane_env)
         procs = [sink, payer, refunder.start(), *_start_rating(env, 2, nice=BULK_NICE)]
-        procs_cleanup: list[Callable[[], None]] = []
+        clock: ArrivalClock | None = None
         try:
             wait_for_warehouse_endpoint(env.settings, sink)
             now = datetime.now(UTC)
@@ -758,12 +758,10 @@ def bench_refund_latency(
             # one long-lived producer of requests (as the API's) and one clock for both
             # phases: a fresh idempotent producer's first records wait for its producer
             # id, which under load took up to a second, and that is not a refund's cost
-            upstream = (
-                clients.producer(env.settings, env.bootstrap,
-                                 **{"linger.ms": 0, **clients.NO_DELAY}),
-                ArrivalClock(env),
-            )  # fmt: skip
-            procs_cleanup.append(upstream[1].close)
+            clock = ArrivalClock(env)
+            requests = clients.producer(env.settings, env.bootstrap,
+                                        **{"linger.ms": 0, **clients.NO_DELAY})  # fmt: skip
+            upstream = (requests, clock)
             # bulk load off: nothing else in flight
             console.print(f"refunds, bulk load off: {seconds:.0f} s")
             quiet = _refund_phase(upstream, targets[:per_phase], seconds, every, "quiet",
@@ -808,8 +806,8 @@ def bench_refund_latency(
                        and s.labels["generation"] == "2"}  # fmt: skip
             bulk_done = [int(a) - int(b) for a, b in zip(after[:2], before[:2], strict=True)]
         finally:
-            for close in procs_cleanup:
-                close()
+            if clock is not None:
+                clock.close()
             for p in procs:
                 p.stop()
             simulator.stop()
