@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from streams.codec import codec
 from streams.domain.catalog import Catalog
-from streams.domain.events import SubscriptionCreated, Usage
+from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
 from streams.domain.rating import UsageTally, apply_event, close_periods
 from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE
 from streams.processors import rating
@@ -141,6 +141,39 @@ def test_no_tally_for_an_ended_subscription_or_another_plan() -> None:
     state.status = "ended"
     with pytest.raises(ValueError):
         UsageTally(state, CATALOG.plan("all"))
+
+
+lifecycle = st.lists(
+    st.tuples(st.sampled_from(["usage", "calls", "all", "later", "now"]), st.integers(0, 90_000)),
+    max_size=12,
+)  # (usage, a plan change to "calls"/"all", an end-of-period or immediate cancellation;
+#     minutes after the previous event)
+
+
+@SETTINGS
+@given(steps=lifecycle)
+def test_a_tallys_bounds_follow_the_state_through_its_life(steps: list) -> None:
+    """The bounds a tally keeps on the state (periods closed, plan changes at any instant,
+    cancellations) are those of a fresh copy of it, which has none kept."""
+    state, _, _ = apply_event(None, SubscriptionCreated(T0, "a", "s", "all"), CATALOG)
+    at = T0
+    for n, (kind, minutes) in enumerate(steps):
+        at += timedelta(minutes=minutes)
+        if kind == "usage":
+            event: Any = Usage(f"u{n}", at, "s", "api_calls", Decimal(1))
+        elif kind in ("later", "now"):
+            mode = "end_of_period" if kind == "later" else "immediate"
+            event = Cancelled(at, "s", mode)
+        else:
+            event = PlanChanged(at, "s", kind)
+        state, _, _ = apply_event(state, event, CATALOG)
+        assert state is not None
+        if state.status == "ended":
+            return
+        kept = UsageTally(state, CATALOG.plan(state.plan_id))
+        fresh = UsageTally(state.copy(), CATALOG.plan(state.plan_id))
+        assert (kept.start_us, kept.end_us) == (fresh.start_us, fresh.end_us)
+        assert kept.start_us == micros(state.segment_start)
 
 
 # --- the processor -------------------------------------------------------------------------

@@ -87,6 +87,12 @@ class SubscriptionState:
     _starts: tuple[datetime, Interval, dict[int, datetime]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # (segment_start, period_index, its start µs, the period's end µs, at most HORIZON):
+    # UsageTally's bounds, derived like _starts: the processor makes a tally per
+    # subscription per transaction, mostly for the same open segment
+    _segment_us: tuple[datetime, int, int, int] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def copy(self) -> SubscriptionState:
         return SubscriptionState.from_bytes(self.to_bytes())
@@ -366,10 +372,16 @@ class UsageTally:
             raise ValueError("no tally for an ended subscription or another plan")
         self.state = state
         self.plan = plan
-        self.start_us = to_micros(state.segment_start)
-        end = next_period_end(state)
-        assert end is not None  # not ended
-        self.end_us = min(to_micros(end), _HORIZON_US)
+        memo = state._segment_us
+        if memo is None or memo[0] is not state.segment_start or memo[1] != state.period_index:
+            end = state._period_start(state.period_index + 1)  # next_period_end: not ended
+            memo = state._segment_us = (
+                state.segment_start,
+                state.period_index,
+                to_micros(state.segment_start),
+                min(to_micros(end), _HORIZON_US),
+            )
+        self.start_us, self.end_us = memo[2], memo[3]
         # plain events in order: (event_id, timestamp µs, account_id, subscription_id,
         # metric, quantity in integer 10^-9 units > 0), as the processor reads them
         self.records: list[UsageRecord] = []
