@@ -102,20 +102,43 @@ def produce_encoded(
         raise RuntimeError(f"{len(errors)} records not delivered: {errors[0]}")
 
 
+class CommittedLag:
+    """Records of `topics` not yet committed by `group` (its transactions included), asked
+    through one probe consumer and one admin client for the whole wait: two requests a
+    look. (A fresh consumer per look, with one watermark request per partition, cost the
+    broker and the bench a connection and a dozen round trips every 0.2 s of a timed
+    window.)"""
+
+    def __init__(self, env: Env, group: str, topics: list[str]) -> None:
+        self.probe = clients.consumer(env.settings, env.bootstrap, group)
+        self.admin = clients.admin(env.settings, env.bootstrap)
+        self.tps = [TopicPartition(t, p) for t in topics for p in range(env.settings.partitions)]
+
+    def __call__(self) -> int:
+        from confluent_kafka.admin import OffsetSpec
+
+        committed = clients.retrying(lambda: self.probe.committed(self.tps, timeout=30))
+
+        def ends() -> dict[tuple[str, int], int]:
+            futures = self.admin.list_offsets(
+                {tp: OffsetSpec.latest() for tp in self.tps}, request_timeout=30
+            )
+            return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+        high = clients.retrying(ends)
+        return sum(high[(tp.topic, tp.partition)] - max(tp.offset, 0) for tp in committed)
+
+    def close(self) -> None:
+        self.probe.close()
+
+
 def committed_lag(env: Env, group: str, topics: list[str]) -> int:
-    """Records of `topics` not yet committed by `group` (its transactions included)."""
-    probe = clients.consumer(env.settings, env.bootstrap, group)
+    """One look at CommittedLag, for waits outside a timed window."""
+    lag = CommittedLag(env, group, topics)
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in range(env.settings.partitions)]
-        committed = clients.retrying(lambda: probe.committed(tps, timeout=30))
-        lag = 0
-        for tp in committed:
-            one = TopicPartition(tp.topic, tp.partition)
-            high = clients.retrying(lambda one=one: probe.get_watermark_offsets(one, timeout=30))
-            lag += high[1] - max(tp.offset, 0)
-        return lag
+        return lag()
     finally:
-        probe.close()
+        lag.close()
 
 
 # --- inputs -------------------------------------------------------------------------
@@ -263,13 +286,17 @@ def bench_usage(base: Settings, events: int, workers: int, console: Console) -> 
                 task = progress.add_task("usage ingested", total=len(usage_items))
                 started = time.perf_counter()
                 produce_encoded(env, USAGE, usage_items, lambda n: None)
-                while (lag := committed_lag(env, group, [USAGE.name])) > 0:
-                    progress.update(task, completed=len(usage_items) - lag)
-                    for p in rating:
-                        if not p.alive:
-                            raise RuntimeError(f"rating died:\n{p.tail()}")
-                    time.sleep(0.2)
-                seconds = time.perf_counter() - started
+                usage_lag = CommittedLag(env, group, [USAGE.name])
+                try:
+                    while (lag := usage_lag()) > 0:
+                        progress.update(task, completed=len(usage_items) - lag)
+                        for p in rating:
+                            if not p.alive:
+                                raise RuntimeError(f"rating died:\n{p.tail()}")
+                        time.sleep(0.1)
+                    seconds = time.perf_counter() - started
+                finally:
+                    usage_lag.close()
                 progress.update(task, completed=len(usage_items))
             rss = max(peak_rss_mb(p.proc.pid) for p in rating if p.proc)
         finally:
