@@ -102,16 +102,24 @@ class Settings:
         default_factory=lambda: Path(_env("STREAMBILL_CATALOG", str(DEFAULT_CATALOG)))
     )
 
-    # rating: what a worker's memory mostly is (each decoded state is about 3 KB with a
-    # busy period's event ids, and a transaction holds up to one state per record beside
-    # the cache, with their changelog bytes and RocksDB batch): in a 1M-subscription bill
-    # run, 50,000-record transactions and 100,000 states peaked near 2 GB per worker
+    # rating: what a worker's memory mostly is, beside what librdkafka's threads hold for
+    # fetched batches (see rating.FETCH_SIZES): decoded states, about 2.5 KB each with a
+    # period's event ids, in the cache and in the open transaction (up to one per record,
+    # with their changelog bytes and RocksDB batch)
     rating_state_cache: int = field(
         default_factory=lambda: int(_env("STREAMBILL_RATING_STATE_CACHE", "50000"))
     )  # committed states kept decoded per worker, shared by its partitions
     rating_transaction_records: int = field(
         default_factory=lambda: int(_env("STREAMBILL_RATING_TRANSACTION_RECORDS", "20000"))
-    )  # input records per transaction at most
+    )  # input records per transaction at most (one poll)
+    # ... except while a transaction holds nothing but usage: it goes on polling up to
+    # this many records, touching at most rating_state_cache subscriptions. Usage costs
+    # mostly per subscription touched (its state, changelog record and RocksDB entry), so
+    # more of it per transaction is cheaper per event, and a usage record weighs a few
+    # hundred bytes until its transaction ends.
+    rating_usage_transaction_records: int = field(
+        default_factory=lambda: int(_env("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "100000"))
+    )
 
     @property
     def warehouse_dsn(self) -> str:

@@ -29,10 +29,13 @@ class Procs:
             proc.stop()
 
 
-def start_rating(settings: Settings, bootstrap: str) -> ProcessorProcess:
+def start_rating(
+    settings: Settings, bootstrap: str, env: dict[str, str] | None = None
+) -> ProcessorProcess:
     return ProcessorProcess(
-        settings, bootstrap, "rating", "--catalog", str(DEMO_CATALOG), "--clock", "event"
-    ).start()
+        settings, bootstrap, "rating", "--catalog", str(DEMO_CATALOG), "--clock", "event",
+        env=env,
+    ).start()  # fmt: skip
 
 
 def start_sink(settings: Settings, bootstrap: str) -> ProcessorProcess:

@@ -101,7 +101,12 @@ def test_pipeline_matches_offline_rater_and_replay_adds_nothing(
     expected = {inv.invoice_id: invoice_to_dict(inv) for inv in reference.invoices}
 
     sink = procs.add(start_sink(settings, kafka_bootstrap))
-    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    # small transactions and cache: usage-only transactions poll on (up to 300 records,
+    # at most 100 subscriptions), states are evicted and read back from RocksDB
+    small = {"STREAMBILL_RATING_TRANSACTION_RECORDS": "60",
+             "STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS": "300",
+             "STREAMBILL_RATING_STATE_CACHE": "100"}  # fmt: skip
+    rating = procs.add(start_rating(settings, kafka_bootstrap, small))
     producer = clients.producer(settings, kafka_bootstrap)
     publish_in_time_order(producer, [(SUBSCRIPTIONS, subs + changes), (USAGE, usage)])
     run_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL, [sink, rating])

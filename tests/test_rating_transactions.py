@@ -1,0 +1,248 @@
+"""How much one rating transaction takes in (RatingProcessor._transaction), without a
+broker: a scripted consumer hands out polls, a fake transactional producer records what
+is committed, one partition has a real RocksDB store.
+
+A transaction is one poll, except while everything it has read is plain usage (added up
+per subscription): then it polls again, without waiting, up to the usage limit of
+records and at most as many subscriptions as the state cache holds. Whatever the cut,
+the states committed are the domain's, and the offsets committed are those of every
+record it consumed."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams.codec import codec
+from streams.config import Settings
+from streams.demo import DEMO_CATALOG
+from streams.domain.catalog import Catalog
+from streams.domain.events import SubscriptionCreated, Usage
+from streams.domain.rating import apply_event
+from streams.kafka.topics import CONTROL, SUBSCRIPTIONS, USAGE
+from streams.processors.rating import CloseJob, RatingProcessor
+from streams.processors.state import PartitionStore
+from tests.hostile import FakeProducer, Msg, bare_rating_processor
+
+CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
+T0 = datetime(2026, 1, 5, tzinfo=UTC)
+PUBLISHED_MS = int(datetime(2026, 6, 1, tzinfo=UTC).timestamp() * 1000)
+SUBS = 6
+
+
+class ScriptedConsumer:
+    """Hands out the given polls in turn, each cut to the records asked for (the rest
+    comes next, as from Kafka's fetch queue), then nothing; records what it was asked."""
+
+    def __init__(self, polls: list[list[Msg]]) -> None:
+        self.polls = [poll for poll in polls if poll]
+        self.asked: list[tuple[int, float]] = []  # (max records, timeout) per poll
+
+    def consume(self, n: int, timeout: float) -> list[Msg]:
+        self.asked.append((n, timeout))
+        if not self.polls:
+            return []
+        poll, rest = self.polls[0][:n], self.polls[0][n:]
+        self.polls[:1] = [rest] if rest else []
+        return poll
+
+    def consumer_group_metadata(self) -> str:
+        return "group"
+
+    def pause(self, *_: Any) -> None:
+        raise AssertionError("nothing here fills a buffer")
+
+
+class TransactionalProducer(FakeProducer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.offsets: list[dict[tuple[str, int], int]] = []  # per committed transaction
+
+    def begin_transaction(self) -> None:
+        self._pending: dict[tuple[str, int], int] = {}
+
+    def send_offsets_to_transaction(self, offsets: list, _metadata: Any) -> None:
+        self._pending.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def commit_transaction(self) -> None:
+        self.offsets.append(self._pending)
+
+    def abort_transaction(self) -> None:
+        raise AssertionError("nothing here fails")
+
+
+class _Stop:
+    def __bool__(self) -> bool:
+        return False
+
+
+def processor(path: Path, cache_entries: int, records: int, usage_records: int) -> Any:
+    proc = bare_rating_processor(CATALOG, PartitionStore(path), cache_entries)
+    proc.producer = TransactionalProducer()
+    proc.batch_size, proc.usage_batch_size = records, usage_records
+    proc.state_cache_entries = cache_entries
+    proc.control_topic = CONTROL.name
+    proc.jobs, proc.jobs_running, proc.clock = {}, set(), "event"
+    proc.stop = _Stop()
+    proc.invoices_emitted = 0
+    proc.buffers[0] = {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
+    # both topics caught up: nothing published is left unread
+    proc._caught_up = lambda keys: dict.fromkeys(keys, True)
+    return proc
+
+
+def creations(offset: int = 0) -> tuple[list[Msg], list[Any]]:
+    msgs, events = [], []
+    for i in range(SUBS):
+        at = T0 + timedelta(minutes=i)
+        rec = {"event_id": f"c{i}", "type": "subscription.created", "timestamp": at,
+               "account_id": f"a{i}", "subscription_id": f"s{i}", "plan_id": "starter-eur",
+               "mode": None, "payment_method": None}  # fmt: skip
+        value = codec(SUBSCRIPTIONS.schema).encode(rec)
+        msgs.append(Msg(SUBSCRIPTIONS.name, value, b"k", 0, offset + i, PUBLISHED_MS))
+        events.append(SubscriptionCreated(at, f"a{i}", f"s{i}", "starter-eur"))
+    return msgs, events
+
+
+def usage(subs: list[int], first_offset: int) -> tuple[list[Msg], list[Any]]:
+    """One plain usage record per entry (of subscription s<entry>), in time order."""
+    msgs, events = [], []
+    for n, i in enumerate(subs):
+        offset = first_offset + n
+        at = T0 + timedelta(days=1, seconds=offset)
+        rec = {"event_id": f"u{offset}", "timestamp": at, "account_id": f"a{i}",
+               "subscription_id": f"s{i}", "metric": "api_calls",
+               "quantity": Decimal(offset % 7 + 1)}  # fmt: skip
+        msgs.append(Msg(USAGE.name, codec(USAGE.schema).encode(rec), f"a{i}".encode(), 0,
+                        offset, PUBLISHED_MS))  # fmt: skip
+        as_read = Decimal((offset % 7 + 1) * 10**9).scaleb(-9)  # decimal(38, 9), as Avro gives
+        events.append(Usage(f"u{offset}", at, f"s{i}", "api_calls", as_read))
+    return msgs, events
+
+
+def created(proc: RatingProcessor) -> list[Any]:
+    """The subscriptions, created in one transaction of their own (one poll)."""
+    msgs, events = creations()
+    proc.consumer = ScriptedConsumer([])
+    proc._transaction(msgs)
+    assert proc.consumer.asked == []  # a transaction with creations does not poll again
+    return events
+
+
+def cut(msgs: list[Msg], sizes: list[int]) -> list[list[Msg]]:
+    polls, done, turn = [], 0, 0
+    while done < len(msgs):
+        size = sizes[turn % len(sizes)]
+        polls.append(msgs[done : done + size])
+        done, turn = done + size, turn + 1
+    return polls
+
+
+def model(polls: list[list[Msg]], batch: int, limit: int, states: int) -> list[int]:
+    """Records per transaction, by the rule: the first poll, then (all plain usage here)
+    polls of at most min(batch, limit - taken) records while taken < limit and the
+    subscriptions touched < states."""
+    queue = [m for poll in polls for m in poll]
+    bounds = [len(poll) for poll in polls]  # what each poll can hand out at most
+    sizes = []
+    while queue:
+        n = bounds.pop(0)
+        subs = {m.key() for m in queue[:n]}  # keyed by the subscription's account
+        while n < limit and len(subs) < states and n < len(queue):
+            k = min(batch, limit - n, bounds[0])
+            subs |= {m.key() for m in queue[n : n + k]}
+            bounds[0] -= k
+            if not bounds[0]:
+                bounds.pop(0)
+            n += k
+        sizes.append(n)
+        del queue[:n]
+    return sizes
+
+
+def committed_states(proc: RatingProcessor, events: list[Any]) -> None:
+    """RocksDB holds what the domain gives for the events applied in order."""
+    states: dict[str, Any] = {}
+    for event in events:
+        states[event.subscription_id] = apply_event(
+            states.get(event.subscription_id), event, CATALOG
+        )[0]
+    for sub, state in states.items():
+        assert proc.stores[0].get(sub) == state.to_bytes(), sub
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    subs=st.lists(st.integers(0, SUBS - 1), min_size=1, max_size=60),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
+    usage_records=st.integers(1, 40),
+    cache_entries=st.integers(1, SUBS + 1),
+)
+def test_plain_usage_polls_on_within_its_limits(
+    tmp_path_factory: Any, subs: list[int], sizes: list[int], usage_records: int,
+    cache_entries: int,
+) -> None:  # fmt: skip
+    proc = processor(tmp_path_factory.mktemp("store"), cache_entries, 9, usage_records)
+    events = created(proc)
+    msgs, usage_events = usage(subs, 0)
+    polls = cut(msgs, sizes)
+    expected = model(polls, 9, usage_records, cache_entries)
+    taken_sizes, consumed = [], 0
+    while polls:
+        proc.consumer = ScriptedConsumer(polls[1:])
+        taken = proc._transaction(polls[0])
+        polls = proc.consumer.polls
+        taken_sizes.append(len(taken))
+        assert [m.offset() for m in taken] == list(range(consumed, consumed + len(taken)))
+        consumed += len(taken)
+        # the offsets committed are those of all it consumed
+        assert proc.producer.offsets[-1] == {(USAGE.name, 0): consumed}
+        # it never waited for records, nor asked for more than the limit leaves
+        assert all(timeout == 0 for _, timeout in proc.consumer.asked)
+        assert all(n <= 9 for n, _ in proc.consumer.asked)
+    assert taken_sizes == expected
+    committed_states(proc, events + usage_events)
+    proc.stores[0].close()
+
+
+def test_a_transaction_with_anything_but_plain_usage_is_one_poll(tmp_path: Path) -> None:
+    proc = processor(tmp_path, 100, 4, 1000)
+    events = created(proc)
+    plain, plain_events = usage([0, 1, 2, 3], 0)
+    late_creation, _ = creations(offset=SUBS)  # duplicates: dead letters, not plain
+    rest, rest_events = usage([4, 5], 4)
+    proc.consumer = ScriptedConsumer([late_creation[:1], rest])
+    taken = proc._transaction(plain)
+    # plain usage polled again; the creation ended the transaction after its poll
+    assert [m.offset() for m in taken] == [0, 1, 2, 3, SUBS]
+    assert proc.consumer.polls == [rest]
+    assert proc.producer.offsets[-1] == {(USAGE.name, 0): 4, (SUBSCRIPTIONS.name, 0): SUBS + 1}
+    proc.consumer = ScriptedConsumer([])
+    proc._transaction(rest)
+    committed_states(proc, events + plain_events + rest_events)
+    proc.stores[0].close()
+
+
+def test_no_second_poll_while_a_bill_run_is_open(tmp_path: Path) -> None:
+    proc = processor(tmp_path, 100, 4, 1000)
+    created(proc)
+    proc.jobs[0] = CloseJob(0, "run", T0, None, {}, done=False)
+    proc._run_jobs = lambda batch: set()  # the run itself is not what is tested here
+    plain, _ = usage([0, 1], 0)
+    proc.consumer = ScriptedConsumer([usage([2], 2)[0]])
+    assert proc._transaction(plain) == plain
+    assert proc.consumer.asked == []
+    proc.stores[0].close()
+
+
+def test_the_usage_transaction_size_is_a_setting(monkeypatch: Any) -> None:
+    assert Settings().rating_usage_transaction_records == 100_000
+    monkeypatch.setenv("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "5000")
+    assert Settings().rating_usage_transaction_records == 5000
