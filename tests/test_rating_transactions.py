@@ -17,6 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +247,43 @@ def test_the_usage_transaction_size_is_a_setting(monkeypatch: Any) -> None:
     assert Settings().rating_usage_transaction_records == 100_000
     monkeypatch.setenv("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "5000")
     assert Settings().rating_usage_transaction_records == 5000
+
+
+class _Error:
+    def __init__(self, code: int, fatal: bool) -> None:
+        self._code, self._fatal = code, fatal
+
+    def code(self) -> int:
+        return self._code
+
+    def fatal(self) -> bool:
+        return self._fatal
+
+
+class _Polled:
+    def __init__(self, error: _Error | None = None) -> None:
+        self._error = error
+
+    def error(self) -> _Error | None:
+        return self._error
+
+
+def test_a_poll_keeps_the_records_and_raises_only_fatal_errors() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    from streams.processors.runtime import poll_batch
+
+    class Consumer:
+        def __init__(self, messages: list[_Polled]) -> None:
+            self.messages = messages
+
+        def consume(self, _n: int, timeout: float) -> list[_Polled]:
+            return self.messages
+
+    records = [_Polled(), _Polled()]
+    eof = _Polled(_Error(KafkaError._PARTITION_EOF, False))
+    transient = _Polled(_Error(KafkaError._TRANSPORT, False))
+    assert poll_batch(Consumer([records[0], eof, transient, records[1]]), 10, 0) == records
+    fatal = _Polled(_Error(KafkaError._FATAL, True))
+    with pytest.raises(KafkaException):  # a fatal error stops the processor
+        poll_batch(Consumer([records[0], fatal]), 10, 0)

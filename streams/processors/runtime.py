@@ -29,13 +29,12 @@ def poll_batch(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
     from confluent_kafka import KafkaError, KafkaException
 
     messages = consumer.consume(max_messages, timeout=timeout)
-    good = []
-    for m in messages:
-        err = m.error()
-        if err is None:
-            good.append(m)
-        elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
-            raise KafkaException(err)
+    good = [m for m in messages if m.error() is None]
+    if len(good) < len(messages):  # rare: look at the errors only then
+        for m in messages:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                raise KafkaException(err)
     return good
 
 
