@@ -2,9 +2,9 @@
 broker: a scripted consumer hands out polls, a fake transactional producer records what
 is committed, one partition has a real RocksDB store.
 
-A transaction is one poll, except while everything it has read is plain usage (added up
-per subscription): then it polls again, without waiting, up to the usage limit of
-records and at most as many subscriptions as the state cache holds. Whatever the cut,
+A transaction is one poll, except while everything it has read is usage that the fast
+reader takes: then it polls again, without waiting, up to the usage limit of records and
+at most as many subscriptions as the state cache holds. Whatever the cut,
 the states committed are the domain's, and the offsets committed are those of every
 record it consumed."""
 
@@ -79,11 +79,6 @@ class TransactionalProducer(FakeProducer):
         raise AssertionError("nothing here fails")
 
 
-class _Stop:
-    def __bool__(self) -> bool:
-        return False
-
-
 def processor(path: Path, cache_entries: int, records: int, usage_records: int) -> Any:
     proc = bare_rating_processor(CATALOG, PartitionStore(path), cache_entries)
     proc.producer = TransactionalProducer()
@@ -91,7 +86,7 @@ def processor(path: Path, cache_entries: int, records: int, usage_records: int) 
     proc.state_cache_entries = cache_entries
     proc.control_topic = CONTROL.name
     proc.jobs, proc.jobs_running, proc.clock = {}, set(), "event"
-    proc.stop = _Stop()
+    proc.stop = False  # no stop signal
     proc.invoices_emitted = 0
     proc.buffers[0] = {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
     # both topics caught up: nothing published is left unread

@@ -87,10 +87,11 @@ class SubscriptionState:
     _starts: tuple[datetime, Interval, dict[int, datetime]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
-    # (segment_start, period_index, its start µs, the period's end µs, at most HORIZON):
-    # UsageTally's bounds, derived like _starts: the processor makes a tally per
-    # subscription per transaction, mostly for the same open segment
-    _segment_us: tuple[datetime, int, int, int] | None = field(
+    # (segment_start, its µs, the period's end µs, at most HORIZON): UsageTally's bounds,
+    # derived like _starts (the processor makes a tally per subscription per transaction,
+    # mostly for the same open segment). Keyed by the identity of segment_start: every
+    # transition that moves the segment or the period assigns a new one.
+    _segment_us: tuple[datetime, int, int] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -373,15 +374,14 @@ class UsageTally:
         self.state = state
         self.plan = plan
         memo = state._segment_us
-        if memo is None or memo[0] is not state.segment_start or memo[1] != state.period_index:
+        if memo is None or memo[0] is not state.segment_start:
             end = state._period_start(state.period_index + 1)  # next_period_end: not ended
             memo = state._segment_us = (
                 state.segment_start,
-                state.period_index,
                 to_micros(state.segment_start),
                 min(to_micros(end), _HORIZON_US),
             )
-        self.start_us, self.end_us = memo[2], memo[3]
+        _, self.start_us, self.end_us = memo
         # plain events in order: (event_id, timestamp µs, account_id, subscription_id,
         # metric, quantity in integer 10^-9 units > 0), as the processor reads them
         self.records: list[UsageRecord] = []
