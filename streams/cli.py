@@ -18,6 +18,7 @@ from streams.api.cli import tenant_app
 from streams.config import DEFAULT_CATALOG, DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.logging import configure as configure_logging
+from streams.logging import fatal_errors_as_json
 from streams.payments.cli import gateway_app
 
 app = typer.Typer(
@@ -63,14 +64,54 @@ def demo(
     accounts: int = typer.Option(10_000, "--accounts", min=1, help="accounts (subscriptions)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the figures here"),
 ) -> None:
-    """Run the whole pipeline end to end on real Kafka and embedded ClickHouse."""
-    from streams.demo import print_result, result_json, run_demo
+    """Run the whole pipeline end to end on real Kafka and embedded ClickHouse, in a
+    namespace and home of its own (never a running stack's topics, groups or warehouse)."""
+    from streams.demo import print_left_running, print_result, result_json, run_demo
+    from streams.testbed.benchmarks_doc import provenance
 
+    started = provenance()
     result = run_demo(load_settings(), accounts, console)
     print_result(out, result)
-    _write_json(json_out, result_json(result, accounts))
-    if not (result.invoices == result.expected == result.distinct_invoice_ids):
+    print_left_running(out, result)
+    _write_json(json_out, {**result_json(result, accounts), "provenance": started})
+    if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def reset(
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+) -> None:
+    """Wipe this local installation: everything under $STREAMBILL_HOME (state, logs, the
+    embedded warehouse, API tenants, demo homes) and the local Kafka broker's data after
+    stopping it; with a configured cluster (KAFKA_BOOTSTRAP_SERVERS), the topics and
+    consumer groups of this namespace instead. Refuses while a process of it runs."""
+    from streams.kafka.topics import namespace
+    from streams.reset import RefusedReset, live_processes, plan_reset, wipe
+
+    settings = load_settings()
+    live = live_processes(settings)
+    if live:
+        for pid, name in sorted(live.items()):
+            console.print(f"running: {name} (pid {pid})")
+        console.print("[red]refused:[/] stop these first (`streambill down`)")
+        raise typer.Exit(1)
+    try:
+        plan = plan_reset(settings, namespace())
+    except RefusedReset as exc:
+        console.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(1) from None
+    lines = plan.describe()
+    if not lines:
+        out.print("nothing to reset")
+        return
+    out.print("streambill reset deletes:", highlight=False)
+    for line in lines:
+        out.print(f"  {line}", highlight=False, soft_wrap=True)
+    if not yes:
+        typer.confirm("Delete all of this?", abort=True)
+    wipe(settings, plan)
+    out.print("reset done")
 
 
 @app.command()
@@ -101,6 +142,50 @@ def rate(
         )
     elif result.dead_letters:
         console.print(f"{len(result.dead_letters)} events rejected (use --dead-letters FILE)")
+
+
+@app.command()
+def replay(
+    catalog: Path = typer.Option(..., exists=True, dir_okay=False, help="catalog JSON"),
+    events: Path = typer.Option(..., exists=True, dir_okay=False, help="events JSONL"),
+    until: str = typer.Option(..., help="invoice every period ending at or before this instant"),
+    out_file: Path | None = typer.Option(None, "--out", help="invoices JSONL (default stdout)"),
+) -> None:
+    """`rate`'s input through the real pipeline: Kafka topics of a fresh namespace, the
+    rating processor, the sink and a fresh embedded warehouse; prints the invoices as they
+    landed in ClickHouse, in `rate`'s format and order."""
+    from streams.domain.catalog import CatalogError
+    from streams.kafka.local import bootstrap_servers
+    from streams.offline import invoice_to_json_line
+    from streams.replay import ReplayError, check_until
+    from streams.replay import replay as run
+
+    try:
+        when = check_until(_parse_ts(until))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--until") from None
+    try:
+        result = run(catalog, events.read_text().splitlines(), when,
+                     bootstrap_servers(load_settings()), console)  # fmt: skip
+    except CatalogError as exc:
+        console.print(f"[red]invalid catalog:[/] {exc}")
+        raise typer.Exit(2) from None
+    except ReplayError as exc:
+        console.print(f"[red]replay failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    text = "".join(invoice_to_json_line(inv) + "\n" for inv in result.invoices)
+    if out_file:
+        out_file.write_text(text)
+    else:
+        sys.stdout.write(text)
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(result.dead_letters.items()))
+    console.print(
+        f"{len(result.invoices)} invoices; {result.published} records published "
+        f"({result.raw} as raw bytes: not valid events), {result.deferred} events after "
+        f"--until not published; dead letters: rating {result.dead_letters.total()}"
+        f"{f' ({reasons})' if reasons else ''}, sink {result.sink_dead_letters}; "
+        f"{result.seconds:.1f} s"
+    )
 
 
 class Clock(StrEnum):
@@ -134,21 +219,31 @@ def _processor_start(name: str) -> tuple[Any, str]:
 
 
 @run_app.command("rating")
+@fatal_errors_as_json
 def run_rating(
     catalog: Path = _catalog_option(),
     clock: Clock = typer.Option(Clock.wall, help="wall: periods close as real time passes"),
-    worker: int = typer.Option(0, help="worker index (stable transactional id)"),
+    worker: int | None = typer.Option(
+        None, min=0, help="worker index: part of the transactional id (default: a free one)"
+    ),
 ) -> None:
     """The rating processor: subscriptions + usage -> invoices."""
     from streams.domain.catalog import Catalog
     from streams.processors.rating import RatingProcessor
+    from streams.processors.runtime import WorkerIndexTaken, claim_worker_index
 
+    try:  # before anything starts: a worker refused here fences nobody
+        index = claim_worker_index(load_settings(), "rating", worker)
+    except WorkerIndexTaken as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     settings, bootstrap = _processor_start("rating")
     cat = Catalog.from_dict(json.loads(catalog.read_text()))
-    RatingProcessor(settings, bootstrap, cat, worker=worker, clock=clock.value).run()
+    RatingProcessor(settings, bootstrap, cat, worker=index, clock=clock.value).run()
 
 
 @run_app.command("sink")
+@fatal_errors_as_json
 def run_sink(
     catalog: Path = _catalog_option(),
     topics: str | None = typer.Option(
@@ -169,6 +264,7 @@ def run_sink(
 
 
 @run_app.command("payments")
+@fatal_errors_as_json
 def run_payments() -> None:
     """The payments processor: due invoices -> gateway -> billing.payment-results."""
     from streams.processors.payments import PaymentsProcessor, make_gateway
@@ -178,6 +274,7 @@ def run_payments() -> None:
 
 
 @run_app.command("lane")
+@fatal_errors_as_json
 def run_lane_cmd(
     lane: str = typer.Argument("priority", help="priority | standard"),
 ) -> None:
@@ -196,6 +293,7 @@ def run_lane_cmd(
 
 
 @run_app.command("alerts")
+@fatal_errors_as_json
 def run_alerts(
     rules: Path = typer.Option(
         DEPLOY_DIR / "alerts" / "rules.yaml",
@@ -246,24 +344,28 @@ def dashboard(
 @app.command()
 def lag(
     group: str | None = typer.Option(None, help="only this consumer group (without namespace)"),
-    json_out: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON array of partitions"),
 ) -> None:
-    """Consumer-group lag per group, topic and partition (committed vs end of partition)."""
+    """Consumer-group lag per group, topic and partition: the records each group still
+    has to read (transaction markers and aborted records are not records)."""
     from rich.table import Table
 
-    from streams.kafka import clients
-    from streams.kafka.lag import group_lags
+    from streams.kafka.lag import UnknownGroup, group_lags
     from streams.kafka.local import bootstrap_servers
     from streams.kafka.topics import group_id
 
     settings = load_settings()
-    rows = group_lags(clients.admin(settings, bootstrap_servers(settings)))
-    if group:
-        rows = [r for r in rows if r.group == group_id(group)]
+    try:
+        rows = group_lags(settings, bootstrap_servers(settings),
+                          group=group_id(group) if group else None)  # fmt: skip
+    except UnknownGroup:
+        console.print(f"[red]no consumer group {group_id(group or '')!r}[/] "
+                      "(`streambill lag` lists every group)")  # fmt: skip
+        raise typer.Exit(1) from None
     if json_out:
-        for r in rows:
-            out.print_json(data={"group": r.group, "topic": r.topic, "partition": r.partition,
-                                 "committed": r.committed, "end": r.end, "lag": r.lag})  # fmt: skip
+        from dataclasses import asdict
+
+        sys.stdout.write(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         return
     table = Table("group", "topic", "partition", "committed", "end", "lag")
     for r in rows:
@@ -274,7 +376,7 @@ def lag(
     totals: dict[str, int] = {}
     for r in rows:
         totals[r.group] = totals.get(r.group, 0) + r.lag
-    for g, total in totals.items():
+    for g, total in sorted(totals.items(), key=lambda gt: (-gt[1], gt[0])):
         out.print(f"{g}: {total:,} behind")
 
 
@@ -285,16 +387,6 @@ SCALABLE = {  # processor -> its `streambill run` arguments
     "lane-standard": ["lane", "standard"],
     "sink": ["sink"],
 }
-
-
-def consumer_group(processor: str) -> str:
-    """The consumer group a processor's workers share (the processors' own names)."""
-    from streams.processors import payments, rating, sink
-    from streams.processors.lane import lane_group
-
-    if processor.startswith("lane-"):
-        return lane_group(processor.removeprefix("lane-"))
-    return {"rating": rating.GROUP, "payments": payments.GROUP, "sink": sink.GROUP}[processor]
 
 
 @app.command()
@@ -314,7 +406,7 @@ def scale(
     from streams.kafka.lag import group_members
     from streams.kafka.local import bootstrap_servers
     from streams.kafka.topics import group_id
-    from streams.stack import ProcessorProcess
+    from streams.stack import ProcessorProcess, consumer_group
 
     if processor not in SCALABLE:
         raise typer.BadParameter(f"one of {', '.join(SCALABLE)}")
@@ -324,10 +416,9 @@ def scale(
                                  "a ClickHouse server (CLICKHOUSE_DSN=http://...)")  # fmt: skip
     bootstrap = bootstrap_servers(settings)
     argv, group = SCALABLE[processor], consumer_group(processor)
-    procs = []
-    for n in range(workers):
-        extra = ["--worker", str(n)] if processor == "rating" else []
-        procs.append(ProcessorProcess(settings, bootstrap, *argv, *extra).start())
+    # each rating worker claims a free worker index itself (streams/processors/runtime.py):
+    # indexes counted from 0 here would take those of workers already running
+    procs = [ProcessorProcess(settings, bootstrap, *argv).start() for _ in range(workers)]
     console.print(f"{workers} x {processor} started (group {group_id(group)})")
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
@@ -358,6 +449,99 @@ def scale(
         for p in procs:
             p.stop()
         console.print(f"{processor}: {workers} worker(s) stopped")
+
+
+@app.command()
+def up(
+    with_parts: str = typer.Option(
+        "alerts,dashboard", "--with", help="optional parts: alerts, dashboard ('' for none)"
+    ),
+    api_port: int = typer.Option(8000, envvar="STREAMBILL_API_PORT", help="the API's port"),
+    dashboard_port: int = typer.Option(8080, envvar="STREAMBILL_DASHBOARD_PORT"),
+    timeout: float = typer.Option(120, help="seconds each stage may take to be healthy"),
+) -> None:
+    """Start the whole stack in the background, in order, each part healthy before the
+    next: the local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS is set), the sink (the
+    warehouse), the gateway simulator (unless STREAMBILL_GATEWAY_URL or a real gateway is
+    configured), rating, payments, both lanes, the API, then alerts and the dashboard.
+    Logs go to $STREAMBILL_HOME/logs/, the processes to $STREAMBILL_HOME/stack.json."""
+    from rich.table import Table
+
+    from streams.stack import OPTIONAL_PARTS, StackError, start_stack
+
+    chosen = {p.strip() for p in with_parts.split(",") if p.strip() and p.strip() != "none"}
+    if unknown := sorted(chosen - set(OPTIONAL_PARTS)):
+        raise typer.BadParameter(f"unknown {unknown}; optional parts: {', '.join(OPTIONAL_PARTS)}",
+                                 param_hint="--with")  # fmt: skip
+    settings = load_settings()
+    try:
+        with console.status("starting the stack (the broker first)") as progress:
+
+            def say(line: str) -> None:
+                console.print(f"[green]✓[/] {line}", soft_wrap=True)
+                progress.update(f"starting the stack (after {line.split(':')[0]})")
+
+            stack = start_stack(settings, chosen, api_port, dashboard_port, say, timeout)
+    except StackError as exc:
+        console.print(f"[red]the stack did not start:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("process", "pid", "port", "url", title="streambill stack: running")
+    for e in stack["processes"]:
+        table.add_row(e["name"], str(e["pid"]), str(e["port"]), e["url"])
+    out.print(table)
+    out.print(f"logs: {settings.home / 'logs'}; `streambill status` shows the processes and "
+              "their lag, `streambill down` stops them")  # fmt: skip
+
+
+@app.command()
+def down(
+    timeout: float = typer.Option(30, help="seconds to wait for each process after SIGTERM"),
+) -> None:
+    """Stop the stack `up` started: SIGTERM to each process in reverse order (each finishes
+    its batch and commits), SIGKILL to one still running after --timeout seconds; the
+    local broker too if `up` started it."""
+    from streams.stack import read_stack, stop_stack
+
+    settings = load_settings()
+    if read_stack(settings) is None:
+        console.print(f"no stack recorded in {settings.home} (nothing to stop)")
+        return
+    stopped = stop_stack(settings, lambda line: console.print(f"[green]✓[/] {line}",
+                                                              soft_wrap=True), timeout)  # fmt: skip
+    console.print(f"stopped {len(stopped)} process(es)")
+
+
+@app.command()
+def status(
+    json_out: bool = typer.Option(False, "--json", help="one JSON document"),
+) -> None:
+    """The stack `up` started: each process, whether it runs, its port and its consumer
+    group's lag (records still to read). Exit status 1 if a process is not running."""
+    from rich.table import Table
+
+    from streams.stack import stack_status
+
+    settings = load_settings()
+    stack = stack_status(settings)
+    if stack is None:
+        if json_out:
+            sys.stdout.write(json.dumps({"processes": []}) + "\n")
+        console.print(f"no stack recorded in {settings.home} (`streambill up` starts one)")
+        raise typer.Exit(1)
+    if json_out:
+        sys.stdout.write(json.dumps(stack, indent=2) + "\n")
+    else:
+        table = Table("process", "pid", "running", "port", "lag",
+                      title=f"streambill stack (since {stack['started_at']})")  # fmt: skip
+        for e in stack["processes"]:
+            table.add_row(e["name"], str(e["pid"]),
+                          "[green]yes[/]" if e["alive"] else "[red]no[/]", str(e["port"]),
+                          "-" if e["lag"] is None else f"{e['lag']:,}")  # fmt: skip
+        out.print(table)
+        out.print(f"lag: records its consumer group still has to read (-: no group, or "
+                  f"nothing committed yet); logs: {settings.home / 'logs'}")  # fmt: skip
+    if not all(e["alive"] for e in stack["processes"]):
+        raise typer.Exit(1)
 
 
 @app.command("payment-run")
@@ -403,12 +587,15 @@ def reconcile(
     """Compare the gateway ledger, billing.payment-results and ClickHouse."""
     from rich.table import Table
 
+    from streams.domain.payments import parse_schedule
     from streams.kafka.local import bootstrap_servers
     from streams.payments.reconcile import collect
     from streams.payments.reconcile import reconcile as run
 
     settings = load_settings()
-    report = run(*collect(settings, bootstrap_servers(settings)))
+    # the dunning schedule the payments processor runs with (STREAMBILL_DUNNING)
+    schedule = parse_schedule(settings.dunning)
+    report = run(*collect(settings, bootstrap_servers(settings)), schedule=schedule)
     payload = report.to_json()
     _write_json(json_out, payload)
     table = Table(title="reconciliation")
@@ -424,7 +611,8 @@ def reconcile(
     if report.differences:
         out.print(f"[red]{len(report.differences)} differences[/]")
         raise typer.Exit(1)
-    out.print("[green]reconciled[/]: every invoice is paid once, open or uncollectible")
+    out.print("[green]reconciled[/]: every invoice is paid once for its amount due, open or "
+              "uncollectible after every dunning attempt declined")  # fmt: skip
 
 
 @app.command()
@@ -435,13 +623,15 @@ def chaos(
         None, "--scenario", help="run only these (repeatable); default: all"
     ),
     accounts: int | None = typer.Option(None, min=1, help="new subscriptions per scenario"),
-    seed: int = typer.Option(7, help="decides which processor dies when"),
+    seed: int = typer.Option(7, help="decides the workload and which broker dies"),
 ) -> None:
     """Inject faults during a bill run and a payment run; check nothing was lost or doubled.
 
     Scenarios: SIGKILL of every processor several times, loss of one of three brokers,
     a warehouse outage, a complete gateway outage. Starts its own three-broker cluster
-    unless KAFKA_BOOTSTRAP_SERVERS is set. Exits 1 if any invariant is broken."""
+    unless KAFKA_BOOTSTRAP_SERVERS is set. Each fault waits for the work it is meant to
+    hit and records the evidence that it landed. Exits 1 if any invariant is broken or
+    any fault did not land."""
     from dataclasses import replace
 
     from streams.chaos import SCENARIOS, Plan, run_chaos
@@ -455,9 +645,14 @@ def chaos(
     plan = Plan.short() if short else Plan.full()
     if accounts:
         plan = replace(plan, accounts=accounts)
+    from streams.testbed.benchmarks_doc import provenance
+
+    started = provenance()
     result = run_chaos(load_settings(), plan, chosen, seed, out)
-    _write_json(json_out, result)
-    if not result["metrics"]["all_held"]:
+    _write_json(json_out, {**result, "provenance": started})
+    metrics = result["metrics"]
+    # a fault that did not land proves nothing: the run fails as a broken promise does
+    if not metrics["all_held"] or metrics["faults_effective"] < metrics["faults_injected"]:
         raise typer.Exit(1)
 
 
@@ -512,29 +707,33 @@ def query(
     sql: str = typer.Argument(..., help="SQL; tables live in the streambill database"),
     fmt: Format = typer.Option(Format.table, "--format"),
 ) -> None:
-    """Query the warehouse (through the running sink when it owns the embedded engine)."""
+    """Query the warehouse (through the running sink when it owns the embedded engine).
+    Decimals print in plain notation at their column's scale, NULL as an empty csv field,
+    `null` in json and NULL in the table; csv lines end with \\n, as ClickHouse's own."""
+    from streams.warehouse import QueryError, WarehouseUnavailable, as_text
     from streams.warehouse import query as run
 
     try:
         result = run(load_settings(), sql)
-    except ValueError as exc:
-        console.print(f"[red]query failed:[/] {exc}")
+    except (QueryError, WarehouseUnavailable) as exc:
+        sys.stderr.write(f"query failed: {exc}\n")  # one line, whatever the width
         raise typer.Exit(1) from None
     if fmt is Format.json:
         rows = [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
-        out.print_json(json.dumps(rows, default=str))
+        out.print_json(json.dumps(rows, default=as_text))
     elif fmt is Format.csv:
         import csv
 
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(result["columns"])
-        writer.writerows(result["rows"])
+        writer.writerows([as_text(v) for v in row] for row in result["rows"])
     else:
-        from rich.table import Table
+        from rich.table import Column, Table
 
-        table = Table(*result["columns"])
+        # long values fold onto more lines; nothing is cut short
+        table = Table(*(Column(c, overflow="fold") for c in result["columns"]))
         for row in result["rows"]:
-            table.add_row(*(str(v) for v in row))
+            table.add_row(*("NULL" if v is None else as_text(v) for v in row))
         out.print(table)
 
 
@@ -616,21 +815,28 @@ def _holds_data(settings: Any, bootstrap: str, meta: Any) -> bool:
 
 
 def _run_bench(scenario: str, params: dict, runs: int, json_out: Path | None, once) -> None:
-    """Run a scenario `runs` times; print and write the median of every metric."""
-    from rich.table import Table
+    """Run a scenario `runs` times; print every run's figures and write their aggregate
+    (correctness as the worst run, performance as the median) and the runs."""
+    import signal
 
-    from streams.bench import median_of_runs
+    from streams.bench import aggregate_runs, runs_table
+    from streams.testbed.benchmarks_doc import provenance
 
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # `kill PID` cleans up as Ctrl-C does (its processes stopped, its namespace deleted):
+    # a bench started in the background from a script ignores SIGINT
+    signal.signal(signal.SIGTERM, interrupted)
+    started = provenance()
     results = []
     for i in range(runs):
         console.print(f"[bold]{scenario}[/] run {i + 1}/{runs}")
         results.append(once())
-    metrics = median_of_runs(results)
-    table = Table("metric", f"median of {runs}" if runs > 1 else "value", title=scenario)
-    for key, value in metrics.items():
-        table.add_row(key, str(value))
-    out.print(table)
+    metrics = aggregate_runs(results)
+    out.print(runs_table(scenario, results, metrics))
     payload = {"scenario": scenario, "params": {**params, "runs": runs}, "metrics": metrics}
+    payload["provenance"] = started
     if runs > 1:
         payload["runs"] = results
     _write_json(json_out, payload)
@@ -756,6 +962,23 @@ def bench_refund_latency(
               "every_ms": 50}  # fmt: skip
     _run_bench("refund-latency", params, runs, json_out,
                lambda: run(s, seconds, payments, subscriptions, console))  # fmt: skip
+
+
+@bench_app.command("report")
+def bench_report(
+    check: bool = typer.Option(False, "--check", help="only say whether the pages are current"),
+) -> None:
+    """Render docs/benchmarks.md and the README's figures table from docs/benchmarks/*.json."""
+    from streams.testbed.benchmarks_doc import stale_pages, write_pages
+
+    if not check:
+        write_pages()
+        return
+    stale = stale_pages()
+    for page in stale:
+        console.print(f"[red]not generated from docs/benchmarks/*.json:[/] {page}")
+    if stale:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

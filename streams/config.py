@@ -50,6 +50,12 @@ class Settings:
         default_factory=lambda: int(os.environ.get("STREAMBILL_REPLICATION", "0"))
     )  # 0: as many as the cluster has brokers, at most 3
     clickhouse_dsn: str | None = field(default_factory=lambda: os.environ.get("CLICKHOUSE_DSN"))
+    # the local broker's data and logs (deploy/kafka/kafka.sh reads the same variable)
+    kafka_dir: Path = field(
+        default_factory=lambda: Path(
+            _env("STREAMBILL_KAFKA_DIR", str(REPO_ROOT / ".streambill" / "kafka"))
+        ).resolve()
+    )
     kafka_security: dict[str, str] = field(
         default_factory=lambda: {
             key: os.environ[env] for env, key in _KAFKA_SECURITY_ENV.items() if os.environ.get(env)
@@ -121,6 +127,11 @@ class Settings:
         default_factory=lambda: int(_env("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "100000"))
     )
 
+    # every processor logs a progress line this often (records, invoices, charges, lag); 0: never
+    progress_seconds: float = field(
+        default_factory=lambda: float(_env("STREAMBILL_PROGRESS_SECONDS", "10"))
+    )
+
     @property
     def warehouse_dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{self.home / 'warehouse'}"
@@ -128,6 +139,11 @@ class Settings:
     @property
     def state_dir(self) -> Path:
         return self.home / "state"
+
+    @property
+    def demo_dir(self) -> Path:
+        """Where `streambill demo` keeps the home of each run (named after its namespace)."""
+        return self.home / "demo"
 
 
 def settings() -> Settings:

@@ -2,13 +2,20 @@
 
 Local Kafka broker -> generator -> rating processor -> billing.invoices -> sink ->
 embedded ClickHouse; then the invoices and totals per currency, read from ClickHouse.
+
+The demo never touches a real stack: it runs in a namespace of its own (fresh topics
+and consumer groups `demo-<id>.*`, deleted at the end) with a home of its own under
+$STREAMBILL_HOME/demo/ (state, logs and an embedded warehouse: removed after a run
+that checks out, kept for a look after one that does not). So it can run beside a
+stack on the same broker, and again.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,10 +34,11 @@ from streams.generator import (
     usage_events,
 )
 from streams.kafka import clients
-from streams.kafka.local import bootstrap_servers
-from streams.kafka.topics import SUBSCRIPTIONS, USAGE, ensure_topics
+from streams.kafka.local import bootstrap_servers, local_kafka_running
+from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE, namespace
 from streams.publish import bill_run_done, issue_bill_run, publish
-from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
+from streams.testbed.duplicates import TopicCopies, WarehouseCopies, topic_copies, warehouse_copies
 from streams.ui import progress_bar
 from streams.warehouse import query
 
@@ -41,19 +49,45 @@ DEMO_CATALOG = DEFAULT_CATALOG
 class DemoResult:
     accounts: int
     expected: int
-    invoices: int
-    distinct_invoice_ids: int
+    on_topic: TopicCopies  # the dataset's invoices on billing.invoices, per id
+    landed: WarehouseCopies  # ... and in ClickHouse
     seconds: float
     by_currency: list[list[Any]]
+    bootstrap: str = ""
+    # the cluster: "configured" (KAFKA_BOOTSTRAP_SERVERS), or the local broker, "started"
+    # by this demo or "running" before it
+    broker: str = ""
+    kept_home: Path | None = None  # the demo's home, kept when the run did not check out
+
+    @property
+    def invoices(self) -> int:
+        return self.landed.final_rows
+
+    @property
+    def distinct_invoice_ids(self) -> int:
+        return len(self.on_topic.copies)
+
+    @property
+    def duplicates(self) -> int:
+        """Invoice records beyond one per id, and ids landed with two contents."""
+        return self.on_topic.extra_copies + self.landed.conflicting
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.on_topic.ok
+            and self.landed.ok
+            and self.invoices == self.expected == self.distinct_invoice_ids
+        )
 
 
-def count_invoices(settings: Settings, prefix: str) -> tuple[int, int]:
-    rows = query(
-        settings,
-        "SELECT count(), uniqExact(invoice_id) FROM invoices FINAL "
-        f"WHERE startsWith(account_id, '{prefix}')",
-    )["rows"]
-    return int(rows[0][0]), int(rows[0][1])
+def dataset_invoices(prefix: str) -> str:
+    return f"startsWith(account_id, '{prefix}')"
+
+
+def count_invoices(settings: Settings, prefix: str) -> int:
+    sql = f"SELECT count() FROM invoices FINAL WHERE {dataset_invoices(prefix)}"
+    return int(query(settings, sql)["rows"][0][0])
 
 
 def run_demo(
@@ -70,14 +104,43 @@ def run_demo(
     expected = expected_invoices(dataset, catalog, until)
 
     console.print("[bold]streambill demo[/]: starting Kafka (local broker unless configured)")
+    if settings.bootstrap_servers:
+        broker = "configured"
+    else:
+        broker = "running" if local_kafka_running() else "started"
     bootstrap = bootstrap_servers(settings)
-    ensure_topics(clients.admin(settings, bootstrap), settings)
-    console.print(f"Kafka at {bootstrap}; warehouse {settings.warehouse_dsn}")
+    with isolated_namespace(settings.demo_dir, bootstrap, settings.partitions, "demo-",
+                            keep_home=True) as isolated:  # fmt: skip
+        # always the embedded warehouse of its own home, never a configured server
+        demo_settings = replace(isolated, clickhouse_dsn=None)
+        console.print(f"Kafka at {bootstrap} (namespace {namespace()}); warehouse "
+                      f"{demo_settings.warehouse_dsn}")  # fmt: skip
+        result = _run(demo_settings, bootstrap, dataset, catalog, catalog_path, expected,
+                      console, timeout)  # fmt: skip
+    result.seconds = time.monotonic() - started
+    result.bootstrap, result.broker = bootstrap, broker
+    if result.ok:
+        shutil.rmtree(demo_settings.home, ignore_errors=True)
+    else:
+        result.kept_home = demo_settings.home
+    return result
 
-    sink = ProcessorProcess(settings, bootstrap, "sink").start()
-    rating = ProcessorProcess(
-        settings, bootstrap, "rating", "--catalog", str(catalog_path), "--clock", "event"
-    ).start()
+
+def _run(
+    settings: Settings,
+    bootstrap: str,
+    dataset: Dataset,
+    catalog: Catalog,
+    catalog_path: Path,
+    expected: int,
+    console: Console,
+    timeout: float,
+) -> DemoResult:
+    accounts, until = dataset.accounts, DEFAULT_UNTIL
+    env = {"CLICKHOUSE_DSN": ""}
+    sink = ProcessorProcess(settings, bootstrap, "sink", env=env).start()
+    rating = ProcessorProcess(settings, bootstrap, "rating", "--catalog", str(catalog_path),
+                              "--clock", "event", env=env).start()  # fmt: skip
     try:
         wait_for_warehouse_endpoint(settings, sink)
         with progress_bar(console) as progress:
@@ -100,14 +163,17 @@ def run_demo(
                         raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
                 done = bill_run_done(settings, bootstrap, offsets)
                 progress.update(task, completed=done)
-                invoices, _ = count_invoices(settings, dataset.prefix)
+                invoices = count_invoices(settings, dataset.prefix)
                 progress.update(landed, completed=invoices)
                 if done == len(offsets) and invoices >= expected:
                     break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"demo did not finish in {timeout:.0f} s")
                 time.sleep(0.5)
-        invoices, distinct = count_invoices(settings, dataset.prefix)
+        mine = dataset.prefix
+        on_topic = topic_copies(settings, bootstrap, INVOICES, "invoice_id",
+                                keep=lambda r: r["account_id"].startswith(mine))  # fmt: skip
+        landed = warehouse_copies(settings, "invoices", expected, where=dataset_invoices(mine))
         by_currency = query(
             settings,
             "SELECT currency, reason, count() AS invoices, sum(total) AS billed "
@@ -118,8 +184,7 @@ def run_demo(
     finally:
         rating.stop()
         sink.stop()
-    seconds = time.monotonic() - started
-    return DemoResult(accounts, expected, invoices, distinct, seconds, by_currency)
+    return DemoResult(accounts, expected, on_topic, landed, 0.0, by_currency)
 
 
 def print_result(console: Console, result: DemoResult) -> None:
@@ -135,12 +200,29 @@ def print_result(console: Console, result: DemoResult) -> None:
         f"{result.expected - result.accounts}); invoices at creation: "
         f"{result.invoices - closes} (subscriptions: {result.accounts})"
     )
-    ok = result.invoices == result.expected == result.distinct_invoice_ids
     console.print(
         f"invoices: {result.invoices} (expected {result.expected}, distinct ids "
-        f"{result.distinct_invoice_ids}) in {result.seconds:.1f} s "
-        + ("[green]OK[/]" if ok else "[red]MISMATCH[/]")
+        f"{result.distinct_invoice_ids}, duplicates {result.duplicates}) in "
+        f"{result.seconds:.1f} s " + ("[green]OK[/]" if result.ok else "[red]MISMATCH[/]")
     )
+    if not result.ok:
+        console.print(result.on_topic.summary(), highlight=False)
+        console.print(result.landed.summary(), highlight=False)
+
+
+def print_left_running(console: Console, result: DemoResult) -> None:
+    """What the demo leaves behind: the broker (if it started one), a failed run's home."""
+    console.print("The demo's topics and consumer groups are deleted; no processor runs.")
+    if result.kept_home:
+        console.print(f"Its home (logs, warehouse) is kept for a look: {result.kept_home}")
+    if result.broker == "started":
+        console.print(f"Left running: the local Kafka broker the demo started "
+                      f"({result.bootstrap}); stop it with `streambill kafka stop`.")  # fmt: skip
+    elif result.broker == "configured":
+        console.print(f"Kafka: the configured cluster ({result.bootstrap}); nothing was started.")
+    else:
+        console.print(f"Kafka: the local broker ({result.bootstrap}) was running before the "
+                      "demo and still is (`streambill kafka stop` stops it).")  # fmt: skip
 
 
 def result_json(result: DemoResult, accounts: int) -> dict[str, Any]:
@@ -150,6 +232,7 @@ def result_json(result: DemoResult, accounts: int) -> dict[str, Any]:
         "metrics": {
             "invoices": result.invoices,
             "distinct_invoice_ids": result.distinct_invoice_ids,
+            "duplicates": result.duplicates,
             "expected_invoices": result.expected,
             "seconds": round(result.seconds, 3),
         },

@@ -122,7 +122,37 @@ def serve(settings: Settings, name: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"processor": name, "pid": os.getpid(), "url": url}))
     atexit.register(lambda: path.unlink(missing_ok=True))
+    from streams.logging import ProgressLog
+
+    ProgressLog(name, settings.progress_seconds, progress_figures).start()
     return url
+
+
+# what a progress line reports (streams/logging.py ProgressLog), from this process's own
+# registry: metric -> (figure, the label that splits it, if any)
+_PROGRESS = {
+    "streambill_records": ("records", None),
+    "streambill_invoices": ("invoices", None),
+    "streambill_payments": ("charges", "status"),
+    "streambill_lane_requests": ("requests", "outcome"),
+    "streambill_dead_letters": ("dead_letters", None),
+    "streambill_consumer_lag": ("lag", None),
+}
+
+
+def progress_figures() -> Iterator[tuple[str, float]]:
+    """(figure, value) per sample of the metrics a progress line reports; a figure that
+    has stayed 0 in this process (another processor's counter) is left out."""
+    from prometheus_client import REGISTRY
+
+    for family in REGISTRY.collect():
+        figure, split = _PROGRESS.get(family.name, (None, None))
+        if figure is None:
+            continue
+        wanted = family.name + ("_total" if family.type == "counter" else "")
+        for sample in family.samples:
+            if sample.name == wanted and (sample.value or figure in ("records", "lag")):
+                yield (f"{figure}_{sample.labels[split]}" if split else figure), sample.value
 
 
 def endpoints(settings: Settings) -> list[dict[str, Any]]:
@@ -138,11 +168,15 @@ def endpoints(settings: Settings) -> list[dict[str, Any]]:
     return found
 
 
-def scrape(settings: Settings, processor: str | None = None) -> Iterator[Sample]:
-    """Every sample of every live endpoint (of one processor, if given); an endpoint
-    that does not answer is skipped."""
+def scrape(
+    settings: Settings, processor: str | None = None, pid: int | None = None
+) -> Iterator[Sample]:
+    """Every sample of every live endpoint (of one processor, or one process, if given);
+    an endpoint that does not answer is skipped."""
     for e in endpoints(settings):
         if processor is not None and e["processor"] != processor:
+            continue
+        if pid is not None and e["pid"] != pid:
             continue
         try:
             with urllib.request.urlopen(e["url"], timeout=2) as response:
@@ -155,7 +189,11 @@ def scrape(settings: Settings, processor: str | None = None) -> Iterator[Sample]
 
 class LagTracker:
     """Consumer lag of the partitions a consumer owns, from its own positions and the
-    watermarks librdkafka caches (no broker round trip), refreshed every few seconds."""
+    watermarks librdkafka caches, refreshed every few seconds. A partition that has
+    delivered nothing since it was assigned has no position yet: its committed offset
+    (where consumption resumed) stands in for it, asked of the broker once per
+    assignment; until it is known the partition is not reported (never as wholly
+    behind, which would fire the lag alert after every rebalance)."""
 
     def __init__(self, consumer: Any, processor: str, every_s: float = 5.0) -> None:
         self.consumer = consumer
@@ -163,6 +201,7 @@ class LagTracker:
         self.every_s = every_s
         self.last = 0.0
         self.reported: set[tuple[str, int]] = set()
+        self.resumed_at: dict[tuple[str, int], int] = {}  # committed offset at assignment
 
     def maybe_update(self) -> None:
         now = time.monotonic()
@@ -174,14 +213,35 @@ class LagTracker:
             positions = self.consumer.position(assigned) if assigned else []
         except Exception:  # a closed or rebalancing consumer: try again next time
             return
+        self._learn_where_consumption_resumed(positions)
         seen = set()
         for tp in positions:
+            key = (tp.topic, tp.partition)
+            start = tp.offset if tp.offset >= 0 else self.resumed_at.get(key)
             _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
+            if high < 0 or start is None:
                 continue
-            lag = high - tp.offset if tp.offset >= 0 else high
-            CONSUMER_LAG.labels(self.processor, tp.topic, str(tp.partition)).set(max(0, lag))
-            seen.add((tp.topic, tp.partition))
+            CONSUMER_LAG.labels(self.processor, tp.topic, str(tp.partition)).set(
+                max(0, high - start)
+            )
+            seen.add(key)
         for topic, partition in self.reported - seen:  # handed to another worker
             CONSUMER_LAG.remove(self.processor, topic, str(partition))
+        owned = {(tp.topic, tp.partition) for tp in positions}
+        self.resumed_at = {k: v for k, v in self.resumed_at.items() if k in owned}
         self.reported = seen
+
+    def _learn_where_consumption_resumed(self, positions: list[Any]) -> None:
+        unknown = [
+            tp for tp in positions
+            if tp.offset < 0 and (tp.topic, tp.partition) not in self.resumed_at
+        ]  # fmt: skip
+        if not unknown:
+            return
+        try:
+            committed = self.consumer.committed(unknown, timeout=1.0)
+        except Exception:  # the broker did not answer in time: ask again next time
+            return
+        for tp in committed:
+            if tp.error is None:  # never committed: consumption starts at the beginning
+                self.resumed_at[(tp.topic, tp.partition)] = max(tp.offset, 0)

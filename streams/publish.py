@@ -49,6 +49,20 @@ def publish_mixed(
     key_field: str = "account_id",
     progress: Callable[[int], None] | None = None,
 ) -> int:
+    encoded = (
+        (topic.name, rec[key_field].encode(), codec(topic.schema).encode(rec), None)
+        for topic, rec in records
+    )
+    return produce_values(producer, encoded, progress)
+
+
+def produce_values(
+    producer: Producer,
+    values: Iterable[tuple[str, bytes, bytes, int | None]],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Produce (topic name, key, value, record timestamp in epoch ms or None for now) in
+    order; waits until all are acknowledged."""
     errors: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:
@@ -56,15 +70,15 @@ def publish_mixed(
             errors.append(str(err))
 
     count = 0
-    for topic, rec in records:
-        value = codec(topic.schema).encode(rec)
+    for topic_name, key, value, timestamp_ms in values:
         while True:
             try:
                 producer.produce(
-                    topic.name,
-                    key=rec[key_field].encode(),
+                    topic_name,
+                    key=key,
                     value=value,
                     on_delivery=delivered,
+                    timestamp=timestamp_ms or 0,  # 0: the producer's clock
                 )
                 break
             except BufferError:  # local queue full: let it drain

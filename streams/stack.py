@@ -1,5 +1,6 @@
-"""Processor processes started by the CLI (demo, benchmarks, tests): one OS process each,
-so each can be stopped gracefully (SIGTERM) or killed (SIGKILL) on its own."""
+"""Processor processes started by the CLI (demo, benchmarks, tests, `streambill up`): one
+OS process each, so each can be stopped gracefully (SIGTERM) or killed (SIGKILL) on its
+own; and the whole stack, started, described and stopped as one (`up`, `status`, `down`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streams.config import Settings
 from streams.warehouse import endpoint_file
@@ -63,12 +66,15 @@ class ProcessorProcess(ChildProcess):
         env: dict[str, str] | None = None,
         nice: int = 0,
         top_level: bool = False,
+        detached: bool = False,
     ) -> None:
         """nice > 0: a lower CPU priority (bulk work), so that on shared cores the OS runs
-        the priority lane's processes first."""
+        the priority lane's processes first. detached: the process outlives the one that
+        started it, in a session of its own (`streambill up`; `down` stops it)."""
         self.settings = settings
         self.extra_env = env or {}
         self.nice = nice
+        self.detached = detached
         self.bootstrap = bootstrap
         self.name = name
         self.args = [name, *args]
@@ -93,16 +99,23 @@ class ProcessorProcess(ChildProcess):
         env["STREAMBILL_NAMESPACE"] = namespace()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", *self.argv],
+            self.command,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             preexec_fn=self._prepare_child,
+            start_new_session=self.detached,
         )
         return self
 
+    @property
+    def command(self) -> list[str]:
+        """The command line the process runs (as /proc/PID/cmdline shows it)."""
+        return [sys.executable, "-m", "streams.cli", *self.argv]
+
     def _prepare_child(self) -> None:
-        _die_with_parent()
+        if not self.detached:
+            _die_with_parent()
         if self.nice:
             os.nice(self.nice)
 
@@ -173,10 +186,11 @@ def isolated_namespace(
     parent: Path, bootstrap: str, partitions: int, prefix: str, keep_home: bool = False
 ) -> Iterator[Settings]:
     """A fresh topic/group namespace with its own home (state, logs, embedded warehouse)
-    under `parent`, for a benchmark or a chaos run; its topics are deleted afterwards,
-    its home too unless `keep_home`. Processes started meanwhile inherit it."""
+    under `parent`, for a benchmark, a chaos run or the demo; its topics (and so its
+    consumer groups) are deleted afterwards, its home too unless `keep_home`. Processes
+    started meanwhile inherit it."""
     from streams.kafka import clients
-    from streams.kafka.topics import ALL_TOPICS, ensure_topics, namespace, set_namespace
+    from streams.kafka.topics import delete_namespace, ensure_topics, namespace, set_namespace
 
     previous = namespace()
     ns = f"{prefix}{uuid.uuid4().hex[:8]}."
@@ -193,9 +207,7 @@ def isolated_namespace(
         yield settings
     finally:
         with suppress(Exception):  # best effort clean-up: the broker may be going away
-            for future in admin.delete_topics([t.name for t in ALL_TOPICS]).values():
-                with suppress(Exception):
-                    future.result()
+            delete_namespace(admin, ns)
         if not keep_home:
             shutil.rmtree(home, ignore_errors=True)
         set_namespace(previous)
@@ -204,3 +216,289 @@ def isolated_namespace(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# --- `streambill up` / `status` / `down`: the whole stack as detached processes ---------
+
+
+def consumer_group(processor: str) -> str:
+    """The consumer group a processor's workers share (the processors' own names)."""
+    from streams.processors import payments, rating, sink
+    from streams.processors.lane import lane_group
+
+    if processor.startswith("lane-"):
+        return lane_group(processor.removeprefix("lane-"))
+    return {"rating": rating.GROUP, "payments": payments.GROUP, "sink": sink.GROUP}[processor]
+
+
+OPTIONAL_PARTS = ("alerts", "dashboard")  # what `up --with` may leave out
+
+
+@dataclass(frozen=True)
+class Part:
+    """One process of the stack: `streambill ARGV`, healthy when `health` says so."""
+
+    name: str
+    argv: tuple[str, ...]  # after `streambill` (top level) or `streambill run`
+    health: str  # metrics (its endpoint advertised) | warehouse | readyz | page | ready-file
+    top_level: bool = False
+    grouped: bool = False  # has a consumer group (whose lag `status` shows)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def stack_file(settings: Settings) -> Path:
+    return settings.home / "stack.json"
+
+
+def read_stack(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(stack_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def running(entry: dict[str, Any]) -> bool:
+    """The recorded process still runs: its pid is alive (not a zombie) and runs the
+    recorded command (a pid reused by another program is not it)."""
+    proc = Path("/proc") / str(entry["pid"])
+    try:
+        cmdline = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and cmdline == entry["command"]
+
+
+def running_stack(settings: Settings) -> list[dict[str, Any]]:
+    """The processes of the stack recorded under this home that still run."""
+    stack = read_stack(settings)
+    return [e for e in (stack or {}).get("processes", []) if running(e)]
+
+
+def stack_parts(settings: Settings, with_parts: set[str], gateway_url: str | None,
+                api_port: int, dashboard_port: int) -> list[list[Part]]:  # fmt: skip
+    """The stack in start-up order, as stages: each stage starts once every process of
+    the one before is healthy (the sink owns the warehouse the others query; the gateway
+    is up before payments call it; the API's readiness needs only Kafka)."""
+    first = [Part("sink", ("sink",), "warehouse", grouped=True)]
+    if gateway_url is None:  # none configured: the simulator, started here
+        first.append(Part("gateway", ("gateway", "serve", "--port", "0", "--ready-file",
+                                      str(settings.home / "gateway-ready.json")),
+                          "ready-file", top_level=True))  # fmt: skip
+    processors = [
+        Part("rating", ("rating",), "metrics", grouped=True),
+        Part("payments", ("payments",), "metrics", grouped=True),
+        Part("lane-priority", ("lane", "priority"), "metrics", grouped=True),
+        Part("lane-standard", ("lane", "standard"), "metrics", grouped=True),
+        Part("api", ("api", "--port", str(api_port)), "readyz", top_level=True),
+    ]
+    extras = []
+    if "alerts" in with_parts:
+        extras.append(Part("alerts", ("alerts",), "metrics"))
+    if "dashboard" in with_parts:
+        extras.append(Part("dashboard", ("dashboard", "--port", str(dashboard_port)), "page",
+                           top_level=True))  # fmt: skip
+    return [stage for stage in (first, processors, extras) if stage]
+
+
+def _healthy(settings: Settings, part: Part, proc: ProcessorProcess) -> tuple[int, str] | None:
+    """(port, url) once the process answers as `part.health` says, else None."""
+    import urllib.request
+
+    from streams import metrics
+
+    pid = proc.proc.pid if proc.proc else -1
+    if part.health == "ready-file":
+        try:
+            info = json.loads(Path(part.argv[-1]).read_text())
+        except (OSError, ValueError):
+            return None
+        return (int(info["url"].rsplit(":", 1)[1].split("/")[0]), info["url"]) if (
+            info.get("pid") == pid) else None  # fmt: skip
+    if part.health in ("readyz", "page"):
+        port = int(part.argv[part.argv.index("--port") + 1])
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            with urllib.request.urlopen(url + ("readyz" if part.health == "readyz" else ""),
+                                        timeout=2):  # fmt: skip
+                return port, url
+        except OSError:
+            return None
+    if part.health == "warehouse" and settings.warehouse_dsn.startswith("chdb://"):
+        try:
+            info = json.loads(endpoint_file(settings).read_text())
+        except (OSError, ValueError):
+            return None
+        if info.get("pid") != pid:
+            return None
+    endpoint = next((e for e in metrics.endpoints(settings) if e["pid"] == pid), None)
+    if endpoint is None:
+        return None
+    url = endpoint["url"]
+    return int(url.rsplit(":", 1)[1].split("/")[0]), url
+
+
+def start_stack(
+    settings: Settings,
+    with_parts: set[str],
+    api_port: int,
+    dashboard_port: int,
+    say: Callable[[str], None],
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Start the stack (see stack_parts) as detached processes, each healthy before the
+    next stage starts; record them in $STREAMBILL_HOME/stack.json. On a failure what was
+    started is stopped again and StackError says which process failed and why."""
+    from streams.kafka import clients
+    from streams.kafka.local import KAFKA_SH, bootstrap_servers
+    from streams.kafka.topics import ensure_topics, namespace
+
+    if live := running_stack(settings):
+        raise StackError(
+            f"a stack is already running ({len(live)} processes recorded in "
+            f"{stack_file(settings)}): `streambill status` shows it, `streambill down` stops it"
+        )
+    broker_started = False
+    if settings.bootstrap_servers:
+        say(f"Kafka: {settings.bootstrap_servers} (configured)")
+    else:
+        status = subprocess.run([str(KAFKA_SH), "status"], capture_output=True, text=True,
+                                check=False).stdout  # fmt: skip
+        broker_started = "running" not in status
+    bootstrap = bootstrap_servers(settings)
+    if not settings.bootstrap_servers:
+        say(f"Kafka: local broker at {bootstrap} "
+            f"({'started' if broker_started else 'already running'})")  # fmt: skip
+    ensure_topics(clients.admin(settings, bootstrap), settings)
+    gateway_url = None
+    if settings.gateway != "simulator":
+        say(f"gateway: {settings.gateway} (configured)")
+    elif os.environ.get("STREAMBILL_GATEWAY_URL"):
+        gateway_url = settings.gateway_url
+        say(f"gateway: the simulator at {gateway_url} (configured)")
+    stack: dict[str, Any] = {
+        "started_at": _now(), "home": str(settings.home), "namespace": namespace(),
+        "bootstrap": bootstrap, "broker_started": broker_started,
+        "gateway_url": gateway_url, "processes": [],
+    }  # fmt: skip
+    started: list[ProcessorProcess] = []
+    env: dict[str, str] = {}
+    try:
+        for stage in stack_parts(settings, with_parts, gateway_url, api_port, dashboard_port):
+            pending = {}
+            for part in stage:
+                proc = ProcessorProcess(settings, bootstrap, *part.argv, env=env,
+                                        top_level=part.top_level, detached=True)  # fmt: skip
+                if part.name == "gateway":
+                    Path(part.argv[-1]).unlink(missing_ok=True)
+                pending[part] = proc.start()
+                started.append(proc)
+            deadline = time.monotonic() + timeout
+            while pending:
+                for part, proc in list(pending.items()):
+                    if not proc.alive:
+                        raise StackError(f"{part.name} exited during start-up "
+                                         f"(log {proc.log_path}):\n{proc.tail()}")  # fmt: skip
+                    if (found := _healthy(settings, part, proc)) is None:
+                        continue
+                    del pending[part]
+                    port, url = found
+                    assert proc.proc is not None
+                    stack["processes"].append({
+                        "name": part.name, "pid": proc.proc.pid, "command": proc.command,
+                        "port": port, "url": url, "log": str(proc.log_path),
+                        "group": consumer_group(part.name) if part.grouped else None,
+                        "started_at": _now(),
+                    })  # fmt: skip
+                    _write_stack(settings, stack)
+                    say(f"{part.name}: pid {proc.proc.pid}, {url} (log {proc.log_path})")
+                    if part.name == "gateway":
+                        stack["gateway_url"] = url
+                        env = {"STREAMBILL_GATEWAY": "simulator", "STREAMBILL_GATEWAY_URL": url}
+                        say(f"gateway: the simulator at {url}, started for payments and "
+                            "the lanes (no STREAMBILL_GATEWAY_URL configured)")  # fmt: skip
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(p.name for p in pending)
+                    raise StackError(f"not healthy after {timeout:.0f} s: {names}")
+                time.sleep(0.2)
+    except BaseException:
+        for proc in reversed(started):
+            proc.stop()
+        stack_file(settings).unlink(missing_ok=True)
+        raise
+    _write_stack(settings, stack)
+    return stack
+
+
+def stop_stack(
+    settings: Settings, say: Callable[[str], None], timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """SIGTERM each recorded process that still runs, in reverse start order, waiting
+    `timeout` seconds for it (then SIGKILL); the local broker too if `up` started it.
+    Returns the processes stopped, each with how ("stopped" or "killed")."""
+    from streams.kafka.local import stop_local_kafka
+
+    stack = read_stack(settings)
+    if stack is None:
+        return []
+    stopped = []
+    for entry in reversed(stack["processes"]):
+        if not running(entry):
+            say(f"{entry['name']}: pid {entry['pid']} was not running")
+            continue
+        os.kill(entry["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while running(entry) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        how = "stopped"
+        if running(entry):
+            with suppress(ProcessLookupError):
+                os.kill(entry["pid"], signal.SIGKILL)
+            how = f"killed (no exit {timeout:.0f} s after SIGTERM)"
+        say(f"{entry['name']}: pid {entry['pid']} {how}")
+        stopped.append({**entry, "how": how})
+    if stack.get("broker_started"):
+        stop_local_kafka()
+        say("Kafka: the local broker `up` started, stopped")
+    stack_file(settings).unlink(missing_ok=True)
+    return stopped
+
+
+def stack_status(settings: Settings, timeout: float = 10.0) -> dict[str, Any] | None:
+    """The recorded stack, each process with `alive` and its consumer group's lag (None
+    when it has no group, the group has not committed yet or the broker does not answer)."""
+    from streams.kafka.lag import group_lags
+    from streams.kafka.topics import group_id
+
+    stack = read_stack(settings)
+    if stack is None:
+        return None
+    lags: dict[str, int] | None = {}
+    try:
+        for row in group_lags(settings, stack["bootstrap"], timeout):
+            lags[row.group] = lags.get(row.group, 0) + row.lag
+    except Exception:  # the broker is down or unreachable: lag unknown, not zero
+        lags = None
+    processes = []
+    for entry in stack["processes"]:
+        group = entry.get("group")
+        lag = None if lags is None or not group else lags.get(group_id(group))
+        processes.append({**entry, "alive": running(entry), "lag": lag})
+    return {**stack, "processes": processes}
+
+
+def _write_stack(settings: Settings, stack: dict[str, Any]) -> None:
+    path = stack_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stack, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="seconds")

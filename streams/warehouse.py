@@ -13,13 +13,14 @@ import os
 import re
 import threading
 import urllib.request
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
 import structlog
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from streams.config import DEPLOY_DIR, Settings
 
@@ -151,6 +152,26 @@ def _readable(value: Any) -> Any:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
+def as_text(value: Any) -> str:
+    """A value as a person or a spreadsheet reads it: decimals in plain notation at their
+    column's scale (str() of a Decimal(38, 9) zero is '0E-9'), NULL as nothing."""
+    if value is None:
+        return ""
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
+
+
+class QueryError(ValueError):
+    """The warehouse refused a query (its SQL, not its availability), in one line."""
+
+
+def _one_line(exc: Exception) -> str:
+    """ClickHouse's message without the driver's `FORMAT Native` suffix it quotes, nor the
+    list of every token a syntax error could have had, on one line."""
+    text = re.sub(r"\s+FORMAT Native\b", "", str(exc))
+    text = re.sub(r" Expected one of: .*?(?= \(\w+\)$)", "", text, flags=re.S)
+    return " ".join(text.split())
+
+
 class QueryServer:
     """HTTP endpoint answering SQL for other processes while this one owns chDB."""
 
@@ -167,9 +188,9 @@ class QueryServer:
                 try:
                     with server_self.lock:
                         payload = run_query(server_self.client, sql)
-                    body, status = json.dumps(payload, default=str).encode(), 200
+                    body, status = json.dumps(payload, default=as_text).encode(), 200
                 except Exception as exc:
-                    body, status = json.dumps({"error": str(exc)}).encode(), 400
+                    body, status = json.dumps({"error": _one_line(exc)}).encode(), 400
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -234,9 +255,15 @@ def query(
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
-                raise ValueError(json.loads(exc.read()).get("error", str(exc))) from None
+                raise QueryError(json.loads(exc.read()).get("error", str(exc))) from None
             except OSError as exc:
                 raise WarehouseUnavailable(f"warehouse endpoint {url}: {exc}") from exc
         if not open_here:
             raise WarehouseUnavailable("the embedded warehouse has no running sink to ask")
-    return run_query(open_warehouse(settings), sql)
+    client = open_warehouse(settings)
+    try:
+        return run_query(client, sql)
+    except OperationalError:
+        raise  # the server went away: WAREHOUSE_DOWN, not the query's fault
+    except DatabaseError as exc:
+        raise QueryError(_one_line(exc)) from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ def isolated_pipeline(
     home: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:
     from streams.kafka import clients
-    from streams.kafka.topics import ensure_topics, namespace, set_namespace
+    from streams.kafka.topics import delete_namespace, ensure_topics, namespace, set_namespace
 
     ns = f"t{uuid.uuid4().hex[:10]}."
     previous = namespace()
@@ -75,8 +75,13 @@ def isolated_pipeline(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.delenv("CLICKHOUSE_DSN", raising=False)
     settings = Settings()
-    ensure_topics(clients.admin(settings, kafka_bootstrap), settings)
+    admin = clients.admin(settings, kafka_bootstrap)
+    ensure_topics(admin, settings)
     try:
         yield settings
     finally:
+        # a suite creates tens of thousands of partitions: a broker that kept them all
+        # would run out of file handles (each partition's log is an open file)
+        with suppress(Exception):
+            delete_namespace(admin, ns)
         set_namespace(previous)

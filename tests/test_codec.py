@@ -1,52 +1,21 @@
-"""Avro codec and schema evolution (pure: no broker)."""
+"""Avro codec (pure: no broker); schema evolution is tests/test_schema_evolution.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
-from avro.schema import parse as parse_avro
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.codec import Codec, DecodeError, codec
-from streams.config import REPO_ROOT, SCHEMAS_DIR
+from streams.config import SCHEMAS_DIR
 from streams.kafka.topics import ALL_TOPICS
 
 SCHEMA_FILES = sorted(SCHEMAS_DIR.glob("*.avsc"))
-
-
-def compatible(reader_json: str, writer_json: str) -> bool:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(
-        parse_avro(reader_json), parse_avro(writer_json)
-    )
-    return result.compatibility is SchemaCompatibilityType.compatible
-
-
-def git_versions(path: Path) -> list[str]:
-    """Every committed version of a schema file (newest first)."""
-    rel = path.relative_to(REPO_ROOT)
-    try:
-        commits = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "log", "--format=%H", "--", str(rel)],
-            capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [
-        subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "show", f"{c}:{rel}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for c in commits
-    ]
 
 
 def test_every_topic_schema_exists() -> None:
@@ -56,32 +25,11 @@ def test_every_topic_schema_exists() -> None:
 
 
 @pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.stem)
-def test_schema_backward_compatible_with_every_committed_version(path: Path) -> None:
-    current = path.read_text()
-    old_versions = git_versions(path) + [
-        p.read_text() for p in (SCHEMAS_DIR / "history").glob(f"{path.stem}.*.avsc")
-    ]
-    for old in old_versions:
-        assert compatible(current, old), (
-            f"{path.name}: cannot read data written by an older version"
-        )
-
-
-@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: p.stem)
 def test_money_is_never_a_float(path: Path) -> None:
     text = path.read_text()
     assert '"float"' not in text and '"double"' not in text.replace(
         '"latency_ms", "type": "double"', ""
     )
-
-
-def test_compatibility_check_rejects_a_breaking_change() -> None:
-    """The check above can fail: a new field without a default breaks old data."""
-    schema = json.loads((SCHEMAS_DIR / "usage_event.avsc").read_text())
-    schema["fields"].append({"name": "unit", "type": "string"})
-    assert not compatible(json.dumps(schema), (SCHEMAS_DIR / "usage_event.avsc").read_text())
-    schema["fields"][-1]["default"] = "unit"
-    assert compatible(json.dumps(schema), (SCHEMAS_DIR / "usage_event.avsc").read_text())
 
 
 def test_old_writer_schema_is_resolved(tmp_path: Path) -> None:

@@ -12,9 +12,10 @@ from prometheus_client import REGISTRY
 
 import streams.api.server
 import streams.metrics  # noqa: F401 - registers the processors' metrics
-from streams.cli import SCALABLE, consumer_group
+from streams.cli import SCALABLE
 from streams.config import DEPLOY_DIR
 from streams.kafka.topics import ALL_TOPICS
+from streams.stack import consumer_group
 
 METRIC = re.compile(r"\bstreambill_[a-z_]+\b")
 

@@ -21,7 +21,8 @@
 # Environment: STREAMBILL_KAFKA_DIR (broker data and logs; default <repo>/.streambill/kafka),
 # STREAMBILL_CACHE (jars; default ~/.cache/streambill), KAFKA_HEAP_MB (per node, default 768),
 # STREAMBILL_KAFKA_PORT_BASE (default 19092; node n listens on base + 100*(n-1), its controller
-# on +1, its SASL listener on +2).
+# on +1, its SASL listener on +2), KAFKA_BROKER_SESSION_TIMEOUT_MS (how long a silent node
+# keeps its partitions before the controller fences it; default Kafka's 9000).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -96,6 +97,7 @@ group.initial.rebalance.delay.ms=0
 group.consumer.min.session.timeout.ms=3000
 group.classic.min.session.timeout.ms=3000
 transaction.abort.timed.out.transaction.cleanup.interval.ms=5000
+broker.session.timeout.ms=${KAFKA_BROKER_SESSION_TIMEOUT_MS:-9000}
 log.retention.hours=-1
 log.segment.bytes=268435456
 num.network.threads=2

@@ -89,23 +89,54 @@ def tenant_add(
     key = new_key(tenant_id)
     tenants[tenant_id] = Tenant(tenant_id, account_prefix, [hash_key(key)], max_concurrency, rate)
     save(path, tenants)
-    out.print(key)
+    _show_new_key(key)
+
+
+def _show_new_key(key: str) -> None:
+    """The key alone on stdout (for `$(...)`), its id on stderr."""
+    from streams.api.tenants import hash_key, key_id
+
+    out.print(key, soft_wrap=True)
+    console.print(f"key id {key_id(hash_key(key))} (shown by `tenant list`; revoke with "
+                  "`tenant key --revoke ID`)")  # fmt: skip
 
 
 @tenant_app.command("key")
-def tenant_key(tenant_id: str, revoke_others: bool = typer.Option(False)) -> None:
-    """Print a new API key for a tenant (rotation: revoke the old ones once clients moved)."""
-    from streams.api.tenants import hash_key, load, new_key, save
+def tenant_key(
+    tenant_id: str | None = typer.Argument(None, help="the tenant (optional with --revoke)"),
+    revoke_others: bool = typer.Option(False, help="the new key becomes the tenant's only one"),
+    revoke: str | None = typer.Option(
+        None, "--revoke", metavar="KEY_ID", help="revoke this key (its id, or the key itself)"
+    ),
+) -> None:
+    """Print a new API key for a tenant (rotation: revoke the old ones once clients
+    moved), or revoke a key with --revoke KEY_ID. Running API workers re-read the tenants
+    within a second: from then on a revoked key gets 401."""
+    from streams.api.tenants import TenantError, hash_key, load, new_key, save
+    from streams.api.tenants import revoke as revoke_key
 
     path = _path()
     tenants = load(path)
+    if revoke is not None:
+        try:
+            tenant = revoke_key(tenants, revoke, tenant_id)
+        except TenantError as exc:
+            console.print(f"[red]{exc}[/] (`streambill tenant list` shows the key ids)")
+            raise typer.Exit(1) from None
+        save(path, tenants)
+        left = len(tenant.key_sha256)
+        console.print(f"revoked {revoke} of tenant {tenant.tenant_id} ({left} key(s) left): "
+                      "API workers refuse it within a second")  # fmt: skip
+        return
+    if tenant_id is None:
+        raise typer.BadParameter("the tenant to make a key for (or --revoke KEY_ID)")
     if tenant_id not in tenants:
         raise typer.BadParameter(f"no tenant {tenant_id}")
     key = new_key(tenant_id)
     t = tenants[tenant_id]
     t.key_sha256 = [hash_key(key)] if revoke_others else [*t.key_sha256, hash_key(key)]
     save(path, tenants)
-    out.print(key)
+    _show_new_key(key)
 
 
 @tenant_app.command("limits")
@@ -130,16 +161,16 @@ def tenant_limits(
 
 @tenant_app.command("list")
 def tenant_list() -> None:
-    """Tenants, their account prefixes, limits and number of keys."""
-    from streams.api.tenants import load
+    """Tenants, their account prefixes, limits and key ids."""
+    from streams.api.tenants import key_id, load
 
-    table = Table("tenant", "account prefix", "max concurrency", "rate/s", "keys")
+    table = Table("tenant", "account prefix", "max concurrency", "rate/s", "key ids")
     for t in load(_path()).values():
         table.add_row(
             t.tenant_id,
             t.account_prefix,
             str(t.max_concurrency),
             f"{t.rate_per_s:g}",
-            str(len(t.key_sha256)),
+            "\n".join(key_id(h) for h in t.key_sha256) or "(none: every request is a 401)",
         )
     out.print(table)

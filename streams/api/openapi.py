@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from streams.api import records
+from streams.api import reads, records
 
 ERROR = {
     "type": "object",
@@ -58,6 +58,96 @@ BATCH = {
         },
     },
 }
+TIMESTAMP = {"type": "string", "format": "date-time"}
+MONEY = {"type": "string", "description": "a decimal string at the currency's precision"}
+INVOICE_SUMMARY = {
+    "type": "object",
+    "required": ["invoice_id", "account_id", "subscription_id", "currency", "issued_at",
+                 "total", "status"],
+    "properties": {
+        "invoice_id": {"type": "string"},
+        "account_id": {"type": "string"},
+        "subscription_id": {"type": "string"},
+        "currency": {"type": "string"},
+        "issued_at": TIMESTAMP,
+        "total": MONEY,
+        "status": {
+            "enum": list(reads.INVOICE_STATUSES),
+            "description": "paid: a charge succeeded (or nothing was owed); uncollectible: "
+            "every dunning attempt was declined; open: neither, yet",
+        },
+    },
+}  # fmt: skip
+INVOICE_PAGE = {
+    "type": "object",
+    "required": ["invoices", "next_cursor"],
+    "properties": {
+        "invoices": {"type": "array", "items": {"$ref": "#/components/schemas/InvoiceSummary"}},
+        "next_cursor": {
+            "type": ["string", "null"],
+            "description": "pass as cursor for the next page; null on the last page",
+        },
+    },
+}
+SUBSCRIPTION = {
+    "type": "object",
+    "required": ["subscription_id", "account_id", "plan_id", "status", "created_at",
+                 "cancelled_at", "updated_at"],
+    "properties": {
+        "subscription_id": {"type": "string"},
+        "account_id": {"type": "string"},
+        "plan_id": {"type": ["string", "null"]},
+        "currency": {"type": ["string", "null"]},
+        "interval": {"type": ["string", "null"]},
+        "status": {"enum": ["active", "cancelling", "cancelled"]},
+        "created_at": TIMESTAMP,
+        "cancelled_at": {"type": ["string", "null"], "format": "date-time"},
+        "updated_at": TIMESTAMP,
+    },
+}  # fmt: skip
+REFUND = {
+    "type": "object",
+    "required": ["refund_id", "invoice_id", "account_id", "status", "amount", "currency",
+                 "reason", "rejection_reason", "requested_at", "completed_at"],
+    "properties": {
+        "refund_id": {"type": "string"},
+        "invoice_id": {"type": "string"},
+        "account_id": {"type": "string"},
+        "status": {"enum": ["refunded", "rejected"]},
+        "amount": MONEY,
+        "currency": {"type": "string"},
+        "reason": {"type": ["string", "null"], "description": "as given with the request"},
+        "rejection_reason": {"type": ["string", "null"]},
+        "gateway_reference": {"type": ["string", "null"]},
+        "requested_at": TIMESTAMP,
+        "completed_at": TIMESTAMP,
+    },
+}  # fmt: skip
+EVENT_STATUS = {
+    "type": "object",
+    "required": ["event_id", "status", "copies"],
+    "properties": {
+        "event_id": {"type": "string"},
+        "status": {"enum": ["applied", "pending", "dead_lettered"]},
+        "copies": {
+            "type": "array",
+            "description": "each time the event id was written to its topic",
+            "items": {
+                "type": "object",
+                "required": ["topic", "partition", "offset", "status"],
+                "properties": {
+                    "topic": {"type": "string"},
+                    "partition": {"type": "integer"},
+                    "offset": {"type": "integer"},
+                    "status": {"enum": ["applied", "ignored_repeat", "pending", "dead_lettered"]},
+                    "reason": {"type": "string"},
+                    "detail": {"type": "string"},
+                    "processor": {"type": "string"},
+                },
+            },
+        },
+    },
+}
 RETRY_AFTER = {
     "Retry-After": {
         "description": "seconds to wait before retrying",
@@ -76,16 +166,32 @@ def _json(schema: dict[str, Any], description: str, headers: bool = False) -> di
     return out
 
 
+def _read(summary: str, param: str, schema: str, description: str = "") -> dict[str, Any]:
+    """A GET of one resource by its id, scoped to the tenant."""
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": [{"name": param, "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {
+            "200": _json({"$ref": f"#/components/schemas/{schema}"}, summary),
+            **_errors(401, 404, 429, 503),
+        },
+    }  # fmt: skip
+    if description:
+        op["description"] = description
+    return {"get": op}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "the body is not JSON",
         401: "no valid API key",
-        403: "an account of another tenant",
-        404: "not found",
+        403: "a write naming an account this API key does not own",
+        404: "not found (another tenant's resource is not found either)",
         409: "a request with the same Idempotency-Key is in progress",
         413: "the body is larger than the server accepts",
         415: "the body is not application/json",
-        422: "invalid: one message per field",
+        422: "invalid, or certain to be refused downstream: one message per field",
         429: "over the tenant's concurrency or rate limit",
         503: "Kafka (or the warehouse) is unavailable; nothing was written",
     }
@@ -95,6 +201,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
         )
         for s in statuses
     }
+
+
+def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    param = {"name": name, "in": "query", "required": False, "schema": schema}
+    return {**param, "description": description} if description else param
 
 
 WRITE_ERRORS = (400, 401, 403, 409, 413, 415, 422, 429, 503)
@@ -164,23 +275,50 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
             "/v1/refunds": write(
                 "Request a refund (served by the priority lane)", "RefundRequest", accepted
             ),
-            "/v1/invoices/{invoice_id}": {
+            "/v1/invoices": {
                 "get": {
-                    "summary": "An invoice with its lines, as landed in the warehouse",
+                    "summary": "The tenant's invoices, oldest first, with their payment status",
                     "parameters": [
-                        {
-                            "name": "invoice_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
+                        _query("account", {"type": "string"}, "only this account's"),
+                        _query("status", {"enum": list(reads.INVOICE_STATUSES)}),
+                        _query("from", TIMESTAMP, "issued at or after"),
+                        _query("to", TIMESTAMP, "issued before"),
+                        _query(
+                            "limit",
+                            {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": reads.MAX_PAGE,
+                                "default": reads.DEFAULT_PAGE,
+                            },
+                        ),
+                        _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
                     ],
                     "responses": {
-                        "200": _json({"type": "object"}, "the invoice"),
-                        **_errors(401, 403, 404, 429, 503),
+                        "200": _json({"$ref": "#/components/schemas/InvoicePage"}, "one page"),
+                        **_errors(401, 404, 422, 429, 503),
                     },
                 }
             },
+            "/v1/invoices/{invoice_id}": _read(
+                "An invoice with its lines, as landed in the warehouse", "invoice_id", "Invoice"
+            ),
+            "/v1/subscriptions/{subscription_id}": _read(
+                "A subscription as the warehouse holds it", "subscription_id", "Subscription"
+            ),
+            "/v1/refunds/{refund_id}": _read(
+                "A refund's result (not found while the request is pending)",
+                "refund_id",
+                "Refund",
+            ),
+            "/v1/events/{event_id}": _read(
+                "Whether an accepted event was applied, ignored as a repeat or dead-lettered",
+                "event_id",
+                "EventStatus",
+                "applied: landed, the rating processor committed past it and every dead letter "
+                "committed since has landed, none of it; pending: not known yet. Not found "
+                "until the event has landed in the warehouse.",
+            ),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
@@ -220,6 +358,12 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                     },
                 },
                 "RefundRequest": refund,
+                "Invoice": {"type": "object"},
+                "InvoiceSummary": INVOICE_SUMMARY,
+                "InvoicePage": INVOICE_PAGE,
+                "Subscription": SUBSCRIPTION,
+                "Refund": REFUND,
+                "EventStatus": EVENT_STATUS,
                 "Accepted": ACCEPTED,
                 "BatchResult": BATCH,
                 "Error": ERROR,

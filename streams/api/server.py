@@ -2,10 +2,14 @@
 
 Every write is answered only once Kafka has it (acks=all, idempotent producer): a 2xx
 means durable. What the server cannot do it says at once: 401 without a valid key, 403
-for another tenant's account, 413/415/400/422 for bad bodies, 429 + Retry-After over a
+for a write naming an account the key does not own (a read of another tenant's resource
+is a 404, as if it did not exist: no answer tells one tenant about another),
+413/415/400/422 for bad bodies, 422 for what the rating processor is certain to refuse
+(``streams.api.known``), 429 + Retry-After over a
 tenant's limits (decided in microseconds, before the body is read), 503 + Retry-After
 when Kafka does not acknowledge within ``STREAMBILL_API_KAFKA_TIMEOUT`` or is known to
 be down. No request waits longer than that deadline, so a client never times out.
+Bodies carry fixed messages, never an exception's text (that goes to the log).
 
 Idempotency: a request with an ``Idempotency-Key`` header gets the stored answer of
 its first success again (per worker, ``IDEMPOTENCY_CACHE`` keys); across workers and
@@ -34,21 +38,31 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from streams import metrics
-from streams.api import records
+from streams.api import reads, records
+from streams.api.known import SubscriptionBook
 from streams.api.limits import Admission
 from streams.api.openapi import openapi_document
 from streams.api.tenants import Tenant, TenantDirectory, TenantError
 from streams.codec import codec
 from streams.config import Settings
+from streams.domain.catalog import Catalog
 from streams.domain.money import format_money, format_quantity
-from streams.domain.timestamps import format_timestamp, from_micros
+from streams.domain.timestamps import (
+    InvalidTimestamp,
+    format_timestamp,
+    from_micros,
+    parse_timestamp,
+    to_micros,
+)
 from streams.kafka import clients
 from streams.kafka.topics import CANCELLATIONS, REFUNDS, SUBSCRIPTIONS, USAGE, TopicSpec
+
+# the topics whose events GET /v1/events/{event_id} finds, by their names
+EVENT_TOPICS = {t.name: t for t in (USAGE, SUBSCRIPTIONS, CANCELLATIONS)}
 
 log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_CACHE = 100_000
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _EVENT_NS = uuid.UUID("6f1f6c3e-5a52-4a1c-9d8e-2f0b7d3c9a41")
 
 REQUESTS = Counter("streambill_api_requests_total", "API requests answered", ["route", "status"])
@@ -75,10 +89,20 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
+KAFKA_DOWN_MESSAGE = "Kafka did not acknowledge the write: nothing was written; retry later"
+WAREHOUSE_DOWN_MESSAGE = "the warehouse does not answer; retry later"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+def _sent_event_id(item: Any) -> dict[str, str]:
+    """The event_id a client sent with an item, to echo in that item's answer."""
+    event_id = item.get("event_id") if isinstance(item, dict) else None
+    return {"event_id": event_id} if isinstance(event_id, str) else {}
 
 
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -112,6 +136,7 @@ class KafkaBridge:
             **{"linger.ms": 10, "message.timeout.ms": int(timeout_s * 1000),
                "queue.buffering.max.messages": 200_000},
         )  # fmt: skip
+        self.bootstrap = bootstrap
         self.timeout_s = timeout_s
         self.down_since: float | None = None
         self.pending = 0
@@ -196,7 +221,7 @@ class Api:
         settings: Settings,
         kafka: KafkaBridge,
         tenants: TenantDirectory,
-        plans: tuple[str, ...],
+        catalog: Catalog,
         workers: int = 1,
     ) -> None:
         self.settings = settings
@@ -206,8 +231,9 @@ class Api:
         self.admission: dict[str, Admission] = {}
         self.idempotency = IdempotencyCache(IDEMPOTENCY_CACHE)
         self.in_progress: set[tuple[str, str]] = set()
-        self.plans = plans
-        self.subscription_rules = records.subscription_rules(set(plans).__contains__)
+        self.plans = tuple(sorted(catalog.plans))
+        self.subscription_rules = records.subscription_rules(catalog.__contains__)
+        self.book = SubscriptionBook(catalog, sole_worker=self.workers == 1)
         self.last_refresh = 0.0
         self.started = time.time()
 
@@ -268,7 +294,7 @@ class Api:
                     raise ApiError(
                         429,
                         "rate_limited",
-                        f"tenant {tenant.tenant_id} is over its limits; retry later",
+                        "this API key's tenant is over its limits; retry later",
                         retry_after=retry_after,
                     )
                 request["tenant"] = tenant
@@ -283,7 +309,9 @@ class Api:
             if "Allow" in exc.headers:  # a 405 names the methods that are allowed
                 response.headers["Allow"] = exc.headers["Allow"]
         except KafkaUnavailable as exc:
-            response = error_response(ApiError(503, "kafka_unavailable", str(exc), retry_after=1))
+            log.warning("kafka unavailable", route=route_name, error=str(exc))
+            response = error_response(ApiError(503, "kafka_unavailable", KAFKA_DOWN_MESSAGE,
+                                               retry_after=1))  # fmt: skip
         except TimeoutError:
             response = error_response(
                 ApiError(
@@ -319,11 +347,10 @@ class Api:
 
     @staticmethod
     def _own(tenant: Tenant, account_id: str) -> None:
+        """A write naming an account the key does not own: 403, naming only what was sent."""
         if not tenant.owns(account_id):
             raise ApiError(
-                403,
-                "forbidden",
-                f"account {account_id!r} is not one of tenant {tenant.tenant_id}'s accounts",
+                403, "forbidden", f"account {account_id!r} is not one of this API key's accounts"
             )
 
     async def _send(self, topic: TopicSpec, record: dict[str, Any]) -> tuple[int, int]:
@@ -416,10 +443,16 @@ class Api:
             )
             if record is None:
                 raise ApiError(422, "invalid", "the event is invalid", errors=errors)
+            self._own(tenant, record["account_id"])
+            problem = self.book.subscription_problem(record, tenant.owns)
+            if problem:
+                raise ApiError(422, "refused", "the event would be refused", errors=[problem])
             # a cancellation is a workflow: the lanes serve it (see streams/lanes.py)
             cancel = record["type"] == "subscription.cancelled"
-            return await self._accept(tenant, CANCELLATIONS if cancel else SUBSCRIPTIONS,
-                                      record, "event_id")  # fmt: skip
+            response = await self._accept(tenant, CANCELLATIONS if cancel else SUBSCRIPTIONS,
+                                          record, "event_id")  # fmt: skip
+            self.book.accepted(record)
+            return response
 
         return await self._idempotent(request, work)
 
@@ -437,6 +470,10 @@ class Api:
             for record, _ in checked:  # nothing is written when one account is not ours
                 if record is not None:
                     self._own(tenant, record["account_id"])
+            for i, (record, _) in enumerate(checked):  # what is certain to be refused later
+                problem = None if record is None else self.book.usage_problem(record, tenant.owns)
+                if problem:
+                    checked[i] = (None, [problem])
             valid = [(i, r) for i, (r, _) in enumerate(checked) if r is not None]
             sent = await asyncio.gather(
                 *(self._send(USAGE, r) for _, r in valid), return_exceptions=True
@@ -445,7 +482,8 @@ class Api:
             outcome = dict(zip((i for i, _ in valid), sent, strict=True))
             for i, (record, errors) in enumerate(checked):
                 if record is None:
-                    items.append({"index": i, "status": "rejected", "errors": errors})
+                    items.append({"index": i, **_sent_event_id(events[i]), "status": "rejected",
+                                  "errors": errors})  # fmt: skip
                 elif isinstance(outcome[i], BaseException):
                     items.append(
                         {
@@ -501,63 +539,232 @@ class Api:
 
         return await self._idempotent(request, work)
 
+    # --- reads from the warehouse -------------------------------------------------------
+
+    async def _warehouse(self, *sqls: str) -> list[list[list[Any]]]:
+        """The rows of each query, from the sink's query endpoint (never chDB here: the
+        sink owns it)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._run_queries, sqls)
+
+    def _run_queries(self, sqls: tuple[str, ...]) -> list[list[list[Any]]]:
+        from streams.warehouse import QueryError, WarehouseUnavailable, query
+
+        try:
+            return [query(self.settings, sql, timeout=10, open_here=False)["rows"]
+                    for sql in sqls]  # fmt: skip
+        except (WarehouseUnavailable, QueryError) as exc:
+            # a refused query here is the warehouse's state (a migration not applied yet)
+            log.warning("warehouse read failed", error=str(exc))
+            raise ApiError(503, "warehouse_unavailable", WAREHOUSE_DOWN_MESSAGE,
+                           retry_after=5) from None  # fmt: skip
+
+    @staticmethod
+    def _path_id(request: web.Request, name: str, what: str) -> str:
+        value = request.match_info[name]
+        if not reads.ID_PATTERN.fullmatch(value):
+            raise ApiError(404, "not_found", f"no such {what}")
+        return value
+
     async def get_invoice(self, request: web.Request) -> web.Response:
         tenant: Tenant = request["tenant"]
-        invoice_id = request.match_info["invoice_id"]
-        if not ID_PATTERN.fullmatch(invoice_id):
+        invoice_id = self._path_id(request, "invoice_id", "invoice")
+        where = f"invoice_id = '{invoice_id}'"
+        head, lines = await self._warehouse(
+            "SELECT invoice_id, account_id, subscription_id, "
+            "currency, toUnixTimestamp64Micro(issued_at), toString(total) "
+            f"FROM invoices FINAL WHERE {where}",
+            "SELECT charge_id, kind, toUnixTimestamp64Micro(period_start), "
+            "toUnixTimestamp64Micro(period_end), toString(quantity), "
+            f"toString(amount) FROM invoice_lines FINAL WHERE {where} ORDER BY line_no",
+        )
+        # another tenant's invoice is not found, as if it did not exist
+        if not head or not tenant.owns(head[0][1]):
             raise ApiError(404, "not_found", "no such invoice")
-        loop = asyncio.get_running_loop()
-        invoice = await loop.run_in_executor(None, self._fetch_invoice, invoice_id)
-        if invoice is None:
-            raise ApiError(404, "not_found", "no such invoice")
-        self._own(tenant, invoice["account_id"])
-        return json_response(200, invoice)
-
-    def _fetch_invoice(self, invoice_id: str) -> dict[str, Any] | None:
-        from streams.warehouse import WarehouseUnavailable, query
-
-        where = f"invoice_id = '{invoice_id}'"  # safe: ID_PATTERN has no quote or backslash
-        try:
-            head = query(
-                self.settings,
-                "SELECT invoice_id, account_id, subscription_id, "
-                "currency, toUnixTimestamp64Micro(issued_at), toString(total) "
-                f"FROM invoices FINAL WHERE {where}",
-                open_here=False,
-            )["rows"]
-            if not head:
-                return None
-            lines = query(
-                self.settings,
-                "SELECT charge_id, kind, "
-                "toUnixTimestamp64Micro(period_start), "
-                "toUnixTimestamp64Micro(period_end), toString(quantity), "
-                f"toString(amount) FROM invoice_lines FINAL WHERE {where} "
-                "ORDER BY line_no",
-                open_here=False,
-            )["rows"]
-        except WarehouseUnavailable as exc:
-            raise ApiError(503, "warehouse_unavailable", str(exc), retry_after=5) from None
         inv_id, account, sub, currency, issued, total = head[0]
-        return {
+        return json_response(200, {
             "invoice_id": inv_id,
             "account_id": account,
             "subscription_id": sub,
             "currency": currency,
-            "issued_at": format_timestamp(from_micros(int(issued))),
+            "issued_at": _time(issued),
             "lines": [
                 {
                     "charge_id": c,
                     "kind": k,
-                    "period_start": format_timestamp(from_micros(int(ps))),
-                    "period_end": format_timestamp(from_micros(int(pe))),
+                    "period_start": _time(ps),
+                    "period_end": _time(pe),
                     "quantity": format_quantity(Decimal(q)),
                     "amount": format_money(Decimal(a), currency),
                 }
                 for c, k, ps, pe, q, a in lines
             ],
             "total": format_money(Decimal(total), currency),
-        }
+        })  # fmt: skip
+
+    async def list_invoices(self, request: web.Request) -> web.Response:
+        tenant: Tenant = request["tenant"]
+        q = request.query
+        errors = [f"{k}: unknown parameter" for k in sorted(set(q) - INVOICE_QUERY)]
+        account = q.get("account")
+        if account is not None and not reads.ID_PATTERN.fullmatch(account):
+            errors.append("account: an account id (letters, digits and ._:@-)")
+        status = q.get("status")
+        if status is not None and status not in reads.INVOICE_STATUSES:
+            errors.append(f"status: one of {', '.join(reads.INVOICE_STATUSES)}")
+        bounds = {k: _query_time(q.get(k), k, errors) for k in ("from", "to")}
+        limit = reads.DEFAULT_PAGE
+        if "limit" in q:
+            text = q["limit"]
+            limit = int(text) if text.isascii() and text.isdigit() else 0
+            if not 1 <= limit <= reads.MAX_PAGE:
+                errors.append(f"limit: an integer from 1 to {reads.MAX_PAGE}")
+        after = None
+        if "cursor" in q:
+            after = reads.decode_cursor(q["cursor"])
+            if after is None:
+                errors.append("cursor: not a cursor of this API (use next_cursor as given)")
+        if errors:
+            raise ApiError(422, "invalid", "invalid query parameters", errors=errors)
+        if account is not None and not tenant.owns(account):
+            raise ApiError(404, "not_found", "no such account")
+        (rows,) = await self._warehouse(
+            reads.invoices_sql(
+                tenant.account_prefix, account, status, bounds["from"], bounds["to"], after, limit
+            )
+        )
+        page = [
+            {"invoice_id": i, "account_id": a, "subscription_id": sub, "currency": c,
+             "issued_at": _time(issued), "total": format_money(Decimal(total), c),
+             "status": st}
+            for i, a, sub, c, issued, total, st in rows[:limit]
+        ]  # fmt: skip
+        last = rows[limit - 1] if len(rows) > limit else None
+        next_cursor = None if last is None else reads.encode_cursor(int(last[4]), last[0])
+        return json_response(200, {"invoices": page, "next_cursor": next_cursor})
+
+    async def get_subscription(self, request: web.Request) -> web.Response:
+        tenant: Tenant = request["tenant"]
+        sub_id = self._path_id(request, "subscription_id", "subscription")
+        (rows,) = await self._warehouse(reads.subscription_sql(sub_id))
+        if not rows or not tenant.owns(rows[0][1]) or not int(rows[0][3]):
+            raise ApiError(404, "not_found", "no such subscription")
+        sub, account, plan_id, created, status, cancelled, updated = rows[0]
+        plan = self.book.catalog.plans.get(plan_id)
+        return json_response(200, {
+            "subscription_id": sub, "account_id": account, "plan_id": plan_id,
+            "currency": plan.currency if plan else None,
+            "interval": str(plan.interval) if plan else None,
+            "status": status, "created_at": _time(created),
+            "cancelled_at": None if cancelled is None else _time(cancelled),
+            "updated_at": _time(updated),
+        })  # fmt: skip
+
+    async def get_refund(self, request: web.Request) -> web.Response:
+        tenant: Tenant = request["tenant"]
+        refund_id = self._path_id(request, "refund_id", "refund")
+        (rows,) = await self._warehouse(reads.refund_sql(refund_id))
+        if not rows or not tenant.owns(rows[0][2]):
+            raise ApiError(404, "not_found", "no such refund (a pending one has no result yet)")
+        (r_id, invoice_id, account, status, amount, currency, rejection, reason, reference,
+         requested, completed) = rows[0]  # fmt: skip
+        return json_response(200, {
+            "refund_id": r_id, "invoice_id": invoice_id, "account_id": account,
+            "status": status, "amount": format_money(Decimal(amount), currency),
+            "currency": currency, "reason": reason, "rejection_reason": rejection,
+            "gateway_reference": reference, "requested_at": _time(requested),
+            "completed_at": _time(completed),
+        })  # fmt: skip
+
+    async def get_event(self, request: web.Request) -> web.Response:
+        tenant: Tenant = request["tenant"]
+        event_id = self._path_id(request, "event_id", "event")
+        landed, dead = await self._warehouse(
+            reads.landed_event_sql(event_id), reads.dead_letters_sql(event_id)
+        )
+        copies = {
+            (USAGE.name if table == "usage_events" else SUBSCRIPTIONS.name, int(p), int(o)):
+                reads.Copy(USAGE.name if table == "usage_events" else SUBSCRIPTIONS.name,
+                           int(p), int(o), account, sub, int(ts),
+                           "usage" if table == "usage_events" else "subscription")
+            for table, account, sub, p, o, ts in landed
+        }  # fmt: skip
+        for topic, p, o, reason, detail, processor, value in dead:
+            record = _decoded(topic, value)
+            if record is None or record.get("event_id") != event_id:
+                continue  # the id inside another field or another event's id
+            where = (topic, int(p), int(o))
+            copy = copies.get(where)
+            if copy is None:  # refused before landing: a cancellation the lane refused
+                copy = copies[where] = reads.Copy(
+                    topic, int(p), int(o), record["account_id"], record["subscription_id"],
+                    kind="usage" if topic == USAGE.name else "subscription",
+                )  # fmt: skip
+            copy.dead_letter = (reason, detail, processor)
+        mine = [c for c in copies.values() if tenant.owns(c.account_id)]
+        if not mine:
+            raise ApiError(404, "not_found", "no such event in the warehouse (an event "
+                           "accepted moments ago may not have landed yet)")  # fmt: skip
+        dead_letters_landed = False
+        if any(c.dead_letter is None for c in mine):
+            rated, dead_letters_landed = await asyncio.get_running_loop().run_in_executor(
+                None, self._rating_progress
+            )
+            for c in mine:
+                c.rated = rated.get((c.topic, c.partition), -1) > c.offset
+        status = reads.settle(mine, dead_letters_landed)
+        answers = []
+        for c in sorted(mine, key=lambda c: (c.topic, c.partition, c.offset)):
+            answer: dict[str, Any] = {"topic": c.topic, "partition": c.partition,
+                                      "offset": c.offset, "status": c.status}  # fmt: skip
+            if c.dead_letter is not None:
+                reason, detail, processor = c.dead_letter
+                if reads.is_foreign_account(reason, detail):
+                    reason = "account_mismatch"
+                elif reads.is_unknown_subscription(reason, detail):
+                    reason, detail = await self._foreign_or_unknown(tenant, c, reason, detail)
+                answer |= {"reason": reason, "detail": detail, "processor": processor}
+            answers.append(answer)
+        return json_response(200, {"event_id": event_id, "status": status, "copies": answers})
+
+    async def _foreign_or_unknown(
+        self, tenant: Tenant, copy: reads.Copy, reason: str, detail: str
+    ) -> tuple[str, str]:
+        """A subscription "unknown" to the partition that an account of the same tenant
+        owns was sent under another account. Another tenant's stays unknown: no answer
+        tells one tenant about another's subscriptions."""
+        (rows,) = await self._warehouse(reads.owner_sql(copy.subscription_id))
+        owner = rows[0][0] if rows else None
+        if owner is None or owner == copy.account_id or not tenant.owns(owner):
+            return reason, detail
+        return "account_mismatch", (f"subscription {copy.subscription_id!r} belongs to another "
+                                    f"account than {copy.account_id!r}")  # fmt: skip
+
+    def _rating_progress(self) -> tuple[dict[tuple[str, int], int], bool]:
+        """The rating processor's committed offsets, and whether the sink has landed
+        every dead letter committed up to now (read in this order: the rating processor
+        writes an event's dead letter in the transaction that commits past it)."""
+        from confluent_kafka import KafkaException
+
+        from streams.kafka.lag import UnknownGroup, group_lags
+        from streams.kafka.topics import DEAD_LETTER, group_id
+        from streams.processors.rating import GROUP as RATING_GROUP
+        from streams.processors.sink import GROUP as SINK_GROUP
+
+        try:
+            try:
+                rating = group_lags(self.settings, self.kafka.bootstrap, 5.0,
+                                    group_id(RATING_GROUP))  # fmt: skip
+            except UnknownGroup:
+                return {}, False
+            committed = {(r.topic, r.partition): r.committed or 0 for r in rating}
+            try:
+                sink = group_lags(self.settings, self.kafka.bootstrap, 5.0, group_id(SINK_GROUP))
+            except UnknownGroup:
+                return committed, False
+        except KafkaException as exc:
+            raise KafkaUnavailable(str(exc)) from None
+        dead = [r for r in sink if r.topic == DEAD_LETTER.name]
+        return committed, bool(dead) and all(r.lag == 0 for r in dead)
 
     async def health(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok", "uptime_s": round(time.time() - self.started)})
@@ -568,8 +775,9 @@ class Api:
         try:
             await loop.run_in_executor(None, lambda: self.kafka.producer.list_topics(timeout=1))
         except Exception as exc:  # any client error means: not ready
+            log.warning("not ready: kafka metadata", error=str(exc))
             return json_response(
-                503, {"status": "unavailable", "kafka": str(exc)}, {"Retry-After": "1"}
+                503, {"status": "unavailable", "kafka": "no answer"}, {"Retry-After": "1"}
             )
         if self.kafka.down_since is not None:
             return json_response(
@@ -590,12 +798,47 @@ class Api:
         app.router.add_post("/v1/subscriptions", self.post_subscription)
         app.router.add_post("/v1/usage", self.post_usage)
         app.router.add_post("/v1/refunds", self.post_refund)
+        app.router.add_get("/v1/invoices", self.list_invoices)
         app.router.add_get("/v1/invoices/{invoice_id}", self.get_invoice)
+        app.router.add_get("/v1/subscriptions/{subscription_id}", self.get_subscription)
+        app.router.add_get("/v1/refunds/{refund_id}", self.get_refund)
+        app.router.add_get("/v1/events/{event_id}", self.get_event)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/readyz", self.ready)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/metrics", self.metrics)
         return app
+
+
+INVOICE_QUERY = frozenset({"account", "status", "from", "to", "limit", "cursor"})
+
+
+def _time(micros: Any) -> str:
+    return format_timestamp(from_micros(int(micros)))
+
+
+def _query_time(text: str | None, name: str, errors: list[str]) -> int | None:
+    """An RFC 3339 query parameter as epoch µs."""
+    if text is None:
+        return None
+    try:
+        if not records.RFC3339.fullmatch(text):
+            raise InvalidTimestamp(text)
+        return to_micros(parse_timestamp(text.upper()))
+    except (InvalidTimestamp, OverflowError, ValueError):
+        errors.append(f"{name}: an RFC 3339 timestamp with its offset, e.g. 2026-01-31T10:00:00Z")
+        return None
+
+
+def _decoded(topic: str, value_hex: str | None) -> dict[str, Any] | None:
+    """A dead letter's original event, if it decodes as one of the event topics'."""
+    spec = EVENT_TOPICS.get(topic)
+    if spec is None or value_hex is None:
+        return None
+    try:
+        return codec(spec.schema).decode(bytes.fromhex(value_hex))
+    except Exception:  # not an event: an invalid one is not what was asked about
+        return None
 
 
 def tenants_path(settings: Settings) -> Path:
@@ -608,8 +851,6 @@ def serve(settings: Settings, bootstrap: str, host: str, port: int, workers: int
 
     import uvloop
 
-    from streams.domain.catalog import Catalog
-
     catalog = Catalog.from_dict(json.loads(settings.catalog.read_text()))
     tenants = TenantDirectory(tenants_path(settings))
     if not tenants.tenants:
@@ -621,7 +862,7 @@ def serve(settings: Settings, bootstrap: str, host: str, port: int, workers: int
     async def main() -> None:
         kafka = KafkaBridge(settings, bootstrap, settings.api_kafka_timeout_s)
         kafka.start()
-        api = Api(settings, kafka, tenants, tuple(sorted(catalog.plans)), workers)
+        api = Api(settings, kafka, tenants, catalog, workers)
         runner = web.AppRunner(api.app(settings.api_max_body), access_log=None, handle_signals=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)

@@ -9,7 +9,9 @@ A tenant owns the accounts whose id starts with its ``account_prefix`` (an empty
 owns every account: a single-tenant deployment). Keys are 256-bit
 random tokens, so a SHA-256 of the key is enough to store (no password-style stretching
 is needed for a secret nobody can guess, and the lookup stays cheap on the hot path);
-the plain key is shown once, when it is made.
+the plain key is shown once, when it is made. A key is named by its id, the first
+characters of its hash (not a secret: it cannot be turned back into the key), so it can be
+listed and revoked without anyone holding the key.
 """
 
 from __future__ import annotations
@@ -36,6 +38,30 @@ def hash_key(key: str) -> str:
 
 def new_key(tenant_id: str) -> str:
     return f"sb_{tenant_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_id(key_sha256: str) -> str:
+    """A key's public name: 48 bits of its hash, unique among any tenants' keys."""
+    return key_sha256[:12]
+
+
+def revoke(tenants: dict[str, Tenant], key: str, tenant_id: str | None = None) -> Tenant:
+    """Remove a key (by its id, or the key itself) from its tenant, which is returned;
+    with ``tenant_id``, only from that tenant. An unknown key raises TenantError."""
+    ids = {key_id(hash_key(key)), key}
+    holders = [
+        (t, h)
+        for t in tenants.values()
+        if tenant_id in (None, t.tenant_id)
+        for h in t.key_sha256
+        if key_id(h) in ids
+    ]
+    if not holders:
+        owner = f" of tenant {tenant_id}" if tenant_id else ""
+        raise TenantError(f"no key {key!r}{owner}")
+    for tenant, h in holders:
+        tenant.key_sha256.remove(h)
+    return holders[0][0]
 
 
 @dataclass
@@ -88,23 +114,29 @@ def save(path: Path, tenants: dict[str, Tenant]) -> None:
 
 
 class TenantDirectory:
-    """The tenants file as the API sees it: re-read when its mtime changes."""
+    """The tenants file as the API sees it: re-read when it changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.mtime: float | None = None
+        self.version: tuple[int, int, int] | None = None
         self.by_key: dict[str, Tenant] = {}
         self.tenants: dict[str, Tenant] = {}
         self.refresh()
 
     def refresh(self) -> bool:
         """True when the file changed and was re-read. A broken file keeps the previous
-        tenants (and raises), so a bad edit cannot lock every client out."""
-        mtime = self.path.stat().st_mtime if self.path.exists() else None
-        if mtime == self.mtime:
+        tenants (and raises), so a bad edit cannot lock every client out. A change is a
+        new mtime, inode or size: `save` replaces the file, so two saves within one tick
+        of the file system's clock (a key made, then revoked) are told apart too."""
+        try:
+            st = self.path.stat()
+            version: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except FileNotFoundError:
+            version = None
+        if version == self.version:
             return False
         tenants = load(self.path)
-        self.mtime = mtime
+        self.version = version
         self.tenants = tenants
         self.by_key = {h: t for t in tenants.values() for h in t.key_sha256}
         return True

@@ -11,12 +11,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from streams.config import Settings
+from streams.logging import KAFKA_LOGGER
 
 T = TypeVar("T")
 
 
 def _base(settings: Settings, bootstrap: str) -> dict[str, Any]:
-    return {"bootstrap.servers": bootstrap, **settings.kafka_security}
+    # librdkafka's own lines (connection failures, ...) go to the JSON log, not raw stderr
+    return {"bootstrap.servers": bootstrap, "logger": KAFKA_LOGGER, **settings.kafka_security}
 
 
 def admin(settings: Settings, bootstrap: str) -> AdminClient:

@@ -37,6 +37,13 @@ def start_local_node(node: int, env: dict[str, str] | None = None) -> None:
                    env=_env_without_bootstrap() | (env or {}))  # fmt: skip
 
 
+def local_kafka_running() -> bool:
+    """Whether a node of the local cluster runs (whoever started it)."""
+    proc = subprocess.run([str(KAFKA_SH), "status"], capture_output=True, text=True,
+                          check=False, env=_env_without_bootstrap())  # fmt: skip
+    return ": running " in proc.stdout
+
+
 def _env_without_bootstrap() -> dict[str, str]:
     import os
 

@@ -152,3 +152,23 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout: float) -> N
 
 def spec_for_base(base: str) -> TopicSpec:
     return next(t for t in ALL_TOPICS if t.base == base)
+
+
+def delete_namespace(admin: AdminClient, ns: str, timeout: float = 30.0) -> list[str]:
+    """Delete the declared topics of namespace `ns`, and wait until the cluster no
+    longer lists them; returns the names deleted. Its consumer groups go with them: the
+    broker drops a group without members once the topics of all its committed offsets
+    are deleted."""
+    import time
+
+    existing = admin.list_topics(timeout=timeout).topics
+    topics = [ns + t.base for t in ALL_TOPICS if ns + t.base in existing]
+    for future in (admin.delete_topics(topics, operation_timeout=timeout).values()
+                   if topics else ()):  # fmt: skip
+        future.result()
+    deadline = time.monotonic() + timeout
+    while set(topics) & set(admin.list_topics(timeout=timeout).topics):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics of namespace {ns!r} still listed after deletion")
+        time.sleep(0.1)
+    return topics

@@ -216,12 +216,11 @@ class Sources:
         return None if value is None else float(value)
 
     def _lag(self, rule: Rule) -> float | None:
-        from streams.kafka import clients
         from streams.kafka.lag import group_lags
         from streams.kafka.topics import group_id
 
         per_group: dict[str, int] = defaultdict(int)
-        for r in group_lags(clients.admin(self.settings, self.bootstrap)):
+        for r in group_lags(self.settings, self.bootstrap):
             per_group[r.group] += r.lag
         if rule.group:
             return float(per_group.get(group_id(rule.group), 0))

@@ -1,18 +1,18 @@
 """``streambill dashboard``: the health page (aiohttp) and the figures behind it.
 
 Figures come from where they are true: invoices, payments, refunds and dead letters from
-the warehouse (per minute, over the last hours), consumer lag from the broker (admin
-API), and API traffic from the API workers' Prometheus endpoints, sampled every few
-seconds into an in-memory history (kept for ``HISTORY_HOURS``; it starts when the
-dashboard starts). The page polls ``/api/figures`` and draws with uPlot (vendored in
-``streams/ops/static``).
+the warehouse (per minute, over the time range the page asks for), consumer lag from the
+broker (``streams.kafka.lag``), and API traffic from the API workers' Prometheus
+endpoints, sampled every few seconds into an in-memory history (kept for
+``HISTORY_HOURS``; it starts when the dashboard starts). The page polls
+``/api/figures?minutes=N`` and draws with uPlot (vendored in ``streams/ops/static``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import defaultdict, deque
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -27,7 +27,8 @@ from streams.metrics import endpoints, scrape
 
 log = structlog.get_logger(__name__)
 STATIC = Path(__file__).parent / "static"
-HISTORY_HOURS = 6
+HISTORY_HOURS = 24
+RANGES_MINUTES = (15, 60, 360, 1440)  # the page's time ranges (the longest: HISTORY_HOURS)
 SAMPLE_EVERY_S = 5.0
 
 
@@ -37,48 +38,48 @@ WAREHOUSE_SQL = {
     # per minute of landing: what the pipeline did when, whatever the events' own times
     "invoices_per_minute": """
         SELECT toUnixTimestamp(toStartOfMinute(_landed_at)) AS t, uniqExact(invoice_id)
-        FROM invoices WHERE _landed_at >= now() - INTERVAL {hours} HOUR
+        FROM invoices WHERE _landed_at >= now() - INTERVAL {minutes} MINUTE
         GROUP BY t ORDER BY t""",
     "payments_per_minute": """
         SELECT toUnixTimestamp(toStartOfMinute(completed_at)) AS t,
                uniqExactIf(payment_id, status = 'succeeded'),
                uniqExactIf(payment_id, status != 'succeeded')
-        FROM payment_attempts WHERE completed_at >= now() - INTERVAL {hours} HOUR
+        FROM payment_attempts WHERE completed_at >= now() - INTERVAL {minutes} MINUTE
         GROUP BY t ORDER BY t""",
     "refund_latency": """
         SELECT toUnixTimestamp(toStartOfFiveMinutes(completed_at)) AS t,
                round(quantileExact(0.5)(dateDiff('millisecond', requested_at, completed_at))),
                round(quantileExact(0.99)(dateDiff('millisecond', requested_at, completed_at)))
-        FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {hours} HOUR
+        FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {minutes} MINUTE
         GROUP BY t ORDER BY t""",
     "dead_letters": """
         SELECT processor, reason, count() FROM dead_letters FINAL
-        WHERE failed_at >= now() - INTERVAL {hours} HOUR
+        WHERE failed_at >= now() - INTERVAL {minutes} MINUTE
         GROUP BY processor, reason ORDER BY count() DESC, processor, reason""",
     "totals": """
         SELECT
           (SELECT uniqExact(invoice_id) FROM invoices
-            WHERE _landed_at >= now() - INTERVAL {hours} HOUR),
+            WHERE _landed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT uniqExact(payment_id) FROM payment_attempts
-            WHERE completed_at >= now() - INTERVAL {hours} HOUR),
+            WHERE completed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT uniqExactIf(payment_id, status = 'succeeded') FROM payment_attempts
-            WHERE completed_at >= now() - INTERVAL {hours} HOUR),
+            WHERE completed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT count() FROM refunds FINAL
-            WHERE completed_at >= now() - INTERVAL {hours} HOUR),
+            WHERE completed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT round(quantileExact(0.5)(dateDiff('millisecond', requested_at, completed_at)))
-             FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {hours} HOUR),
+             FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT round(quantileExact(0.99)(dateDiff('millisecond', requested_at, completed_at)))
-             FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {hours} HOUR),
+             FROM refunds FINAL WHERE completed_at >= now() - INTERVAL {minutes} MINUTE),
           (SELECT count() FROM dead_letters FINAL
-            WHERE failed_at >= now() - INTERVAL {hours} HOUR)""",
+            WHERE failed_at >= now() - INTERVAL {minutes} MINUTE)""",
 }
 
 
-def warehouse_figures(settings: Settings, hours: int) -> dict[str, Any]:
+def warehouse_figures(settings: Settings, minutes: int) -> dict[str, Any]:
     from streams.warehouse import query
 
     def rows(name: str) -> list[list[Any]]:
-        sql = WAREHOUSE_SQL[name].format(hours=int(hours))
+        sql = WAREHOUSE_SQL[name].format(minutes=int(minutes))
         return [[_number(v) for v in r] for r in query(settings, sql, open_here=False)["rows"]]
 
     invoices, payments, succeeded, refunds, p50, p99, dead = rows("totals")[0]
@@ -142,9 +143,11 @@ class ApiHistory:
     def add(self, at: float, counters: tuple[float, float, float]) -> None:
         self.samples.append((at, counters))
 
-    def per_minute(self) -> list[list[float]]:
+    def per_minute(self, since: float = 0.0) -> list[list[float]]:
         minutes: dict[int, list[float]] = {}
         for (_, before), (at, after) in pairwise(self.samples):
+            if at < since:
+                continue
             delta = [max(0.0, a - b) for a, b in zip(after, before, strict=True)]
             bucket = minutes.setdefault(int(at // 60 * 60), [0.0, 0.0, 0.0])
             for i, d in enumerate(delta):
@@ -176,28 +179,47 @@ class Dashboard:
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     def _lag(self) -> list[dict[str, Any]]:
-        from streams.kafka import clients
+        """Every group with its total lag and its partitions, worst first (the page shows
+        one row per group, so no group is pushed out by another's partitions)."""
         from streams.kafka.lag import group_lags
 
-        return [{"group": r.group, "topic": r.topic, "partition": r.partition, "lag": r.lag}
-                for r in group_lags(clients.admin(self.settings, self.bootstrap))]  # fmt: skip
+        def worst_first(p: dict[str, Any]) -> tuple[int, str, int]:
+            return -p["lag"], p["topic"], p["partition"]
+
+        by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in group_lags(self.settings, self.bootstrap):
+            by_group[r.group].append({"topic": r.topic, "partition": r.partition, "lag": r.lag})
+        groups = [
+            {
+                "group": group,
+                "lag": sum(p["lag"] for p in partitions),
+                "partitions": sorted(partitions, key=worst_first),
+            }
+            for group, partitions in by_group.items()
+        ]
+        return sorted(groups, key=lambda g: (-g["lag"], g["group"]))
 
     async def figures(self, request: web.Request) -> web.Response:
         from streams.warehouse import WarehouseUnavailable
 
-        hours = min(24, max(1, int(request.query.get("hours", HISTORY_HOURS))))
+        try:
+            minutes = int(request.query.get("minutes", RANGES_MINUTES[-1]))
+        except ValueError:
+            raise web.HTTPBadRequest(text="minutes: a whole number") from None
+        minutes = min(RANGES_MINUTES[-1], max(1, minutes))
         loop = asyncio.get_running_loop()
-        body: dict[str, Any] = {"generated_at": datetime.now(UTC).isoformat(), "hours": hours}
+        body: dict[str, Any] = {"generated_at": datetime.now(UTC).isoformat(),
+                                "minutes": minutes}  # fmt: skip
         try:
             body.update(await loop.run_in_executor(None, warehouse_figures, self.settings,
-                                                   hours))  # fmt: skip
+                                                   minutes))  # fmt: skip
         except (WarehouseUnavailable, ValueError) as exc:
             body["warehouse_error"] = str(exc)
         try:
             body["lag"] = await loop.run_in_executor(None, self._lag)
         except Exception as exc:  # the broker's problem is shown, not raised
             body["lag"], body["kafka_error"] = [], str(exc)
-        body["api_per_minute"] = self.api.per_minute()
+        body["api_per_minute"] = self.api.per_minute(since=time.time() - minutes * 60)
         body["api_totals"] = self.api.totals()
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 

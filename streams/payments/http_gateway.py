@@ -300,6 +300,11 @@ async def fetch_stats(base_url: str) -> dict[str, Any]:
     return await _get_json(f"{base_url.rstrip('/')}/v1/stats")
 
 
+async def fetch_config(base_url: str) -> dict[str, Any]:
+    """The simulator's configuration: ``{"seed": n, "accounts": {name: {...}}}``."""
+    return await _get_json(f"{base_url.rstrip('/')}/v1/config")
+
+
 async def set_outage(base_url: str, seconds: float, account: str | None = None) -> dict[str, Any]:
     """Fail every charge and refund with 503 for ``seconds`` (0 ends an outage), on one
     merchant account or all of them."""

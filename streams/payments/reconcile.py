@@ -1,20 +1,40 @@
-"""Reconciliation: the gateway's ledger, billing.payment-results and ClickHouse agree.
+"""Reconciliation: the gateway's ledger, billing.payment-results and ClickHouse agree
+with each other and with what was due.
 
 Every invoice that had a payment attempt ends up exactly one of: paid (one successful
 charge), uncollectible (dunning gave up, no successful charge) or open (neither, yet).
-Any double charge, charge without a published result, result without a charge, amount
-or currency mismatch, or result missing from (or different in) the warehouse is listed.
-``reconcile`` is pure; ``collect`` fetches the three sources.
+Listed as differences:
+- a double charge, a charge without a published result, a result without a charge, an
+  amount or currency that differs between them, a result missing from (or different
+  in) the warehouse;
+- a charge or result for another amount or currency than the invoice's amount due (its
+  total, as landed in ClickHouse), or a charge of another card than the invoice's;
+- refunds beyond what was charged, per charge and per invoice;
+- a gateway answer the card token does not give: the simulator declines by token and
+  merchant account (``decline_code_for``), so every decline and success is predictable;
+- an ``uncollectible`` verdict the dunning schedule does not justify: it needs exactly
+  len(schedule) + 1 attempts, each declined by the gateway.
+``reconcile`` is pure; ``collect`` fetches the sources.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from streams.domain.payments import idempotency_key
+from streams.payments.simulator import decline_code_for
+
+
+class Sources(NamedTuple):
+    ledger: list[dict[str, Any]]  # the gateway's charges and refunds
+    results: list[dict[str, Any]]  # every committed record of billing.payment-results
+    warehouse: list[dict[str, Any]]  # the payment attempts in ClickHouse
+    invoices: list[dict[str, Any]]  # invoice_id, total, currency, payment_method
+    decline_rates: dict[str, float]  # merchant account -> the gateway's decline rate
 
 
 @dataclass
@@ -52,7 +72,12 @@ def reconcile(
     ledger: list[dict[str, Any]],
     results: list[dict[str, Any]],
     warehouse: list[dict[str, Any]],
+    invoices: list[dict[str, Any]],
+    decline_rates: dict[str, float],
+    *,
+    schedule: tuple[timedelta, ...],
 ) -> Report:
+    """`schedule` is the dunning schedule the payments processor ran with."""
     report = Report()
     diff = report.differences
     charges = [e for e in ledger if e["kind"] == "charge"]
@@ -103,6 +128,10 @@ def reconcile(
     for invoice_id, state in states.items():
         if state == "uncollectible" and succeeded_by_invoice.get(invoice_id):
             diff.append({"kind": "uncollectible_but_charged", "invoice_id": invoice_id})
+    _check_amounts_due(charges, published, invoices, diff)
+    _check_refunds(ledger, charges, diff)
+    _check_gateway_answers(charges, decline_rates, diff)
+    _check_dunning(charges, published, states, len(schedule) + 1, diff)
 
     landed = {w["payment_id"]: w for w in warehouse}
     for payment, r in published.items():
@@ -130,11 +159,118 @@ def reconcile(
     return report
 
 
-def collect(
-    settings: Any, bootstrap: str, gateway_url: str | None = None
-) -> tuple[list, list, list]:
-    """The three sources: the gateway's ledger, every committed payment result on Kafka,
-    and the warehouse's payment attempts."""
+def _check_amounts_due(
+    charges: list[dict[str, Any]],
+    published: dict[str, dict[str, Any]],
+    invoices: list[dict[str, Any]],
+    diff: list[dict[str, Any]],
+) -> None:
+    """Each charge (whatever its outcome) and each result asks for the invoice's amount
+    due, in its currency, of the invoice's card."""
+    due = {i["invoice_id"]: i for i in invoices}
+    asked = [("charge", e["id"], e) for e in charges]
+    asked += [("payment_id", p, r) for p, r in published.items()]
+    for what, ref, row in asked:
+        inv = due.get(row["invoice_id"])
+        if inv is None:
+            diff.append({"kind": "unknown_invoice", what: ref, "invoice_id": row["invoice_id"]})
+            continue
+        if Decimal(row["amount"]) != Decimal(inv["total"]) or row["currency"] != inv["currency"]:
+            diff.append({"kind": "amount_not_due", what: ref,
+                         "asked": f"{row['amount']} {row['currency']}",
+                         "due": f"{inv['total']} {inv['currency']}"})  # fmt: skip
+        if what == "charge" and row.get("payment_method") != inv["payment_method"]:
+            diff.append({"kind": "charged_another_card", "charge": ref})
+
+
+def _check_refunds(
+    ledger: list[dict[str, Any]], charges: list[dict[str, Any]], diff: list[dict[str, Any]]
+) -> None:
+    """Refunded, per charge and per invoice, at most what was charged (same currency)."""
+    paid = {e["id"]: e for e in charges if e["status"] == "succeeded"}
+    charged: dict[str, Decimal] = defaultdict(Decimal)
+    for e in paid.values():
+        charged[e["invoice_id"]] += Decimal(e["amount"])
+    per_charge: dict[str, Decimal] = defaultdict(Decimal)
+    per_invoice: dict[str, Decimal] = defaultdict(Decimal)
+    for e in ledger:
+        if e["kind"] != "refund" or e["status"] != "refunded":
+            continue
+        per_charge[e["charge_id"]] += Decimal(e["amount"])
+        per_invoice[e["invoice_id"]] += Decimal(e["amount"])
+        charge = paid.get(e["charge_id"])
+        if charge is None or charge["currency"] != e["currency"]:
+            diff.append({"kind": "refund_of_no_such_charge", "refund": e["id"]})
+    over = [
+        ("charge", c, r, Decimal(paid[c]["amount"])) for c, r in per_charge.items() if c in paid
+    ]
+    over += [("invoice_id", i, r, charged.get(i, Decimal(0))) for i, r in per_invoice.items()]
+    for what, ref, refunded, limit in over:
+        if refunded > limit:
+            diff.append({"kind": "refunded_more_than_charged", what: ref,
+                         "refunded": str(refunded), "charged": str(limit)})  # fmt: skip
+
+
+def _check_gateway_answers(
+    charges: list[dict[str, Any]], decline_rates: dict[str, float], diff: list[dict[str, Any]]
+) -> None:
+    """Each charge's outcome is the one its card token gets from its merchant account."""
+    for e in charges:
+        rate = decline_rates.get(e["merchant_account"])
+        token = e.get("payment_method")
+        if rate is None or not token:
+            diff.append({"kind": "outcome_unpredictable", "charge": e["id"]})
+            continue
+        expected = decline_code_for(token, rate)
+        if e["status"] == "succeeded" and expected is not None:
+            diff.append({"kind": "success_the_token_does_not_get", "charge": e["id"],
+                         "expected_decline": expected})  # fmt: skip
+        elif e["status"] == "declined" and e.get("decline_code") != expected:
+            diff.append({"kind": "decline_the_token_does_not_get", "charge": e["id"],
+                         "decline_code": e.get("decline_code"), "expected": expected})  # fmt: skip
+
+
+def _check_dunning(
+    charges: list[dict[str, Any]],
+    published: dict[str, dict[str, Any]],
+    states: dict[str, str],
+    attempts_allowed: int,
+    diff: list[dict[str, Any]],
+) -> None:
+    """No attempt beyond the schedule's last; an uncollectible invoice had every attempt
+    the schedule allows (1 .. len + 1), each one a decline recorded by the gateway, and
+    its verdict came after the last."""
+    declined_keys = {e["idempotency_key"] for e in charges if e["status"] == "declined"}
+    attempts: dict[str, dict[int, str]] = defaultdict(dict)
+    verdicts: dict[str, int] = {}
+    for r in published.values():
+        if r["attempt"] > attempts_allowed:
+            diff.append({"kind": "attempt_beyond_dunning", "payment_id": r["payment_id"]})
+        if r["status"] == "uncollectible":
+            verdicts[r["invoice_id"]] = r["attempt"]
+        else:
+            attempts[r["invoice_id"]][r["attempt"]] = r["status"]
+    for invoice_id, state in states.items():
+        if state != "uncollectible":
+            continue
+        tried = attempts.get(invoice_id, {})
+        justified = (
+            verdicts.get(invoice_id) == attempts_allowed
+            and sorted(tried) == list(range(1, attempts_allowed + 1))
+            and all(
+                status == "declined" and idempotency_key(invoice_id, n) in declined_keys
+                for n, status in tried.items()
+            )
+        )
+        if not justified:
+            diff.append({"kind": "uncollectible_not_justified", "invoice_id": invoice_id,
+                         "attempts": sorted(tried.items()),
+                         "dunning_allows": attempts_allowed})  # fmt: skip
+
+
+def collect(settings: Any, bootstrap: str, gateway_url: str | None = None) -> Sources:
+    """The sources: the gateway's ledger and decline rates, every committed payment result
+    on Kafka, and the warehouse's payment attempts and the invoices they collect."""
     import asyncio
 
     from streams.kafka.topics import PAYMENT_RESULTS
@@ -146,9 +282,11 @@ def collect(
             "reconcile reads the simulator's ledger; for Stripe, export the balance "
             "transactions and compare offline (not available without the network)"
         )
-    from streams.payments.http_gateway import fetch_ledger
+    from streams.payments.http_gateway import fetch_config, fetch_ledger
 
-    ledger = asyncio.run(fetch_ledger(gateway_url or settings.gateway_url))
+    url = gateway_url or settings.gateway_url
+    ledger = asyncio.run(fetch_ledger(url))
+    accounts = asyncio.run(fetch_config(url))["accounts"]
     results = read_topic(settings, bootstrap, PAYMENT_RESULTS)
     rows = query(
         settings,
@@ -160,4 +298,14 @@ def collect(
                  strict=True))
         for r in rows
     ]  # fmt: skip
-    return ledger, results, warehouse
+    rows = query(
+        settings,
+        "SELECT invoice_id, toString(total), currency, payment_method FROM invoices FINAL "
+        "WHERE invoice_id IN (SELECT invoice_id FROM payment_attempts)",
+    )["rows"]
+    invoices = [
+        dict(zip(("invoice_id", "total", "currency", "payment_method"), r, strict=True))
+        for r in rows
+    ]
+    rates = {name: float(a["decline_rate"]) for name, a in accounts.items()}
+    return Sources(ledger, results, warehouse, invoices, rates)

@@ -12,9 +12,12 @@ Faults: ``transient_rate`` injects, in turn, a 503 before processing (nothing re
 a connection dropped after recording, or an answer ``timeout_delay_s`` late after
 recording; a retry with the same key then gets what was recorded (``Idempotent-Replayed``).
 
-Determinism: declines depend only on the token; latency and transient failures come from
-one ``random.Random`` per account seeded with ``"{seed}:{account}"``, so a run with the
-same seed and the same request order behaves the same.
+Determinism: a charge's decline depends only on its card token and the account's
+``decline_rate`` (``decline_code_for``: every charge with a token gets the same answer),
+so a checker that knows the configuration (``GET /v1/config``) predicts every decline, as
+``streambill reconcile`` does; latency and transient failures come from one
+``random.Random`` per account seeded with ``"{seed}:{account}"``, so a run with the same
+seed and the same request order behaves the same.
 
 Endpoints (JSON; amounts are decimal strings)::
 
@@ -23,6 +26,7 @@ Endpoints (JSON; amounts are decimal strings)::
     GET  /v1/accounts/{account}/charges/by-key/{key}
     GET  /v1/ledger[?account=]                   every recorded charge and refund
     GET  /v1/stats                               counters per account
+    GET  /v1/config                              the configuration (decline rates, ...)
     POST /v1/admin/outage                        {"seconds": 60, "account": "merchant-1"}
     GET  /healthz
 """
@@ -555,6 +559,7 @@ class GatewaySimulator:
                     "currency": currency,
                     "status": charge.status,
                     "decline_code": code,
+                    "payment_method": token,  # what decided the decline, for reconcile
                 },
             )
             return charge
@@ -655,6 +660,9 @@ class GatewaySimulator:
             )
         )
 
+    async def get_config(self, request: Request) -> Reply:
+        return _json(orjson.dumps(self.config.to_dict()))
+
     async def post_outage(self, request: Request) -> Reply:
         try:
             body = orjson.loads(request.body or b"{}")
@@ -686,6 +694,7 @@ def build_router(sim: GatewaySimulator) -> Router:
     router.add("GET", "/v1/accounts/{account}/charges/by-key/{key}", sim.get_charge_by_key)
     router.add("GET", "/v1/ledger", sim.get_ledger)
     router.add("GET", "/v1/stats", sim.get_stats)
+    router.add("GET", "/v1/config", sim.get_config)
     router.add("POST", "/v1/admin/outage", sim.post_outage)
     router.add("GET", "/healthz", sim.get_healthz)
     return router

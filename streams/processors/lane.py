@@ -605,6 +605,7 @@ class LaneProcessor:
             "currency": req["currency"],
             "reason": reason,
             "gateway_reference": reference,
+            "refund_reason": req["reason"],
             "requested_at": req["requested_at"],
             "completed_at": datetime.now(UTC),
         }

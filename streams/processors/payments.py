@@ -430,6 +430,10 @@ class PaymentsProcessor:
         self.tracker.commit(self.consumer, "payments")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # A retry partition paused for its held attempts stays paused through revocation
+        # and reassignment, while the attempts are forgotten below (the group's lost
+        # session after a broker loss does both): resumed now, or it is never fetched again.
+        consumer.resume(partitions)
         self._commit()
         for tp in partitions:
             key = (tp.topic, tp.partition)

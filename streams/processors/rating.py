@@ -13,8 +13,9 @@ Event time is aligned across the two input topics: each partition's subscription
 usage records wait in small buffers and are applied in timestamp order (subscription
 events first on ties), a record being released only when the other topic's buffer has
 data or that topic is caught up (or has been silent for ``max_idle`` seconds), as Kafka
-Streams does. Without it, usage read ahead of its subscription.created would be
-rejected, and usage after a plan change could be rated under the old plan.
+Streams does; records held back are looked at again every turn, new input or not. Without
+it, usage read ahead of its subscription.created would be rejected, and usage after a plan
+change could be rated under the old plan.
 
 Periods close
 - on an event of the subscription at or after the period end (event time);
@@ -65,7 +66,7 @@ from streams.kafka.topics import (
 from streams.metrics import BATCH_SECONDS, INVOICES_EMITTED, RECORDS, LagTracker
 from streams.processors.deadletter import produce_dead_letter
 from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
-from streams.processors.runtime import StopFlag, poll_batch, tune_gc
+from streams.processors.runtime import StopFlag, poll_batch, transactional_id, tune_gc
 from streams.processors.state import PartitionStore, StateCache, due_key
 
 log = structlog.get_logger(__name__)
@@ -295,6 +296,8 @@ class RatingProcessor:
         self.max_idle = max_idle
         # partition -> topic -> records in offset order, not yet applied
         self.buffers: dict[int, dict[str, deque[Pending]]] = {}
+        # partition -> since when (monotonic) its records wait for the other topic: only
+        # while some do
         self.blocked_since: dict[int, float] = {}
         # topic-partitions paused because their buffer is full (backpressure)
         self.throttled: set[tuple[str, int]] = set()
@@ -314,7 +317,7 @@ class RatingProcessor:
             settings,
             bootstrap,
             **{
-                "transactional.id": group_id(f"streambill-rating-{worker}"),
+                "transactional.id": transactional_id("rating", worker),
                 "transaction.timeout.ms": 120_000,
                 "linger.ms": 5,
             },
@@ -351,6 +354,11 @@ class RatingProcessor:
             cache.trim()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The consumer keeps a partition paused through its revocation and reassignment,
+        # while what this worker paused it for (backpressure, a bill run on the control
+        # partition) is forgotten below: resumed now, or once reassigned it is never
+        # fetched again (a bill run would never restart, held-back records never go).
+        consumer.resume(partitions)
         for p in sorted({tp.partition for tp in partitions}):
             store = self.stores.pop(p, None)
             if store:
@@ -438,29 +446,42 @@ class RatingProcessor:
         # and many decoded states: at the default thresholds a transaction ran hundreds of
         # young collections, and full ones walked the cached states
         tune_gc(50_000, 20)
+        self.subscribe()
+        try:
+            while not self.stop:
+                self.turn()
+        finally:
+            self.close()
+        return self.invoices_emitted
+
+    def subscribe(self) -> None:
         self.consumer.subscribe(
             [SUBSCRIPTIONS.name, USAGE.name, CONTROL.name],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
         )
-        try:
-            while not self.stop:
-                # a bill run closing periods has work without input: no waiting for records
-                timeout = 0.0 if self.jobs_running & set(self.jobs) else 0.1
-                msgs = poll_batch(self.consumer, self.batch_size, timeout)
-                if msgs or self.jobs or self.clock == "wall":
-                    started = time.perf_counter()
-                    msgs = self._transaction(msgs)
-                    if msgs:
-                        BATCH_SECONDS.labels("rating").observe(time.perf_counter() - started)
-                        for topic, n in Counter(m.topic() for m in msgs).items():
-                            RECORDS.labels("rating", topic).inc(n)
-                self.lag.maybe_update()
-        finally:
-            self.consumer.close()
-            for store in self.stores.values():
-                store.close()
-        return self.invoices_emitted
+
+    def turn(self) -> None:
+        """One turn of the loop: a poll and, if there is work, one transaction."""
+        # a bill run closing periods has work without input: no waiting for records
+        timeout = 0.0 if self.jobs_running & set(self.jobs) else 0.1
+        msgs = poll_batch(self.consumer, self.batch_size, timeout)
+        # records held back for event-time order (blocked_since) are looked at again
+        # without new input: it may have ended, and what they wait for is then the other
+        # topic found caught up, or max_idle passed while the broker cannot say
+        if msgs or self.jobs or self.clock == "wall" or self.blocked_since:
+            started = time.perf_counter()
+            msgs = self._transaction(msgs)
+            if msgs:
+                BATCH_SECONDS.labels("rating").observe(time.perf_counter() - started)
+                for topic, n in Counter(m.topic() for m in msgs).items():
+                    RECORDS.labels("rating", topic).inc(n)
+        self.lag.maybe_update()
+
+    def close(self) -> None:
+        self.consumer.close()
+        for store in self.stores.values():
+            store.close()
 
     def _transaction(self, msgs: list[Any]) -> list[Any]:
         """One Kafka transaction, from the polled records and, while they are all usage
@@ -628,6 +649,8 @@ class RatingProcessor:
         unknown = [TopicPartition(t, p) for t, o in positions.items() if o < 0]
         if unknown:
             for tp in self.consumer.committed(unknown, timeout=5.0):
+                if tp.error is not None:  # not "offset 0": the broker could not say
+                    raise KafkaException(tp.error)
                 positions[tp.topic] = max(tp.offset, 0)
         return positions
 
@@ -644,12 +667,10 @@ class RatingProcessor:
                 request_timeout=5.0,
             )
             ends = {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+            # a time-out under load means "cannot say", never a stopped worker
+            return {(t, p): self._positions([t], p)[t] >= ends[(t, p)] for t, p in keys}
         except KafkaException:
             return dict.fromkeys(keys)
-        caught = {}
-        for t, p in keys:
-            caught[(t, p)] = self._positions([t], p)[t] >= ends[(t, p)]
-        return caught
 
     def _drain_all(self, batch: Batch, positions: dict[tuple[str, int], int]) -> None:
         """Drain every partition; the broker looks that draining needs are made together."""
@@ -713,6 +734,7 @@ class RatingProcessor:
                 ready.extend(waiting)
                 positions[(waiting[-1].msg.topic(), p)] = waiting[-1].msg.offset() + 1
                 waiting.clear()
+                self.blocked_since.pop(p, None)
                 return None
             if not usage or (subs and subs[0].timestamp <= usage[0].timestamp):
                 pending = subs.popleft()

@@ -48,3 +48,63 @@ def tune_gc(young: int, older: int) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(young, older, older)
+
+
+class WorkerIndexTaken(Exception):
+    """The worker index asked for is held by a live process of this installation."""
+
+
+# Transactional ids: a worker's id must be unique among live workers (a second producer
+# with the same id fences the first: a live worker would die), yet stable across the
+# worker's restarts, so that the restarted worker's init_transactions fences its zombie
+# and at once aborts the transaction it left open (with a fresh id per process, that
+# transaction would hold every read_committed reader of its partitions back until
+# transaction.timeout.ms). Hence the id is the host name (a StatefulSet pod's is its pod
+# name, stable per ordinal; each container and machine has its own) and a worker index
+# claimed under $STREAMBILL_HOME by an exclusive lock file per index (claim_worker_index):
+# `run` and `scale` take the lowest free index, an index asked for (`--worker N`) is
+# refused while a live process holds it, and the kernel releases a dead worker's lock, so
+# its restart takes the same index back. A zombie that keeps its lock (a hung process) is
+# kept out by the consumer group instead: the rating processor commits its offsets inside
+# its transactions with the group's metadata (EOS v2), which the broker refuses from a
+# member that is no longer in the group's generation.
+_claimed: list[Any] = []  # the lock files this process holds, until it exits
+
+
+def transactional_id(processor: str, worker: int) -> str:
+    import socket
+
+    from streams.kafka.topics import group_id
+
+    return group_id(f"streambill-{processor}-{socket.gethostname()}-{worker}")
+
+
+def claim_worker_index(settings: Any, processor: str, index: int | None = None) -> int:
+    """Take `index`, or the lowest free one, for this process's life (see above)."""
+    import fcntl
+    import os
+
+    from streams.kafka.topics import namespace
+
+    lock_dir = settings.home / "workers"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for n in [index] if index is not None else range(1024):
+        handle = (lock_dir / f"{namespace()}{processor}-{n}.lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            if index is None:
+                continue
+            raise WorkerIndexTaken(
+                f"worker index {n} of {processor} is held by a running process (pid "
+                f"{holder}); without --worker the lowest free index is taken"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _claimed.append(handle)
+        return n
+    raise WorkerIndexTaken(f"no free worker index for {processor}")

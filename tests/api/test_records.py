@@ -89,7 +89,9 @@ def test_refunds_take_requested_at_from_the_server() -> None:
             "amount": "10.00", "currency": "EUR"}  # fmt: skip
     ok, errors = records.validate("refund_request", records.REFUND_RULES, body, NOW,
                                   server_fields={"requested_at": NOW})  # fmt: skip
-    assert errors == [] and ok is not None and ok["requested_at"] == NOW and ok["deactivate"]
+    assert (
+        errors == [] and ok is not None and ok["requested_at"] == NOW and ok["deactivate"] is False
+    )
     _, errors = records.validate("refund_request", records.REFUND_RULES,
                                  {**body, "requested_at": "2026-01-01T00:00:00Z"}, NOW,
                                  server_fields={"requested_at": NOW})  # fmt: skip

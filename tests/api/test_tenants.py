@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from streams.api.tenants import Tenant, TenantDirectory, TenantError, hash_key, new_key, save
+from streams.api.tenants import (
+    Tenant,
+    TenantDirectory,
+    TenantError,
+    hash_key,
+    key_id,
+    new_key,
+    revoke,
+    save,
+)
 
 
 def test_keys_are_stored_hashed_and_authenticate(tmp_path: Path) -> None:
@@ -42,3 +51,34 @@ def test_invalid_entries_are_refused() -> None:
     assert Tenant.from_dict({"tenant_id": "all", "account_prefix": ""}).owns("anyone")
     with pytest.raises(TenantError, match="limits"):
         Tenant.from_dict({"tenant_id": "a", "account_prefix": "a-", "rate_per_s": 0})
+
+
+def test_a_key_is_revoked_by_its_id_or_by_itself_and_an_unknown_one_is_an_error() -> None:
+    first, second, other = new_key("acme"), new_key("acme"), new_key("globex")
+    tenants = {
+        "acme": Tenant("acme", "acme-", [hash_key(first), hash_key(second)]),
+        "globex": Tenant("globex", "globex-", [hash_key(other)]),
+    }
+    assert revoke(tenants, key_id(hash_key(first))).tenant_id == "acme"
+    assert tenants["acme"].key_sha256 == [hash_key(second)]
+    with pytest.raises(TenantError, match="no key"):
+        revoke(tenants, key_id(hash_key(first)))  # already gone
+    with pytest.raises(TenantError, match="of tenant acme"):
+        revoke(tenants, key_id(hash_key(other)), "acme")  # globex's, not acme's
+    assert revoke(tenants, second, "acme").key_sha256 == []  # the key itself names it too
+    assert tenants["globex"].key_sha256 == [hash_key(other)]
+
+
+def test_a_revocation_within_the_same_clock_tick_is_seen(tmp_path: Path) -> None:
+    """A key replaced by another (same file size) at the same mtime: the file is a new
+    one (save replaces it), so the change is still seen."""
+    path = tmp_path / "tenants.json"
+    old, new = new_key("acme"), new_key("acme")
+    save(path, {"acme": Tenant("acme", "acme-", [hash_key(old)])})
+    directory = TenantDirectory(path)
+    before = path.stat()
+    save(path, {"acme": Tenant("acme", "acme-", [hash_key(new)])})
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert directory.refresh()
+    assert directory.authenticate(old) is None and directory.authenticate(new) is not None

@@ -13,10 +13,19 @@ from typing import Any
 import pytest
 import requests
 
+from streams.api.server import KAFKA_DOWN_MESSAGE
 from streams.api.tenants import Tenant, hash_key, save
 from streams.config import Settings
-from streams.kafka.topics import CANCELLATIONS, REFUNDS, SUBSCRIPTIONS, USAGE
-from streams.publish import read_topic
+from streams.kafka import clients
+from streams.kafka.topics import (
+    CANCELLATIONS,
+    PAYMENT_RESULTS,
+    REFUND_RESULTS,
+    REFUNDS,
+    SUBSCRIPTIONS,
+    USAGE,
+)
+from streams.publish import publish, read_topic
 from streams.stack import ProcessorProcess, start_api
 from tests.integration.helpers import Procs, scalar, start_rating, start_sink, wait_until
 
@@ -126,7 +135,13 @@ def test_writes_are_durable_idempotent_and_routed(api: Client, pipeline_env: Set
               "amount": "5.00", "currency": "USD"}  # fmt: skip
     assert api.post("/v1/refunds", refund).status_code == 202
     (landed,) = read_topic(pipeline_env, kafka_bootstrap, REFUNDS)
-    assert landed["refund_id"] == "r-1" and landed["deactivate"] is True
+    # access is deactivated only when asked; the reason travels with the request
+    assert landed["refund_id"] == "r-1" and landed["deactivate"] is False
+    assert landed["reason"] is None
+    asked = {**refund, "refund_id": "r-2", "reason": "goodwill", "deactivate": True}
+    assert api.post("/v1/refunds", asked).status_code == 202
+    second = read_topic(pipeline_env, kafka_bootstrap, REFUNDS)[1]
+    assert (second["reason"], second["deactivate"]) == ("goodwill", True)
     assert "streambill_api_requests_total" in api.get("/metrics", key=None).text
 
 
@@ -147,8 +162,180 @@ def test_an_invoice_reads_back_for_its_tenant_only(
     stored = Decimal(scalar(pipeline_env, "SELECT toString(total) FROM invoices"))
     assert invoice["total"] == f"{stored:.2f}" and stored > 0  # USD: two digits
     assert [line["kind"] for line in invoice["lines"]] == ["flat"]
-    assert api.get(f"/v1/invoices/{invoice_id}", key=GLOBEX).status_code == 403
-    assert api.get("/v1/invoices/inv-unknown").status_code == 404
+    # another tenant's invoice is not found, as if it did not exist: nothing names acme
+    foreign = api.get(f"/v1/invoices/{invoice_id}", key=GLOBEX)
+    assert foreign.status_code == 404 and "acme" not in foreign.text
+    unknown = api.get("/v1/invoices/inv-unknown")
+    assert (unknown.status_code, unknown.json()) == (404, foreign.json())
+
+
+def usage_event(event_id: str, account: str = "acme-1", sub: str = "acme-1-s1",
+                **over: Any) -> dict[str, Any]:  # fmt: skip
+    return {"event_id": event_id, "timestamp": (AGO + timedelta(hours=1)).isoformat(),
+            "account_id": account, "subscription_id": sub, "metric": "api_calls",
+            "quantity": "3", **over}  # fmt: skip
+
+
+def test_what_is_certain_to_be_refused_is_refused_at_once(
+    api: Client, pipeline_env: Settings, kafka_bootstrap: str
+) -> None:
+    assert api.post("/v1/subscriptions", signup(1)).status_code == 202  # pro-usd, monthly
+    batch = [
+        usage_event("u-ok"),
+        usage_event("u-metric", metric="cpu_hours"),  # no plan bills it
+        usage_event("u-foreign", account="acme-2"),  # acme-1-s1 is acme-1's
+        usage_event("u-unknown", account="acme-2", sub="acme-2-s9"),  # not seen: accepted
+        usage_event("u-bad", quantity="-1"),
+    ]
+    r = api.post("/v1/usage", {"events": batch})
+    assert r.status_code == 207, r.text
+    assert [(i["event_id"], i["status"], i.get("errors")) for i in r.json()["items"]] == [
+        ("u-ok", "accepted", None),
+        ("u-metric", "rejected", ["metric: no plan of the catalog bills 'cpu_hours'"]),
+        ("u-foreign", "rejected",
+         ["subscription_id: 'acme-1-s1' is not a subscription of account 'acme-2'"]),
+        ("u-unknown", "accepted", None),
+        ("u-bad", "rejected", ["quantity: must not be negative"]),  # echoes its event_id
+    ]  # fmt: skip
+    written = [e["event_id"] for e in read_topic(pipeline_env, kafka_bootstrap, USAGE)]
+    assert sorted(written) == ["u-ok", "u-unknown"]
+
+    change = {"type": "subscription.plan_changed", "account_id": "acme-1",
+              "subscription_id": "acme-1-s1",
+              "timestamp": (AGO + timedelta(hours=2)).isoformat()}  # fmt: skip
+    for plan, error in [
+        ("starter-eur", "plan_id: a change to another currency (USD -> EUR)"),
+        ("scale-usd-yearly", "plan_id: a change to another interval (month -> year)"),
+        ("pro-usd", "plan_id: the subscription is already on plan 'pro-usd'"),
+    ]:
+        r = api.post("/v1/subscriptions", {**change, "plan_id": plan})
+        assert (r.status_code, r.json()["errors"]) == (422, [error])
+    cancel = {"type": "subscription.cancelled", "account_id": "acme-2",
+              "subscription_id": "acme-1-s1", "mode": "immediate"}  # fmt: skip
+    r = api.post("/v1/subscriptions", cancel)
+    assert r.status_code == 422 and "'acme-1-s1' is not a subscription" in r.json()["errors"][0]
+    # a subscription whose creation the API has not seen may still be on its way: accepted
+    unseen = {**change, "subscription_id": "acme-1-s2", "plan_id": "starter-eur"}
+    assert api.post("/v1/subscriptions", unseen).status_code == 202
+    subscription_events = read_topic(pipeline_env, kafka_bootstrap, SUBSCRIPTIONS)
+    assert [e["subscription_id"] for e in subscription_events] == ["acme-1-s1", "acme-1-s2"]
+    assert read_topic(pipeline_env, kafka_bootstrap, CANCELLATIONS) == []
+
+
+def test_events_invoices_subscriptions_and_refunds_read_back_per_tenant(
+    api: Client, pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
+) -> None:
+    settings = pipeline_env
+    rating = procs.add(start_rating(settings, kafka_bootstrap))
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    at = {n: (AGO + timedelta(minutes=n)).isoformat() for n in range(10)}
+    assert api.post("/v1/subscriptions", signup(1, timestamp=at[1])).status_code == 202
+    assert api.post("/v1/subscriptions", signup(1, account="acme-2", timestamp=at[2])).ok
+    assert api.post("/v1/subscriptions", signup(1, account="globex-1", timestamp=at[3]),
+                    key=GLOBEX).ok  # fmt: skip
+    # created around the API (a bulk publish): the API does not know acme-1-s8
+    producer = clients.producer(settings, kafka_bootstrap)
+    direct = signup(8, timestamp=at[4], event_id="e-direct", mode=None)
+    direct["timestamp"] = AGO + timedelta(minutes=4)
+    publish(producer, SUBSCRIPTIONS, [direct])
+    sent = [usage_event("u-ok"), usage_event("u-ok"),  # the same event twice: one counts
+            usage_event("u-foreign", account="acme-2", sub="acme-1-s8"),
+            usage_event("u-nobody", sub="acme-1-s404")]  # fmt: skip
+    for event in sent:
+        assert api.post("/v1/usage", {"events": [event]}).status_code == 202
+
+    def status(event_id: str, key: str = ACME) -> Any:
+        return api.get(f"/v1/events/{event_id}", key=key)
+
+    wait_until(lambda: status("u-ok").ok and status("u-ok").json()["status"] == "applied"
+               and status("u-nobody").ok and status("u-foreign").ok, 60,
+               "the events' fates", [rating, sink])  # fmt: skip
+    ok = status("u-ok").json()
+    assert [c["status"] for c in ok["copies"]] == ["applied", "ignored_repeat"]
+    nobody = status("u-nobody").json()
+    assert nobody["status"] == "dead_lettered"
+    assert (nobody["copies"][0]["reason"], nobody["copies"][0]["detail"]) == (
+        "rejected", "unknown subscription")  # fmt: skip
+    foreign = status("u-foreign").json()["copies"][0]
+    assert foreign["status"] == "dead_lettered" and foreign["reason"] == "account_mismatch"
+    assert "belongs to another account than 'acme-2'" in foreign["detail"]
+    assert status("u-ok", key=GLOBEX).status_code == 404  # another tenant's event
+    assert status("u-never-sent").status_code == 404
+
+    sub = api.get("/v1/subscriptions/acme-1-s1").json()
+    assert sub == {"subscription_id": "acme-1-s1", "account_id": "acme-1", "plan_id": "pro-usd",
+                   "currency": "USD", "interval": "month", "status": "active",
+                   "created_at": at[1].replace("+00:00", "Z"), "cancelled_at": None,
+                   "updated_at": at[1].replace("+00:00", "Z")}  # fmt: skip
+    assert api.get("/v1/subscriptions/acme-1-s1", key=GLOBEX).status_code == 404
+    assert api.get("/v1/subscriptions/acme-1-s404").status_code == 404
+
+    # invoices: one per creation; acme-1-s1's paid, acme-1-s8's uncollectible
+    wait_until(lambda: scalar(settings, "SELECT count() FROM invoices") >= 4, 60,
+               "the creation invoices", [rating, sink])  # fmt: skip
+    ids = dict(query_rows(settings, "SELECT subscription_id, invoice_id FROM invoices FINAL"))
+    outcomes = [("acme-1-s1", "succeeded"), ("acme-1-s8", "declined"),
+                ("acme-1-s8", "uncollectible")]  # fmt: skip
+    publish(producer, PAYMENT_RESULTS, [
+        {"payment_id": f"p-{n}", "invoice_id": ids[sub_id], "account_id": "acme-1",
+         "attempt": n, "status": outcome, "amount": Decimal("10"), "currency": "USD",
+         "gateway_account": "merchant-1", "gateway_reference": None, "decline_code": None,
+         "latency_ms": 1.0, "completed_at": datetime.now(UTC)}
+        for n, (sub_id, outcome) in enumerate(outcomes)
+    ])  # fmt: skip
+    wait_until(lambda: scalar(settings, "SELECT count() FROM payment_attempts") >= 3, 60,
+               "the payment results", [sink])  # fmt: skip
+
+    def listed(query: str, key: str = ACME) -> list[tuple[str, str]]:
+        r = api.get(f"/v1/invoices{query}", key=key)
+        assert r.status_code == 200, r.text
+        return [(i["subscription_id"], i["status"]) for i in r.json()["invoices"]]
+
+    everything = [("acme-1-s1", "paid"), ("acme-2-s1", "open"), ("acme-1-s8", "uncollectible")]
+    assert listed("") == everything  # oldest first; globex's is not there
+    first = api.get("/v1/invoices?limit=2").json()
+    assert [i["subscription_id"] for i in first["invoices"]] == ["acme-1-s1", "acme-2-s1"]
+    stored = scalar(settings, f"SELECT toString(total) FROM invoices WHERE invoice_id = "
+                              f"'{ids['acme-1-s1']}'")  # fmt: skip
+    assert first["invoices"][0]["total"] == f"{Decimal(stored):.2f}"  # USD: two digits
+    rest = api.get(f"/v1/invoices?limit=2&cursor={first['next_cursor']}").json()
+    assert [i["subscription_id"] for i in rest["invoices"]] == ["acme-1-s8"]
+    assert rest["next_cursor"] is None
+    assert listed("?status=paid") == [("acme-1-s1", "paid")]
+    assert listed("?status=open&account=acme-2") == [("acme-2-s1", "open")]
+    stamp = at[2].replace("+00:00", "Z")
+    assert listed(f"?from={stamp}") == everything[1:]
+    assert listed(f"?to={stamp}") == everything[:1]
+    assert listed("", key=GLOBEX) == [("globex-1-s1", "open")]
+    assert api.get("/v1/invoices?account=globex-1").status_code == 404
+    bad = api.get("/v1/invoices?limit=0&status=late&cursor=nope&colour=red")
+    assert bad.status_code == 422 and len(bad.json()["errors"]) == 4
+
+    # a refund's result, with the reason given with its request
+    publish(producer, REFUND_RESULTS, [
+        {"refund_id": "r-1", "invoice_id": ids["acme-1-s1"], "account_id": "acme-1",
+         "status": "refunded", "amount": Decimal("2.5"), "currency": "USD", "reason": None,
+         "gateway_reference": "gw-1", "refund_reason": "goodwill", "requested_at": AGO,
+         "completed_at": AGO}])  # fmt: skip
+    wait_until(lambda: api.get("/v1/refunds/r-1").ok, 60, "the refund", [sink])
+    refund = api.get("/v1/refunds/r-1").json()
+    assert (refund["status"], refund["amount"], refund["reason"]) == ("refunded", "2.50",
+                                                                      "goodwill")  # fmt: skip
+    assert refund["rejection_reason"] is None
+    assert api.get("/v1/refunds/r-1", key=GLOBEX).status_code == 404
+
+    # landed, but the rating processor has not passed it (it is stopped): not applied
+    assert rating.stop() == 0
+    assert api.post("/v1/usage", {"events": [usage_event("u-late")]}).status_code == 202
+    wait_until(lambda: status("u-late").ok, 60, "u-late landed", [sink])
+    late = status("u-late").json()
+    assert (late["status"], [c["status"] for c in late["copies"]]) == ("pending", ["pending"])
+
+
+def query_rows(settings: Settings, sql: str) -> list[list[Any]]:
+    from streams.warehouse import query
+
+    return query(settings, sql)["rows"]
 
 
 def test_over_the_limit_is_refused_at_once_and_limits_change_live(
@@ -182,7 +369,11 @@ def test_kafka_down_means_503_with_retry_after_never_a_hang(
         r = api.post("/v1/subscriptions", signup(1))
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert time.perf_counter() - started < 2.5
-    assert api.get("/readyz", key=None).status_code == 503
+        # a fixed message: librdkafka's error text goes to the log, not to the client
+        assert r.json() == {"error": "kafka_unavailable", "message": KAFKA_DOWN_MESSAGE,
+                            "retry_after": 1}  # fmt: skip
+    ready = api.get("/readyz", key=None)
+    assert ready.status_code == 503 and "Kafka" not in ready.text
     assert proc.alive
 
 

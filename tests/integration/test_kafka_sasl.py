@@ -84,15 +84,6 @@ def use_sasl(monkeypatch: pytest.MonkeyPatch, user: ScramUser, password: str) ->
     monkeypatch.setenv("KAFKA_SASL_PASSWORD", password)
 
 
-def json_objects(text: str) -> list[dict]:
-    """The JSON values printed one after the other (rich pretty-prints each)."""
-    decoder, found, i = json.JSONDecoder(), [], 0
-    while (i := text.find("{", i)) >= 0:
-        value, i = decoder.raw_decode(text, i)
-        found.append(value)
-    return found
-
-
 def test_clients_and_cli_authenticate_with_scram_from_the_environment(
     pipeline_env: Settings, scram_user: ScramUser, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,7 +138,7 @@ def test_clients_and_cli_authenticate_with_scram_from_the_environment(
         capture_output=True, text=True, timeout=120, env=os.environ,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr[-2000:]
-    rows = [r for r in json_objects(cli.stdout) if r.get("topic") == topic]
+    rows = [r for r in json.loads(cli.stdout) if r.get("topic") == topic]
     assert len(rows) == 2 and all(r["group"] == group_id("sasl-check") for r in rows), cli.stdout
     assert sum(r["committed"] for r in rows) == len(sent) and sum(r["lag"] for r in rows) == 0
     for future in admin.delete_topics([topic], operation_timeout=30).values():

@@ -20,6 +20,7 @@ import pytest
 
 from streams.codec import codec
 from streams.config import Settings
+from streams.domain.payments import parse_schedule
 from streams.kafka import clients
 from streams.kafka.topics import INVOICES
 from streams.payments.http_gateway import fetch_ledger
@@ -116,7 +117,9 @@ def test_payments_survive_crashes_and_transient_failures_without_a_double_charge
     assert set(keys.values()) == {1}  # one ledger entry per idempotency key
     assert len(keys) == 270 + 30 * 3
 
-    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url))
+    # amounts due, each decline from its token, each write-off after every attempt of "1s,2s"
+    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url),
+                       schedule=parse_schedule("1s,2s"))  # fmt: skip
     assert report.reconciled, report.differences[:10]
     assert report.invoices == {"paid": 270, "uncollectible": 30}
     assert report.totals["USD"]["gateway"] == Decimal("25.50") * 270
@@ -144,7 +147,8 @@ def test_an_outage_opens_the_circuit_and_nothing_is_lost(
     wait_until(lambda: scalar(settings, paid) == 100, 90, "payments", [sink, payer, simulator])
     log = payer.log_path.read_text()
     assert "circuit open" in log and "circuit closed" in log
-    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url))
+    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url),
+                       schedule=parse_schedule("1d"))  # fmt: skip
     assert report.reconciled and report.invoices == {"paid": 100}
 
 

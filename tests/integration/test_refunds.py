@@ -13,9 +13,11 @@ import pytest
 
 from streams.codec import codec
 from streams.config import Settings
+from streams.domain.payments import parse_schedule
 from streams.kafka import clients
 from streams.kafka.topics import ENTITLEMENTS, REFUND_RESULTS, REFUNDS
 from streams.payments.http_gateway import fetch_ledger
+from streams.payments.reconcile import collect, reconcile
 from streams.publish import read_topic
 from streams.stack import ProcessorProcess
 from tests.integration.helpers import Procs, scalar, start_sink, wait_until
@@ -104,5 +106,13 @@ def test_refunds_deactivate_entitlements_and_refuse_bad_requests(
                                 ("inv-00001", "25.00")]  # fmt: skip
     landed = "SELECT count() FROM refunds FINAL"
     wait_until(lambda: scalar(settings, landed) == 9, 30, "refunds in ClickHouse", [sink])
+    # the reason given with each request lands beside the outcome's own reason
+    assert scalar(settings, "SELECT countIf(refund_reason = 'customer asked') "
+                            "FROM refunds FINAL") == 9  # fmt: skip
+    # refunds within what was charged, charges of the amounts due
+    report = reconcile(*collect(settings, kafka_bootstrap, simulator.url),
+                       schedule=parse_schedule("1d"))  # fmt: skip
+    assert report.reconciled, report.differences[:10]
+    assert report.invoices == {"paid": 3, "open": 1}
     assert scalar(settings, "SELECT count() FROM entitlements FINAL") == 3
     assert refunds.alive

@@ -33,6 +33,7 @@ from streams.payments.gateway import (
 from streams.payments.http_gateway import (
     MAX_LATE_LOOKUPS,
     SimulatorGateway,
+    fetch_config,
     fetch_ledger,
     fetch_stats,
     set_outage,
@@ -453,7 +454,8 @@ def test_the_ledger_lists_every_recorded_entry_in_order() -> None:
         assert first == {
             "kind": "charge", "id": a.reference, "merchant_account": "merchant-1",
             "idempotency_key": "k1", "invoice_id": "inv-a", "amount": "12.50",
-            "currency": "USD", "status": "succeeded", "decline_code": None, "at": first["at"],
+            "currency": "USD", "status": "succeeded", "decline_code": None,
+            "payment_method": "tok_ok_1", "at": first["at"],
         }  # fmt: skip
         assert first["at"].endswith("Z") and datetime.fromisoformat(first["at"]).tzinfo
         assert second["status"] == "declined" and second["decline_code"] == "insufficient_funds"
@@ -467,6 +469,8 @@ def test_the_ledger_lists_every_recorded_entry_in_order() -> None:
         one = stats["accounts"]["merchant-1"]
         assert (one["requests"], one["charges"], one["refunds"], one["in_flight"]) == (2, 1, 1, 0)
         assert stats["accounts"]["merchant-2"]["declines"] == 1
+        # what a checker needs to predict each decline: the configuration, and the token
+        assert await fetch_config(s.url) == s.sim.config.to_dict()
 
     run(config(), scenario)
 

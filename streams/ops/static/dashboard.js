@@ -14,7 +14,19 @@ function columns(rows, width) {
   return out;
 }
 
-let windowHours = 6;
+// the time ranges offered; until one is chosen (#minutes=N in the address), the page
+// opens on the shortest that holds all of the last 24 hours' activity
+const RANGES = [[15, "15 min"], [60, "1 h"], [360, "6 h"], [1440, "24 h"]];
+let windowMinutes = RANGES.some(([m]) => `#minutes=${m}` === location.hash)
+  ? Number(location.hash.slice("#minutes=".length)) : null;
+
+function fittingRange(f) {
+  const times = [f.invoices_per_minute, f.payments_per_minute, f.refund_latency, f.api_per_minute]
+    .flatMap((rows) => (rows || []).map((r) => r[0]));
+  if (!times.length) return 60;
+  const age = Date.now() / 1000 - Math.min(...times);
+  return (RANGES.find(([m]) => age <= m * 60) || RANGES[RANGES.length - 1])[0];
+}
 
 function chart(id, rows, series) {
   const el = document.getElementById(id);
@@ -26,24 +38,55 @@ function chart(id, rows, series) {
     // the time axis always spans the window, however few points there are
     scales: { x: { time: true, range: () => {
       const now = Date.now() / 1000;
-      return [now - windowHours * 3600, now];
+      return [now - windowMinutes * 60, now];
     } } },
   };
   if (charts[id]) { charts[id].setData(data); return; }
   charts[id] = new uPlot(opts, data, el);
 }
 
+const text = (v) => String(v).replace(/[<&"]/g, "");
+
 function rowsHtml(rows) {
   return rows.map((cells) => "<tr>" + cells.map(([v, num]) =>
-    `<td${num ? ' class="n"' : ""}>${num ? fmt(v) : String(v).replace(/[<&]/g, "")}</td>`).join("") + "</tr>").join("");
+    `<td${num ? ' class="n"' : ""}>${num ? fmt(v) : text(v)}</td>`).join("") + "</tr>").join("");
+}
+
+function lagHtml(groups) {
+  // one row per group, worst first; its partitions unfold (and stay open across refreshes)
+  const open = new Set([...document.querySelectorAll("#lag details[open]")].map((d) => d.dataset.group));
+  return groups.map((g) =>
+    `<details data-group="${text(g.group)}" data-lag="${g.lag}"${open.has(g.group) ? " open" : ""}>` +
+    `<summary><span>${text(g.group)}</span><span class="n${g.lag > 0 ? " bad" : ""}">${fmt(g.lag)}</span></summary>` +
+    "<table><thead><tr><th>topic</th><th class=\"n\">partition</th><th class=\"n\">lag</th></tr></thead><tbody>" +
+    rowsHtml(g.partitions.map((p) => [[p.topic], [p.partition, true], [p.lag, true]])) +
+    "</tbody></table></details>").join("");
+}
+
+function showRange() {
+  document.querySelectorAll("#ranges button").forEach((b) => {
+    b.classList.toggle("on", Number(b.dataset.minutes) === windowMinutes);
+  });
+  setFigure("range", RANGES.find(([m]) => m === windowMinutes)[1]);
+}
+
+async function figures(minutes) {
+  const res = await fetch(`/api/figures?minutes=${minutes}`);
+  return res.json();
 }
 
 async function refresh() {
-  const res = await fetch("/api/figures");
-  const f = await res.json();
+  let f;
+  if (windowMinutes === null) {
+    f = await figures(RANGES[RANGES.length - 1][0]);
+    windowMinutes = fittingRange(f);
+    if (windowMinutes !== f.minutes) f = await figures(windowMinutes);
+  } else {
+    f = await figures(windowMinutes);
+  }
+  if (f.minutes !== windowMinutes) return;  // the range changed while this was asked
   const t = f.totals || {};
-  setFigure("hours", f.hours);
-  windowHours = f.hours;
+  showRange();
   setFigure("generated_at", new Date(f.generated_at).toLocaleTimeString());
   setFigure("invoices", fmt(t.invoices));
   setFigure("payments", fmt(t.payments));
@@ -58,11 +101,9 @@ async function refresh() {
   setFigure("api_errors_5xx", fmt(f.api_totals.errors_5xx));
   setFigure("api_refused_4xx", fmt(f.api_totals.refused_4xx));
   const lag = f.lag || [];
-  setFigure("lag_total", fmt(lag.reduce((s, r) => s + r.lag, 0)));
-  setFigure("lag_groups", fmt(new Set(lag.map((r) => r.group)).size));
-  document.getElementById("lag").innerHTML = rowsHtml(
-    lag.filter((r) => r.lag > 0).concat(lag.filter((r) => r.lag === 0)).slice(0, 40)
-      .map((r) => [[r.group], [r.topic], [r.partition, true], [r.lag, true]]));
+  setFigure("lag_total", fmt(lag.reduce((s, g) => s + g.lag, 0)));
+  setFigure("lag_groups", fmt(lag.length));
+  document.getElementById("lag").innerHTML = lagHtml(lag);
   document.getElementById("dead-letters").innerHTML = rowsHtml(
     (f.dead_letters || []).map((d) => [[d.processor], [d.reason], [d.count, true]]));
   document.getElementById("errors").textContent =
@@ -74,6 +115,14 @@ async function refresh() {
   document.body.dataset.loaded = "true";
 }
 
+document.getElementById("ranges").innerHTML = RANGES.map(([m, label]) =>
+  `<button type="button" data-minutes="${m}">${label}</button>`).join("");
+document.querySelectorAll("#ranges button").forEach((b) => b.addEventListener("click", () => {
+  windowMinutes = Number(b.dataset.minutes);
+  history.replaceState(null, "", `#minutes=${windowMinutes}`);
+  showRange();
+  refresh().catch((e) => { document.getElementById("errors").textContent = String(e); });
+}));
 refresh().catch((e) => { document.getElementById("errors").textContent = String(e); });
 setInterval(() => refresh().catch((e) => {
   document.getElementById("errors").textContent = String(e);
