@@ -329,6 +329,7 @@ def run_refunds_cmd() -> None:
 
 
 @app.command()
+@fatal_errors_as_json
 def dashboard(
     host: str = typer.Option("127.0.0.1", envvar="STREAMBILL_DASHBOARD_HOST"),
     port: int = typer.Option(8080, envvar="STREAMBILL_DASHBOARD_PORT"),

@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.config import settings as load_settings
+from streams.logging import fatal_errors_as_json
 
 tenant_app = typer.Typer(help="API tenants: keys (stored hashed) and limits, read live by the API.")
 console = Console(stderr=True)
 out = Console()
 
 
+@fatal_errors_as_json
 def api(
     host: str = typer.Option("127.0.0.1", envvar="STREAMBILL_API_HOST"),
     port: int = typer.Option(8000, envvar="STREAMBILL_API_PORT"),

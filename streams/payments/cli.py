@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from streams.logging import fatal_errors_as_json
+
 gateway_app = typer.Typer(
     help="The payment-gateway simulator: a load-test gateway for tests and benchmarks "
     "(not a real gateway).",
@@ -14,6 +16,7 @@ gateway_app = typer.Typer(
 
 
 @gateway_app.command("serve")
+@fatal_errors_as_json
 def serve(
     config: Path | None = typer.Option(
         None,

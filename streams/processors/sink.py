@@ -263,7 +263,8 @@ class Sink:
         """Land until stopped (SIGTERM/SIGINT): the batch in hand lands and commits first."""
         if self.server:
             self.server.start()
-        self.consumer.subscribe(self.topics, on_assign=self._resume_from_warehouse)
+        self.consumer.subscribe(self.topics, on_assign=self._resume_from_warehouse,
+                                on_revoke=self._unpause)  # fmt: skip
         try:
             while not self.stop:
                 batch = self._collect()
@@ -308,6 +309,12 @@ class Sink:
                 self.consumer.pause([tp])
                 self.consumer.seek(tp)  # read again once the warehouse is back
         self.consumer.resume(self.consumer.assignment())
+
+    @staticmethod
+    def _unpause(consumer: Any, partitions: list[TopicPartition]) -> None:
+        # the consumer keeps a partition paused through revocation and a later assignment:
+        # one revoked during a warehouse outage would never be fetched again
+        consumer.resume(partitions)
 
     def _resume_from_warehouse(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         try:

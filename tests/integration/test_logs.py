@@ -106,3 +106,17 @@ def test_a_fatal_error_has_its_traceback_at_debug(pipeline_env: Settings, tmp_pa
     fatal = [x for x in json_lines(done.stderr) if x["level"] == "critical"]
     assert len(fatal) == 1 and fatal[0]["error"] == "JSONDecodeError"
     assert fatal[0]["exception"].startswith("Traceback")
+
+
+def test_the_api_fatal_error_is_one_json_line_too(pipeline_env: Settings, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text('{"plans": [')
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "api", "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "STREAMBILL_CATALOG": str(catalog)},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    fatal = [x for x in json_lines(done.stderr) if x["level"] == "critical"]
+    assert len(fatal) == 1 and fatal[0]["event"] == "fatal error", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr + done.stdout
