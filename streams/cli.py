@@ -124,24 +124,31 @@ def rate(
 ) -> None:
     """Offline rater: the same domain code as the rating processor, on files."""
     from streams.domain.catalog import CatalogError
-    from streams.offline import dead_letter_to_json_line, invoice_to_json_line, rate_streams
+    from streams.offline import dead_letter_to_json_line, rate_streams
 
     try:
         result = rate_streams(catalog, events, _parse_ts(until))
     except CatalogError as exc:
         console.print(f"[red]invalid catalog:[/] {exc}")
         raise typer.Exit(2) from None
-    text = "".join(invoice_to_json_line(inv) + "\n" for inv in result.invoices)
-    if out_file:
-        out_file.write_text(text)
-    else:
-        sys.stdout.write(text)
+    _write_invoices(result.invoices, out_file)
     if dead_letters:
         dead_letters.write_text(
             "".join(dead_letter_to_json_line(d) + "\n" for d in result.dead_letters)
         )
     elif result.dead_letters:
         console.print(f"{len(result.dead_letters)} events rejected (use --dead-letters FILE)")
+
+
+def _write_invoices(invoices: list, out_file: Path | None) -> None:
+    """`rate`'s output: one JSON invoice a line, to the file or stdout."""
+    from streams.offline import invoice_to_json_line
+
+    text = "".join(invoice_to_json_line(inv) + "\n" for inv in invoices)
+    if out_file:
+        out_file.write_text(text)
+    else:
+        sys.stdout.write(text)
 
 
 @app.command()
@@ -156,7 +163,6 @@ def replay(
     landed in ClickHouse, in `rate`'s format and order."""
     from streams.domain.catalog import CatalogError
     from streams.kafka.local import bootstrap_servers
-    from streams.offline import invoice_to_json_line
     from streams.replay import ReplayError, check_until
     from streams.replay import replay as run
 
@@ -173,11 +179,7 @@ def replay(
     except ReplayError as exc:
         console.print(f"[red]replay failed:[/] {exc}")
         raise typer.Exit(1) from None
-    text = "".join(invoice_to_json_line(inv) + "\n" for inv in result.invoices)
-    if out_file:
-        out_file.write_text(text)
-    else:
-        sys.stdout.write(text)
+    _write_invoices(result.invoices, out_file)
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(result.dead_letters.items()))
     console.print(
         f"{len(result.invoices)} invoices; {result.published} records published "
