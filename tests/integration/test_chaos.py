@@ -24,6 +24,7 @@ def test_short_chaos_run_keeps_every_promise(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("KAFKA_BOOTSTRAP_SERVERS", "STREAMBILL_NAMESPACE")}  # fmt: skip
     env["STREAMBILL_HOME"] = str(tmp_path / "home")
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash of the chaos process prints its stacks
     proc = subprocess.run(
         [sys.executable, "-m", "streams.cli", "chaos", "--short", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=840,
