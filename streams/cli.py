@@ -66,8 +66,8 @@ def demo(
 ) -> None:
     """Run the whole pipeline end to end on real Kafka and embedded ClickHouse, in a
     namespace and home of its own (never a running stack's topics, groups or warehouse)."""
-    from streams.demo import print_left_running, print_result, result_json, run_demo
     from streams.testbed.benchmarks_doc import provenance
+    from streams.testbed.demo import print_left_running, print_result, result_json, run_demo
 
     started = provenance()
     result = run_demo(load_settings(), accounts, console)
@@ -232,7 +232,7 @@ def run_rating(
     """The rating processor: subscriptions + usage -> invoices."""
     from streams.domain.catalog import Catalog
     from streams.processors.rating import RatingProcessor
-    from streams.processors.runtime import WorkerIndexTaken, claim_worker_index
+    from streams.runtime.process import WorkerIndexTaken, claim_worker_index
 
     try:  # before anything starts: a worker refused here fences nobody
         index = claim_worker_index(load_settings(), "rating", worker)
@@ -313,7 +313,7 @@ def run_alerts(
     import asyncio
 
     from streams.ops.alerts import Alerting, RulesError, load_rules
-    from streams.processors.runtime import StopFlag
+    from streams.runtime.process import StopFlag
 
     try:
         ruleset = load_rules(rules, webhooks)
@@ -637,7 +637,7 @@ def chaos(
     any fault did not land."""
     from dataclasses import replace
 
-    from streams.chaos import SCENARIOS, Plan, run_chaos
+    from streams.testbed.chaos import SCENARIOS, Plan, run_chaos
 
     chosen = list(scenario or SCENARIOS)
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -822,7 +822,7 @@ def _run_bench(scenario: str, params: dict, runs: int, json_out: Path | None, on
     (correctness as the worst run, performance as the median) and the runs."""
     import signal
 
-    from streams.bench import aggregate_runs, runs_table
+    from streams.testbed.bench import aggregate_runs, runs_table
     from streams.testbed.benchmarks_doc import provenance
 
     def interrupted(*_: object) -> None:
@@ -852,7 +852,7 @@ def bench_kafka(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Raw Kafka produce + consume of usage-sized Avro records (the ceiling)."""
-    from streams.bench import bench_kafka as run
+    from streams.testbed.bench import bench_kafka as run
 
     s = load_settings()
     _run_bench("kafka", {"messages": messages}, runs, json_out, lambda: run(s, messages, console))
@@ -866,7 +866,7 @@ def bench_usage(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Usage events ingested and aggregated by the rating processor."""
-    from streams.bench import bench_usage as run
+    from streams.testbed.bench import bench_usage as run
 
     s = load_settings()
     params = {"events": events, "workers": workers}
@@ -882,7 +882,7 @@ def bench_billrun(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """N subscriptions whose periods all end at one instant: time to invoice them all."""
-    from streams.bench import bench_billrun as run
+    from streams.testbed.bench import bench_billrun as run
 
     s = load_settings()
     params = {"subscriptions": subscriptions, "workers": workers,
@@ -899,7 +899,7 @@ def bench_sink(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Invoice lines landed into the embedded warehouse by the sink."""
-    from streams.bench import bench_sink as run
+    from streams.testbed.bench import bench_sink as run
 
     s = load_settings()
     params = {"rows": rows, "lines_per_invoice": lines_per_invoice}
@@ -916,7 +916,7 @@ def bench_payment_run(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Due invoices collected through the gateway simulator (4 merchant accounts)."""
-    from streams.bench import bench_payment_run as run
+    from streams.testbed.bench import bench_payment_run as run
 
     s = load_settings()
     params = {"payments": payments, "workers": workers, "decline_rate": decline_rate,
@@ -938,7 +938,7 @@ def bench_signup_spike(
 ) -> None:
     """A launch-weekend signup spike through the ingestion API: clients that honour
     Retry-After; every accepted signup checked in Kafka and ClickHouse."""
-    from streams.bench import bench_signup_spike as run
+    from streams.testbed.bench import bench_signup_spike as run
 
     s = load_settings()
     params = {"signups": signups, "clients": clients, "workers": workers,
@@ -958,7 +958,7 @@ def bench_refund_latency(
 ) -> None:
     """Refund latency (request produced -> result and entitlement on Kafka), without and
     with a bulk payment run and bill run in flight."""
-    from streams.bench import bench_refund_latency as run
+    from streams.testbed.bench import bench_refund_latency as run
 
     s = load_settings()
     params = {"seconds": seconds, "payments": payments, "subscriptions": subscriptions,

@@ -2,7 +2,7 @@
 
 For the hot paths where an HTTP client's own CPU matters on a shared machine: the payment
 gateway adapter (``streams.payments.http_gateway``, thousands of charges a second) and the
-API load generator (``streams.api.loadgen``). Per request it does one ``transport.write``,
+API load generator (``streams.testbed.loadgen``). Per request it does one ``transport.write``,
 one parse and one timer; headers are kept as the raw pairs the parser hands over and
 looked up only when asked for. What it leaves out: redirects, cookies, compression,
 proxies, ``Expect: 100-continue``, pipelining.

@@ -446,7 +446,7 @@ def bare_rating_processor(catalog: Any, store: Any, cache_entries: int) -> Any:
     hand and its outputs go to a FakeProducer."""
     from streams.kafka.topics import INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE
     from streams.processors import rating
-    from streams.processors.state import StateCache
+    from streams.runtime.state import StateCache
 
     proc = object.__new__(rating.RatingProcessor)
     proc.catalog = catalog

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from streams.api import records as api_records
 from streams.codec import DecodeError, codec
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.payments import after_attempt, parse_schedule
 from streams.domain.rating import SubscriptionState
@@ -51,7 +50,8 @@ from streams.processors.rating import (
     decode_input,
 )
 from streams.processors.sink import COLUMNS, LANDERS, Sink
-from streams.processors.state import StateCache
+from streams.runtime.state import StateCache
+from streams.testbed.demo import DEMO_CATALOG
 from tests import hostile
 from tests.hostile import (
     CODEC_REASONS,

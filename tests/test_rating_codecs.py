@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.codec import codec
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
 from streams.domain.invoice import Invoice, InvoiceLine
@@ -30,6 +29,7 @@ from streams.processors.rating import (
     usage_reader,
 )
 from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
+from streams.testbed.demo import DEMO_CATALOG
 from tests.hostile import Msg, hostile_encode, micros, ms, unscaled
 from tests.test_bad_input import published_times, raw_records
 

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streams.codec import codec
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import SubscriptionState, apply_event, close_periods
 from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
 from streams.processors.rating import Batch, RatingProcessor
-from streams.processors.state import PartitionStore, StateCache
+from streams.runtime.state import PartitionStore, StateCache
+from streams.testbed.demo import DEMO_CATALOG
 from tests.hostile import Msg, bare_rating_processor
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
@@ -169,7 +169,7 @@ def test_the_cache_keeps_the_most_recently_committed() -> None:
 CRASHING_WRITER = """
 import os, sys
 from pathlib import Path
-from streams.processors.state import PartitionStore
+from streams.runtime.state import PartitionStore
 store = PartitionStore(Path(sys.argv[1]))
 for k in range(1, 201):  # ~40 MB: the 8 MiB memtables are flushed several times
     states = {f"s{k}-{i}": b"%d|" % k + bytes(2000) for i in range(100)}

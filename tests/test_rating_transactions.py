@@ -23,13 +23,13 @@ from hypothesis import strategies as st
 
 from streams.codec import codec
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import apply_event
 from streams.kafka.topics import CONTROL, SUBSCRIPTIONS, USAGE
 from streams.processors.rating import CloseJob, RatingProcessor
-from streams.processors.state import PartitionStore
+from streams.runtime.state import PartitionStore
+from streams.testbed.demo import DEMO_CATALOG
 from tests.hostile import FakeProducer, Msg, bare_rating_processor
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
@@ -266,7 +266,7 @@ class _Polled:
 def test_a_poll_keeps_the_records_and_raises_only_fatal_errors() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
-    from streams.processors.runtime import poll_batch
+    from streams.runtime.process import poll_batch
 
     class Consumer:
         def __init__(self, messages: list[_Polled]) -> None:

@@ -164,9 +164,9 @@ def test_bulk_landing_refuses_a_batch_with_a_bad_record(
 def test_plans_dimension_has_monthly_recurring_revenue(warehouse: Any) -> None:
     import json
 
-    from streams.demo import DEMO_CATALOG
     from streams.domain.catalog import Catalog
     from streams.processors.sink import load_catalog
+    from streams.testbed.demo import DEMO_CATALOG
 
     migrate(warehouse)
     raw = json.loads(DEMO_CATALOG.read_text())

@@ -74,10 +74,10 @@ from streams.metrics import (
     LagTracker,
 )
 from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
-from streams.processors.deadletter import produce_dead_letter
 from streams.processors.payments import Lane, OffsetTracker, make_gateway
 from streams.processors.rating import published_ms, timestamp_problem
-from streams.processors.runtime import StopFlag
+from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.process import StopFlag
 
 log = structlog.get_logger(__name__)
 NAME = "lane"

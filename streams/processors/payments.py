@@ -78,8 +78,8 @@ from streams.payments.gateway import (
     RateLimited,
     TransientError,
 )
-from streams.processors.deadletter import produce_dead_letter
-from streams.processors.runtime import StopFlag, tune_gc
+from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.process import StopFlag, tune_gc
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-payments"

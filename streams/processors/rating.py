@@ -64,10 +64,10 @@ from streams.kafka.topics import (
     group_id,
 )
 from streams.metrics import BATCH_SECONDS, INVOICES_EMITTED, RECORDS, LagTracker
-from streams.processors.deadletter import produce_dead_letter
 from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
-from streams.processors.runtime import StopFlag, poll_batch, transactional_id, tune_gc
-from streams.processors.state import PartitionStore, StateCache, due_key
+from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.process import StopFlag, poll_batch, transactional_id, tune_gc
+from streams.runtime.state import PartitionStore, StateCache, due_key
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"

@@ -48,8 +48,8 @@ from streams.metrics import (
     LagTracker,
 )
 from streams.processors.bulk import BULK_TABLES, BulkLander
-from streams.processors.deadletter import produce_dead_letter
-from streams.processors.runtime import StopFlag, poll_batch
+from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.process import StopFlag, poll_batch
 from streams.warehouse import WAREHOUSE_DOWN, QueryServer, open_warehouse
 
 log = structlog.get_logger(__name__)

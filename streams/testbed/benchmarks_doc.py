@@ -103,7 +103,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "the rating processor after a bill run and landed by the sink. `seconds` runs from the "
         "command's start (the broker's start and the publishing included) to the last "
         "invoice in ClickHouse; `expected_invoices` is the data generator's count (one "
-        "invoice at creation plus one per period ended, `streams/generator.py`). "
+        "invoice at creation plus one per period ended, `streams/testbed/generator.py`). "
         "`distinct_invoice_ids` counts the ids on `billing.invoices` (read committed), "
         "`duplicates` the invoice records beyond one per id there plus the ids landed in "
         "ClickHouse with two different contents.",

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from streams.api.known import SubscriptionBook
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
+from streams.testbed.demo import DEMO_CATALOG
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
 

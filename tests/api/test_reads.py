@@ -16,11 +16,11 @@ from streams.api.reads import (
     settle,
     string_literal,
 )
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.processors.lane import Subscription, cancellation_refusal
 from streams.processors.rating import apply_input
+from streams.testbed.demo import DEMO_CATALOG
 
 
 def test_cursors_round_trip_and_refuse_anything_else() -> None:

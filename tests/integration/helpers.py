@@ -8,9 +8,9 @@ from datetime import datetime
 from typing import Any
 
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.publish import bill_run_done, issue_bill_run
 from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.testbed.demo import DEMO_CATALOG
 from streams.warehouse import query
 
 

@@ -24,11 +24,11 @@ from streams.config import REPO_ROOT, Settings
 from streams.domain.catalog import Interval
 from streams.domain.invoice import Invoice
 from streams.domain.periods import period_bounds
-from streams.generator import DEFAULT_UNTIL, Dataset, subscription_events, usage_events
 from streams.kafka import clients
 from streams.kafka.topics import PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
 from streams.offline import rate_events, record_to_json_line
 from streams.publish import publish, publish_in_time_order
+from streams.testbed.generator import DEFAULT_UNTIL, Dataset, subscription_events, usage_events
 from streams.warehouse import query
 from tests.integration.helpers import (
     Procs,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.chaos import PROCESSORS, SCENARIOS
+from streams.testbed.chaos import PROCESSORS, SCENARIOS
 
 pytestmark = pytest.mark.kafka
 
@@ -35,7 +35,7 @@ def test_short_chaos_run_keeps_every_promise(tmp_path: Path) -> None:
     assert result["scenario"] == "chaos"
     assert metrics["scenarios"] == len(SCENARIOS) == 4
     # 2 SIGKILLs for each of 4 processors, a broker, the warehouse, the gateway; each one
-    # landed on work in progress (evidence measured from outside, see streams.chaos.landed)
+    # landed on work in progress (evidence measured from outside, see streams.testbed.chaos.landed)
     assert metrics["faults_injected"] == 2 * 4 + 3
     assert metrics["faults_effective"] == metrics["faults_injected"], _faults(result)
     assert metrics["invariants_held"] == metrics["invariants_checked"] == 4 * 9

@@ -84,7 +84,7 @@ def test_demo_twice_beside_a_pipeline_leaves_it_untouched(pipeline_env: Settings
 
 @pytest.mark.parametrize("broker", ["started", "running", "configured"])
 def test_demo_says_what_it_left_running(broker: str) -> None:
-    from streams.demo import DemoResult, print_left_running
+    from streams.testbed.demo import DemoResult, print_left_running
 
     console = Console(record=True, width=200)
     result = DemoResult(1, 1, None, None, 1.0, [], "127.0.0.1:19092", broker)  # type: ignore[arg-type]

@@ -11,13 +11,6 @@ import pytest
 
 from streams.codec import codec
 from streams.config import Settings
-from streams.generator import (
-    DEFAULT_UNTIL,
-    Dataset,
-    expected_invoices,
-    subscription_events,
-    usage_events,
-)
 from streams.kafka import clients
 from streams.kafka.topics import (
     DEAD_LETTER,
@@ -31,6 +24,13 @@ from streams.kafka.topics import (
 )
 from streams.publish import issue_bill_run, publish, read_topic
 from streams.testbed.duplicates import committed_values, topic_copies, warehouse_copies
+from streams.testbed.generator import (
+    DEFAULT_UNTIL,
+    Dataset,
+    expected_invoices,
+    subscription_events,
+    usage_events,
+)
 from tests.integration.helpers import Procs, scalar, start_rating, start_sink, wait_until
 from tests.integration.test_pipeline import CATALOG
 from tests.samples import sample

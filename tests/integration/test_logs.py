@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
-from streams.generator import Dataset, subscription_events
 from streams.kafka import clients
 from streams.kafka.topics import SUBSCRIPTIONS
 from streams.publish import publish
 from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.testbed.demo import DEMO_CATALOG
+from streams.testbed.generator import Dataset, subscription_events
 from tests.integration.helpers import Procs, wait_until
 
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from streams.bench import Env, committed_lag
 from streams.codec import codec
 from streams.config import Settings
 from streams.domain.payments import idempotency_key, payment_id
 from streams.kafka import clients
 from streams.kafka.topics import INVOICES, PAYMENT_REQUESTS, PAYMENT_RETRIES, group_id
 from streams.processors.payments import GROUP, PaymentsProcessor, make_gateway, request_for_invoice
+from streams.testbed.bench import Env, committed_lag
 from tests.integration.test_payments import invoice, simulator  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.kafka

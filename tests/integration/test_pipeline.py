@@ -11,22 +11,22 @@ import pytest
 
 from streams.codec import codec
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.invoice import invoice_to_dict
-from streams.generator import (
+from streams.kafka import clients
+from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
+from streams.offline import rate_events, record_to_json_line
+from streams.publish import publish, publish_in_time_order
+from streams.replay import landed_invoices
+from streams.testbed.demo import DEMO_CATALOG
+from streams.testbed.duplicates import topic_copies, warehouse_copies
+from streams.testbed.generator import (
     DEFAULT_UNTIL,
     Dataset,
     expected_invoices,
     subscription_events,
     usage_events,
 )
-from streams.kafka import clients
-from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
-from streams.offline import rate_events, record_to_json_line
-from streams.publish import publish, publish_in_time_order
-from streams.replay import landed_invoices
-from streams.testbed.duplicates import topic_copies, warehouse_copies
 from tests.integration.helpers import (
     Procs,
     run_bill_run,

@@ -15,16 +15,16 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.invoice import invoice_to_dict
-from streams.generator import DEFAULT_UNTIL, Dataset, subscription_events
 from streams.kafka import clients
 from streams.kafka.topics import CONTROL, INVOICES, SUBSCRIPTIONS, USAGE, group_id
 from streams.offline import rate_events, record_to_json_line
 from streams.processors.rating import GROUP, RatingProcessor
 from streams.publish import bill_run_done, issue_bill_run, publish
+from streams.testbed.demo import DEMO_CATALOG
 from streams.testbed.duplicates import topic_copies
+from streams.testbed.generator import DEFAULT_UNTIL, Dataset, subscription_events
 
 pytestmark = pytest.mark.kafka
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
@@ -66,8 +66,8 @@ def turn_until(worker: RatingProcessor, done: Callable[[], bool], timeout: float
 
 def committed_lag(settings: Settings, bootstrap: str, topics: list[str]) -> int:
     """Records of `topics` the rating group has not committed yet."""
-    from streams.bench import Env
-    from streams.bench import committed_lag as lag
+    from streams.testbed.bench import Env
+    from streams.testbed.bench import committed_lag as lag
 
     return lag(Env(settings, bootstrap), group_id(GROUP), topics)
 

@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 
 from streams.config import Settings
-from streams.demo import DEMO_CATALOG
 from streams.domain.catalog import Catalog
 from streams.domain.invoice import invoice_to_dict
-from streams.generator import Dataset, subscription_events
 from streams.kafka import clients
 from streams.kafka.lag import group_members
 from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, group_id
@@ -27,7 +25,9 @@ from streams.offline import rate_events, record_to_json_line
 from streams.processors.rating import GROUP
 from streams.publish import bill_run_done, issue_bill_run, publish
 from streams.stack import ProcessorProcess
+from streams.testbed.demo import DEMO_CATALOG
 from streams.testbed.duplicates import committed_values, topic_copies
+from streams.testbed.generator import Dataset, subscription_events
 from tests.integration.helpers import Procs, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -142,7 +142,7 @@ def test_the_same_worker_identity_fences_the_older_producer(
     fails, and aborts what that one left open."""
     from confluent_kafka import KafkaException
 
-    from streams.processors.runtime import transactional_id
+    from streams.runtime.process import transactional_id
 
     settings = pipeline_env
 

@@ -973,10 +973,10 @@ def bench_signup_spike(
     import orjson
     import uvloop
 
-    from streams.api.loadgen import run_load, signup_request
     from streams.api.tenants import Tenant, hash_key, new_key, save
     from streams.kafka.topics import SUBSCRIPTIONS
     from streams.testbed.duplicates import topic_copies
+    from streams.testbed.loadgen import run_load, signup_request
     from streams.warehouse import query
 
     with bench_env(base, base.partitions) as env:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.chaos import Evidence, Fault, Outcome, judge, landed
+from streams.testbed.chaos import Evidence, Fault, Outcome, judge, landed
 from streams.testbed.duplicates import WarehouseCopies
 
 

@@ -1,4 +1,4 @@
-"""The API load generator (streams.api.loadgen) against a small aiohttp server that refuses
+"""The API load generator (streams.testbed.loadgen) against a small aiohttp server that refuses
 with 429 + Retry-After, drops connections and answers late: every request ends accepted
 once, or given up and reported."""
 
@@ -9,7 +9,7 @@ from collections import Counter
 
 from aiohttp import web
 
-from streams.api.loadgen import run_load, signup_request
+from streams.testbed.loadgen import run_load, signup_request
 
 
 def test_run_load_retries_429s_drops_and_time_outs_until_accepted() -> None:

@@ -63,7 +63,6 @@ from rich.table import Table
 
 from streams.config import DEFAULT_CATALOG, Settings
 from streams.domain.catalog import Catalog
-from streams.generator import DEFAULT_UNTIL, Dataset, expected_invoices
 from streams.kafka import clients
 from streams.kafka.lag import group_members
 from streams.kafka.local import start_local_kafka, start_local_node, stop_local_kafka
@@ -87,6 +86,7 @@ from streams.processors import lane, payments, rating, sink
 from streams.publish import issue_bill_run, issue_payment_run, publish, read_topic
 from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
 from streams.testbed.duplicates import WarehouseCopies, topic_copies, warehouse_copies
+from streams.testbed.generator import DEFAULT_UNTIL, Dataset, expected_invoices
 from streams.ui import progress_bar
 from streams.warehouse import WarehouseUnavailable, outage_switch, query
 
@@ -402,7 +402,7 @@ class Chaos:
         """New subscriptions with their usage, a bill run and a payment run; `on_bill_run`
         is called as soon as the bill run is issued (while it is being rated)."""
         ds = Dataset(accounts=self.plan.accounts, seed=self.seed * 100 + k)
-        from streams.generator import subscription_events, usage_events
+        from streams.testbed.generator import subscription_events, usage_events
 
         producer = clients.producer(self.settings, self.bootstrap)
         subscriptions = list(subscription_events(ds, self.catalog))

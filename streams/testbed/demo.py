@@ -26,19 +26,19 @@ from rich.table import Table
 from streams.config import DEFAULT_CATALOG, Settings
 from streams.domain.catalog import Catalog
 from streams.domain.money import format_money
-from streams.generator import (
-    DEFAULT_UNTIL,
-    Dataset,
-    expected_invoices,
-    subscription_events,
-    usage_events,
-)
 from streams.kafka import clients
 from streams.kafka.local import bootstrap_servers, local_kafka_running
 from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE, namespace
 from streams.publish import bill_run_done, issue_bill_run, publish
 from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
 from streams.testbed.duplicates import TopicCopies, WarehouseCopies, topic_copies, warehouse_copies
+from streams.testbed.generator import (
+    DEFAULT_UNTIL,
+    Dataset,
+    expected_invoices,
+    subscription_events,
+    usage_events,
+)
 from streams.ui import progress_bar
 from streams.warehouse import query
 
