@@ -24,7 +24,7 @@ with atheris.instrument_imports(include=["streams", "orjson"]):
 
     from streams.api import records
     from streams.codec import codec
-    from streams.processors.lane import cancellation_problem
+    from streams.domain.cancellations import cancellation_problem
     from streams.processors.rating import decode_input
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

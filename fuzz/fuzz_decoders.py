@@ -19,8 +19,10 @@ import atheris
 with atheris.instrument_imports(include=["streams", "fastavro"]):
     from streams.codec import DecodeError, codec
     from streams.config import SCHEMAS_DIR
+    from streams.domain import validation
+    from streams.domain.cancellations import cancellation_problem
     from streams.kafka.topics import SUBSCRIPTIONS, USAGE
-    from streams.processors import lane, payments, rating
+    from streams.processors import payments, rating
 
 SCHEMAS = sorted(p.stem for p in SCHEMAS_DIR.glob("*.avsc"))
 INPUT_TOPICS = (SUBSCRIPTIONS.name, USAGE.name)
@@ -64,7 +66,7 @@ def _payment_request(value: bytes) -> None:
 
 def _invoice(value: bytes) -> None:
     try:
-        payments.request_for_invoice(value, ("m-1", "m-2"), rating.EARLIEST)
+        payments.request_for_invoice(value, ("m-1", "m-2"), validation.EARLIEST)
     except DecodeError as exc:
         _refusal(exc, CODEC_REASONS | {"invalid_invoice"})
 
@@ -75,7 +77,7 @@ def _cancellation(value: bytes) -> None:
     except DecodeError as exc:
         _refusal(exc, CODEC_REASONS)
         return
-    problem = lane.cancellation_problem(event, PUBLISHED_MS)
+    problem = cancellation_problem(event, PUBLISHED_MS)
     downstream = rating.decode_input(value, False, PUBLISHED_MS)[2]
     if problem is None and downstream is not None:
         raise AssertionError(f"the lane forwards what rating refuses: {downstream!r}")

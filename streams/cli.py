@@ -231,7 +231,7 @@ def run_rating(
 ) -> None:
     """The rating processor: subscriptions + usage -> invoices."""
     from streams.domain.catalog import Catalog
-    from streams.processors.rating import RatingProcessor
+    from streams.processors.rating import make_rating
     from streams.runtime.process import WorkerIndexTaken, claim_worker_index
 
     try:  # before anything starts: a worker refused here fences nobody
@@ -241,7 +241,7 @@ def run_rating(
         raise typer.Exit(2) from None
     settings, bootstrap = _processor_start("rating")
     cat = Catalog.from_dict(json.loads(catalog.read_text()))
-    RatingProcessor(settings, bootstrap, cat, worker=index, clock=clock.value).run()
+    make_rating(settings, bootstrap, cat, worker=index, clock=clock.value).run()
 
 
 @run_app.command("sink")
@@ -256,23 +256,23 @@ def run_sink(
 ) -> None:
     """The sink: Kafka topics -> ClickHouse; owns an embedded warehouse and serves queries."""
     from streams.domain.catalog import Catalog
-    from streams.processors.sink import Sink
+    from streams.processors.sink import make_sink
 
     settings, bootstrap = _processor_start("sink")
     raw = json.loads(catalog.read_text())
     chosen = [t for t in topics.split(",") if t] if topics else None
-    Sink(settings, bootstrap, topics=chosen, max_rows=max_rows, max_seconds=max_seconds,
-         catalog=(Catalog.from_dict(raw), raw)).run()  # fmt: skip
+    make_sink(settings, bootstrap, topics=chosen, max_rows=max_rows, max_seconds=max_seconds,
+              catalog=(Catalog.from_dict(raw), raw)).run()  # fmt: skip
 
 
 @run_app.command("payments")
 @fatal_errors_as_json
 def run_payments() -> None:
     """The payments processor: due invoices -> gateway -> billing.payment-results."""
-    from streams.processors.payments import PaymentsProcessor, make_gateway
+    from streams.processors.payments import make_payments
 
     settings, bootstrap = _processor_start("payments")
-    PaymentsProcessor(settings, bootstrap, make_gateway(settings)).run()
+    make_payments(settings, bootstrap).run()
 
 
 @run_app.command("lane")
@@ -283,7 +283,7 @@ def run_lane_cmd(
     """A lane processor: the urgent workflows (priority) or the others (standard);
     STREAMBILL_URGENT_WORKFLOWS says which is which (default: refund,cancellation)."""
     from streams.lanes import LaneConfigError, parse_urgent, workflows_of
-    from streams.processors.lane import run_lane
+    from streams.processors.lane import make_lane
 
     settings = load_settings()
     try:
@@ -291,7 +291,7 @@ def run_lane_cmd(
     except LaneConfigError as exc:
         raise typer.BadParameter(str(exc)) from exc
     settings, bootstrap = _processor_start(f"lane-{lane}")
-    run_lane(settings, bootstrap, lane)
+    make_lane(settings, bootstrap, lane).run()
 
 
 @run_app.command("alerts")
@@ -312,7 +312,7 @@ def run_alerts(
     resolution, and record both on billing.alerts."""
     import asyncio
 
-    from streams.ops.alerts import Alerting, RulesError, load_rules
+    from streams.ops.alerts import RulesError, load_rules, make_alerting
     from streams.runtime.process import StopFlag
 
     try:
@@ -321,7 +321,7 @@ def run_alerts(
         raise typer.BadParameter(str(exc)) from exc
     settings, bootstrap = _processor_start("alerts")
     stop = StopFlag()
-    asyncio.run(Alerting(settings, bootstrap, ruleset).run(lambda: bool(stop)))
+    asyncio.run(make_alerting(settings, bootstrap, ruleset).run(lambda: bool(stop)))
 
 
 @run_app.command("refunds", hidden=True)
@@ -419,7 +419,7 @@ def scale(
                                  "a ClickHouse server (CLICKHOUSE_DSN=http://...)")  # fmt: skip
     bootstrap = bootstrap_servers(settings)
     argv, group = SCALABLE[processor], consumer_group(processor)
-    # each rating worker claims a free worker index itself (streams/processors/runtime.py):
+    # each rating worker claims a free worker index itself (streams/runtime/process.py):
     # indexes counted from 0 here would take those of workers already running
     procs = [ProcessorProcess(settings, bootstrap, *argv).start() for _ in range(workers)]
     console.print(f"{workers} x {processor} started (group {group_id(group)})")
@@ -669,8 +669,8 @@ def bill_run(
     """Catch-up bill run: close now, in parallel across partitions, the chosen periods."""
     import time
 
+    from streams.domain.validation import MAX_FUTURE, MAX_FUTURE_TEXT
     from streams.kafka.local import bootstrap_servers
-    from streams.processors.rating import MAX_FUTURE, MAX_FUTURE_TEXT
     from streams.publish import bill_run_done, issue_bill_run
     from streams.ui import progress_bar
 
@@ -822,7 +822,7 @@ def _run_bench(scenario: str, params: dict, runs: int, json_out: Path | None, on
     (correctness as the worst run, performance as the median) and the runs."""
     import signal
 
-    from streams.testbed.bench import aggregate_runs, runs_table
+    from streams.testbed.bench.harness import aggregate_runs, runs_table
     from streams.testbed.benchmarks_doc import provenance
 
     def interrupted(*_: object) -> None:
@@ -852,7 +852,7 @@ def bench_kafka(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Raw Kafka produce + consume of usage-sized Avro records (the ceiling)."""
-    from streams.testbed.bench import bench_kafka as run
+    from streams.testbed.bench.kafka import run
 
     s = load_settings()
     _run_bench("kafka", {"messages": messages}, runs, json_out, lambda: run(s, messages, console))
@@ -866,7 +866,7 @@ def bench_usage(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Usage events ingested and aggregated by the rating processor."""
-    from streams.testbed.bench import bench_usage as run
+    from streams.testbed.bench.usage import run
 
     s = load_settings()
     params = {"events": events, "workers": workers}
@@ -882,7 +882,7 @@ def bench_billrun(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """N subscriptions whose periods all end at one instant: time to invoice them all."""
-    from streams.testbed.bench import bench_billrun as run
+    from streams.testbed.bench.billrun import run
 
     s = load_settings()
     params = {"subscriptions": subscriptions, "workers": workers,
@@ -899,7 +899,7 @@ def bench_sink(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Invoice lines landed into the embedded warehouse by the sink."""
-    from streams.testbed.bench import bench_sink as run
+    from streams.testbed.bench.sink import run
 
     s = load_settings()
     params = {"rows": rows, "lines_per_invoice": lines_per_invoice}
@@ -916,7 +916,7 @@ def bench_payment_run(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """Due invoices collected through the gateway simulator (4 merchant accounts)."""
-    from streams.testbed.bench import bench_payment_run as run
+    from streams.testbed.bench.payment_run import run
 
     s = load_settings()
     params = {"payments": payments, "workers": workers, "decline_rate": decline_rate,
@@ -938,7 +938,7 @@ def bench_signup_spike(
 ) -> None:
     """A launch-weekend signup spike through the ingestion API: clients that honour
     Retry-After; every accepted signup checked in Kafka and ClickHouse."""
-    from streams.testbed.bench import bench_signup_spike as run
+    from streams.testbed.bench.signup_spike import run
 
     s = load_settings()
     params = {"signups": signups, "clients": clients, "workers": workers,
@@ -958,7 +958,7 @@ def bench_refund_latency(
 ) -> None:
     """Refund latency (request produced -> result and entitlement on Kafka), without and
     with a bulk payment run and bill run in flight."""
-    from streams.testbed.bench import bench_refund_latency as run
+    from streams.testbed.bench.refund_latency import run
 
     s = load_settings()
     params = {"seconds": seconds, "payments": payments, "subscriptions": subscriptions,

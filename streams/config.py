@@ -1,8 +1,15 @@
-"""Settings, read once from the environment: one place for every knob."""
+"""Settings, read once from the environment: one place for every knob.
+
+This is the only module of the package that touches ``os.environ`` (tests/test_config.py
+checks): everything else reads ``Settings``, one of the functions below, or a typer
+option's ``envvar`` (the variables in ``CLI_OPTION_VARIABLES``).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +36,17 @@ _KAFKA_SECURITY_ENV = {
 }
 
 
+# read by typer as the defaults of command-line options (streams/cli.py, streams/api/cli.py)
+CLI_OPTION_VARIABLES = frozenset({
+    "STREAMBILL_LOG_LEVEL", "STREAMBILL_CATALOG", "STREAMBILL_ALERT_RULES",
+    "STREAMBILL_ALERT_WEBHOOKS", "STREAMBILL_DASHBOARD_HOST", "STREAMBILL_DASHBOARD_PORT",
+    "STREAMBILL_API_HOST", "STREAMBILL_API_PORT",
+})  # fmt: skip
+
+# set in the API's extra worker processes (`streambill api --workers N`): they serve only
+API_WORKER_VARIABLE = "STREAMBILL_API_CHILD"
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -50,6 +68,11 @@ class Settings:
         default_factory=lambda: int(os.environ.get("STREAMBILL_REPLICATION", "0"))
     )  # 0: as many as the cluster has brokers, at most 3
     clickhouse_dsn: str | None = field(default_factory=lambda: os.environ.get("CLICKHOUSE_DSN"))
+    # each processor's metrics endpoint (streams/metrics.py serve); port 0: any free port
+    metrics_host: str = field(
+        default_factory=lambda: os.environ.get("STREAMBILL_METRICS_HOST", "127.0.0.1")
+    )
+    metrics_port: int = field(default_factory=lambda: int(_env("STREAMBILL_METRICS_PORT", "0")))
     # the local broker's data and logs (deploy/kafka/kafka.sh reads the same variable)
     kafka_dir: Path = field(
         default_factory=lambda: Path(
@@ -67,6 +90,15 @@ class Settings:
     gateway_url: str = field(
         default_factory=lambda: _env("STREAMBILL_GATEWAY_URL", "http://127.0.0.1:18080")
     )
+    # whether gateway_url was given (`streambill up` then uses that simulator, not its own)
+    gateway_url_configured: bool = field(
+        default_factory=lambda: bool(os.environ.get("STREAMBILL_GATEWAY_URL"))
+    )
+    # STREAMBILL_GATEWAY=stripe (streams/payments/stripe_gateway.py): the secret or
+    # restricted key, the merchant accounts' Connect ids (JSON), another API base
+    stripe_api_key: str = field(default_factory=lambda: _env("STRIPE_API_KEY", "").strip())
+    stripe_accounts: str = field(default_factory=lambda: _env("STRIPE_ACCOUNTS", "").strip())
+    stripe_api_base: str = field(default_factory=lambda: _env("STRIPE_API_BASE", "").strip())
     merchant_accounts: tuple[str, ...] = field(
         default_factory=lambda: tuple(
             a.strip()
@@ -132,6 +164,12 @@ class Settings:
         default_factory=lambda: float(_env("STREAMBILL_PROGRESS_SECONDS", "10"))
     )
 
+    # `streambill chaos`: its own three brokers' first port and heap
+    chaos_kafka_port_base: str | None = field(
+        default_factory=lambda: os.environ.get("STREAMBILL_CHAOS_KAFKA_PORT_BASE")
+    )
+    kafka_heap_mb: str = field(default_factory=lambda: os.environ.get("KAFKA_HEAP_MB", "512"))
+
     @property
     def warehouse_dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{self.home / 'warehouse'}"
@@ -148,3 +186,52 @@ class Settings:
 
 def settings() -> Settings:
     return Settings()
+
+
+def log_level() -> str:
+    """Read before any settings, by streams/logging.py."""
+    return _env("STREAMBILL_LOG_LEVEL", "INFO")
+
+
+def environment_namespace() -> str:
+    """The topic and group prefix a process starts with (streams/kafka/topics.py)."""
+    return os.environ.get("STREAMBILL_NAMESPACE", "")
+
+
+def clickhouse_credentials() -> dict[str, str]:
+    """For a ClickHouse server (CLICKHOUSE_DSN); chDB takes none."""
+    return {
+        "username": os.environ.get("CLICKHOUSE_USER", "default"),
+        "password": os.environ.get("CLICKHOUSE_PASSWORD", ""),
+    }
+
+
+def is_api_worker() -> bool:
+    return os.environ.get(API_WORKER_VARIABLE) == "1"
+
+
+def child_environment(**overrides: str | None) -> dict[str, str]:
+    """This process's environment for a child process, with `overrides` (None: unset)."""
+    env = dict(os.environ)
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """`values` in this process's environment (for the processes it starts meanwhile),
+    the previous ones back afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar
 
 import structlog
+
+from streams.config import log_level
 
 # the stdlib logger every Kafka client is given (confluent-kafka's `logger` setting,
 # streams/kafka/clients.py), so librdkafka's lines come out as JSON, not `%4|...|rdkafka#`
@@ -24,7 +25,7 @@ _SHARED = [
 
 
 def configure(level: str | None = None) -> None:
-    level_no = getattr(logging, (level or os.environ.get("STREAMBILL_LOG_LEVEL", "INFO")).upper())
+    level_no = getattr(logging, (level or log_level()).upper())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -1,7 +1,7 @@
 """Prometheus metrics: every metric any process exposes is declared here, once, so that
 dashboards, alert rules and the Kubernetes manifests can be checked against one list.
 
-Each processor process serves its registry on an HTTP port (``STREAMBILL_METRICS_PORT``,
+Each processor process serves its registry on an HTTP port (``Settings.metrics_port``,
 default: any free port) and advertises it in ``$STREAMBILL_HOME/metrics/<name>-<pid>.json``
 so that the dashboard and ``streambill lag`` find every process on this machine.
 """
@@ -70,6 +70,18 @@ LANE_STAGE_SECONDS = Histogram("streambill_lane_stage_seconds",
                                "time of one stage of an urgent request", ["lane", "stage"],
                                buckets=(.001, .005, .01, .025, .05, .1, .2, .3, .5, 1, 2,
                                         5))  # fmt: skip
+# the ingestion API (streams/api/server.py)
+API_REQUESTS = Counter("streambill_api_requests_total", "API requests answered",
+                       ["route", "status"])  # fmt: skip
+API_TENANT_ERRORS = Counter("streambill_api_tenant_errors_total",
+                            "API requests of a tenant answered 4xx/5xx",
+                            ["tenant", "status"])  # fmt: skip
+API_LATENCY = Histogram("streambill_api_request_seconds", "API request latency", ["route"],
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                 2.5, 5))  # fmt: skip
+API_IN_FLIGHT = Gauge("streambill_api_in_flight", "API requests in progress")
+API_EVENTS = Counter("streambill_api_events_total", "events accepted into Kafka", ["topic"])
+API_KAFKA_DOWN = Gauge("streambill_api_kafka_unavailable", "1 while Kafka is known to be down")
 
 
 def metrics_dir(settings: Settings) -> Path:
@@ -113,9 +125,7 @@ GC_PAUSES = GcPauses()
 def serve(settings: Settings, name: str) -> str:
     """Start this process's metrics endpoint and advertise it; returns its URL."""
     GC_PAUSES.install()
-    port = int(os.environ.get("STREAMBILL_METRICS_PORT", "0"))
-    server, _thread = start_http_server(port, addr=os.environ.get("STREAMBILL_METRICS_HOST",
-                                                                  "127.0.0.1"))  # fmt: skip
+    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_host)
     host, bound = server.server_address[:2]
     url = f"http://{host}:{bound}/metrics"
     path = metrics_dir(settings) / f"{name}-{os.getpid()}.json"
@@ -193,19 +203,31 @@ class LagTracker:
     delivered nothing since it was assigned has no position yet: its committed offset
     (where consumption resumed) stands in for it, asked of the broker once per
     assignment; until it is known the partition is not reported (never as wholly
-    behind, which would fire the lag alert after every rebalance)."""
+    behind, which would fire the lag alert after every rebalance). After an assignment,
+    until each owned partition is reported (its watermark comes with its first fetch),
+    the refresh runs every ``soon_s``: a worker that took partitions over reports their
+    lag within a fetch or two, not a whole period later."""
 
-    def __init__(self, consumer: Any, processor: str, every_s: float = 5.0) -> None:
+    def __init__(
+        self, consumer: Any, processor: str, every_s: float = 5.0, soon_s: float = 0.2
+    ) -> None:
         self.consumer = consumer
         self.processor = processor
         self.every_s = every_s
+        self.soon_s = soon_s
         self.last = 0.0
+        self.incomplete = False  # an owned partition is not reported yet
         self.reported: set[tuple[str, int]] = set()
         self.resumed_at: dict[tuple[str, int], int] = {}  # committed offset at assignment
 
+    def assigned(self) -> None:
+        """Partitions were assigned: refresh soon, until each is reported."""
+        self.incomplete = True
+        self.last = 0.0
+
     def maybe_update(self) -> None:
         now = time.monotonic()
-        if now - self.last < self.every_s:
+        if now - self.last < (self.soon_s if self.incomplete else self.every_s):
             return
         self.last = now
         try:
@@ -230,6 +252,7 @@ class LagTracker:
         owned = {(tp.topic, tp.partition) for tp in positions}
         self.resumed_at = {k: v for k, v in self.resumed_at.items() if k in owned}
         self.reported = seen
+        self.incomplete = seen != owned
 
     def _learn_where_consumption_resumed(self, positions: list[Any]) -> None:
         unknown = [

@@ -43,10 +43,10 @@ from streams.domain.timestamps import (
     require_utc,
     to_micros,
 )
+from streams.domain.validation import MAX_FUTURE, MAX_FUTURE_TEXT
 from streams.kafka import clients
 from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE, TopicSpec, group_id
 from streams.offline import load_catalog
-from streams.processors.rating import MAX_FUTURE, MAX_FUTURE_TEXT
 from streams.publish import bill_run_done, issue_bill_run, partition_count, produce_values
 from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
 from streams.ui import progress_bar

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams.config import Settings
+from streams.config import Settings, child_environment, environment
 from streams.warehouse import endpoint_file
 
 
@@ -86,12 +86,11 @@ class ProcessorProcess(ChildProcess):
 
     def start(self) -> ProcessorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "STREAMBILL_HOME": str(self.settings.home),
+        env = child_environment(
+            KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
+            STREAMBILL_HOME=str(self.settings.home),
             **self.extra_env,
-        }
+        )
         if self.settings.clickhouse_dsn:
             env["CLICKHOUSE_DSN"] = self.settings.clickhouse_dsn
         from streams.kafka.topics import namespace
@@ -196,26 +195,19 @@ def isolated_namespace(
     ns = f"{prefix}{uuid.uuid4().hex[:8]}."
     set_namespace(ns)
     home = parent / ns.rstrip(".")
-    names = ("STREAMBILL_HOME", "STREAMBILL_PARTITIONS", "STREAMBILL_NAMESPACE")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(STREAMBILL_HOME=str(home), STREAMBILL_PARTITIONS=str(partitions),
-                      STREAMBILL_NAMESPACE=ns)  # fmt: skip
-    settings = Settings(home=home, partitions=partitions)
-    admin = clients.admin(settings, bootstrap)
-    ensure_topics(admin, settings)
-    try:
-        yield settings
-    finally:
-        with suppress(Exception):  # best effort clean-up: the broker may be going away
-            delete_namespace(admin, ns)
-        if not keep_home:
-            shutil.rmtree(home, ignore_errors=True)
-        set_namespace(previous)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environment(STREAMBILL_HOME=str(home), STREAMBILL_PARTITIONS=str(partitions),
+                     STREAMBILL_NAMESPACE=ns):  # fmt: skip
+        settings = Settings(home=home, partitions=partitions)
+        admin = clients.admin(settings, bootstrap)
+        ensure_topics(admin, settings)
+        try:
+            yield settings
+        finally:
+            with suppress(Exception):  # best effort clean-up: the broker may be going away
+                delete_namespace(admin, ns)
+            if not keep_home:
+                shutil.rmtree(home, ignore_errors=True)
+            set_namespace(previous)
 
 
 # --- `streambill up` / `status` / `down`: the whole stack as detached processes ---------
@@ -376,7 +368,7 @@ def start_stack(
     gateway_url = None
     if settings.gateway != "simulator":
         say(f"gateway: {settings.gateway} (configured)")
-    elif os.environ.get("STREAMBILL_GATEWAY_URL"):
+    elif settings.gateway_url_configured:
         gateway_url = settings.gateway_url
         say(f"gateway: the simulator at {gateway_url} (configured)")
     stack: dict[str, Any] = {

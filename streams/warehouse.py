@@ -22,7 +22,7 @@ import clickhouse_connect
 import structlog
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-from streams.config import DEPLOY_DIR, Settings
+from streams.config import DEPLOY_DIR, Settings, clickhouse_credentials
 
 log = structlog.get_logger(__name__)
 MIGRATIONS_DIR = DEPLOY_DIR / "clickhouse"
@@ -42,10 +42,7 @@ def connect(dsn: str) -> Any:
                 client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
                 client.command(f"USE {DATABASE}")  # the chDB session keeps it
             else:
-                credentials = {
-                    "username": os.environ.get("CLICKHOUSE_USER", "default"),
-                    "password": os.environ.get("CLICKHOUSE_PASSWORD", ""),
-                }
+                credentials = clickhouse_credentials()
                 clickhouse_connect.get_client(dsn=dsn, **credentials).command(
                     f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
                 )
@@ -98,40 +95,7 @@ def migrate(client: Any, files: list[Path] | None = None) -> list[str]:
 def open_warehouse(settings: Settings) -> Any:
     client = connect(settings.warehouse_dsn)
     migrate(client)
-    if os.environ.get("STREAMBILL_FAULT_INJECTION") == "1":
-        return OutageSwitchedClient(client, outage_switch(settings))
     return client
-
-
-# --- fault injection (streambill chaos) -------------------------------------------------
-
-
-def outage_switch(settings: Settings) -> Path:
-    """While this file exists, a process started with STREAMBILL_FAULT_INJECTION=1 finds
-    its warehouse down. chDB runs inside the sink, so its outage cannot be made from
-    outside, the way the chaos suite kills a broker or switches the gateway off."""
-    return settings.home / "faults" / "warehouse-down"
-
-
-class OutageSwitchedClient:
-    """A warehouse client whose every call raises WarehouseUnavailable, as a lost server
-    connection does, while the outage switch is on. Used by `streambill chaos` only."""
-
-    def __init__(self, client: Any, switch: Path) -> None:
-        self._client = client
-        self._switch = switch
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self._switch.exists():
-                raise WarehouseUnavailable("warehouse outage (injected by streambill chaos)")
-            return attr(*args, **kwargs)
-
-        return call
 
 
 # --- the query endpoint of the warehouse-owning process -------------------------------

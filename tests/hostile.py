@@ -441,23 +441,127 @@ def rating_scenario(
     return Scenario(inputs, totals, accts, subs)
 
 
-def bare_rating_processor(catalog: Any, store: Any, cache_entries: int) -> Any:
-    """A RatingProcessor on partition 0 without a broker: its record handling is driven by
-    hand and its outputs go to a FakeProducer."""
-    from streams.kafka.topics import INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE
-    from streams.processors import rating
-    from streams.runtime.state import StateCache
+class OfflineConsumer:
+    """A consumer without a broker: hands out the given polls in turn, each cut to the
+    records asked for (the rest comes next, as from Kafka's fetch queue), then nothing;
+    records what it was asked and what it paused. Every partition is caught up: its
+    position is where OfflineAdmin puts the end."""
 
-    proc = object.__new__(rating.RatingProcessor)
-    proc.catalog = catalog
-    proc.buffers, proc.blocked_since, proc.throttled = {}, {}, set()
-    proc.subscriptions_topic, proc.usage_topic = SUBSCRIPTIONS.name, USAGE.name
-    proc.invoices_topic, proc.changelog_topic = INVOICES.name, RATING_CHANGELOG.name
-    proc.producer = FakeProducer()
-    proc.stores = {0: store}
-    proc.caches = {0: StateCache(cache_entries)}
-    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
-    proc.changelog_next = {}
-    proc.max_idle = 0.5
-    proc._delivery_error = None
+    def __init__(self, polls: list[list[Any]] | None = None) -> None:
+        self.polls = [poll for poll in polls or [] if poll]
+        self.asked: list[tuple[int, float]] = []  # (max records, timeout) per poll
+        self.paused: set[tuple[str, int]] = set()
+
+    def hand_out(self, polls: list[list[Any]]) -> None:
+        """These polls next (what was left is dropped), asked afresh."""
+        self.polls, self.asked = [poll for poll in polls if poll], []
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        self.asked.append((n, timeout))
+        if not self.polls:
+            return []
+        poll, rest = self.polls[0][:n], self.polls[0][n:]
+        self.polls[:1] = [rest] if rest else []
+        return poll
+
+    def position(self, tps: list[Any]) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tp.topic, tp.partition, 0) for tp in tps]
+
+    def pause(self, tps: list[Any]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in tps}
+
+    def resume(self, tps: list[Any]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in tps}
+
+    def seek(self, _tp: Any) -> None:
+        pass
+
+    def consumer_group_metadata(self) -> str:
+        return "group"
+
+    def get_watermark_offsets(self, _tp: Any, *_: Any) -> tuple[int, int]:
+        return 0, 0  # an empty changelog: nothing to restore
+
+    def close(self) -> None:
+        pass
+
+
+class OfflineAdmin:
+    """Every partition's end is offset `end`: at 0, where OfflineConsumer says it is
+    (caught up); beyond, records are still to come."""
+
+    def __init__(self, end: int = 0) -> None:
+        self.end = end
+
+    def list_offsets(self, specs: dict[Any, Any], **_: Any) -> dict[Any, Any]:
+        from concurrent.futures import Future
+
+        from confluent_kafka import TopicPartition
+
+        futures = {}
+        for tp in specs:
+            future: Future[Any] = Future()
+            future.set_result(TopicPartition(tp.topic, tp.partition, self.end))
+            futures[tp] = future
+        return futures
+
+
+class TransactionalProducer(FakeProducer):
+    """A FakeProducer with transactions: what a transaction produced is kept in
+    ``produced`` once it commits, dropped if it aborts; the offsets of each committed one
+    in ``offsets``. ``fail_commits``: how many of the next commits fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offsets: list[dict[tuple[str, int], int]] = []  # per committed transaction
+        self.fail_commits = 0
+        self._pending: dict[tuple[str, int], int] = {}
+        self._before = 0
+
+    def init_transactions(self) -> None:
+        pass
+
+    def begin_transaction(self) -> None:
+        self._pending, self._before = {}, len(self.produced)
+
+    def send_offsets_to_transaction(self, offsets: list, _metadata: Any) -> None:
+        self._pending.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def commit_transaction(self) -> None:
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise RuntimeError("commit failed")
+        self.offsets.append(self._pending)
+
+    def abort_transaction(self) -> None:
+        del self.produced[self._before :]
+
+
+def rating_processor(
+    catalog: Any,
+    home: Any,
+    consumer: OfflineConsumer | None = None,
+    admin: OfflineAdmin | None = None,
+    **options: Any,
+) -> Any:
+    """A RatingProcessor with partition 0 assigned and no broker: an OfflineConsumer and
+    OfflineAdmin (by default both topics caught up), a TransactionalProducer, its state
+    under `home`. options: RatingProcessor's, and rating_* settings."""
+    from confluent_kafka import TopicPartition
+
+    from streams.config import Settings
+    from streams.kafka.topics import SUBSCRIPTIONS
+    from streams.processors import rating
+    from streams.runtime.loop import StreamLoop
+
+    sizes = {k: options.pop(k) for k in list(options) if k.startswith("rating_")}
+    settings = Settings(home=home, **sizes)
+    consumer = consumer or OfflineConsumer()
+    stream = StreamLoop(rating.NAME, consumer, TransactionalProducer())
+    proc = rating.RatingProcessor(
+        settings, catalog, stream, admin or OfflineAdmin(), OfflineConsumer, **options
+    )
+    proc.on_assign(consumer, [TopicPartition(SUBSCRIPTIONS.name, 0)])
     return proc

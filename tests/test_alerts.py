@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import itertools
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.samples import Sample
 
 from streams.config import DEPLOY_DIR
+from streams.kafka.lag import PartitionLag
+from streams.kafka.topics import group_id
 from streams.ops.alerts import (
+    Alerting,
     Rule,
     RulesError,
+    RuleSet,
     RuleState,
+    Sources,
     alert_event,
     load_rules,
     step,
@@ -29,7 +38,7 @@ def test_the_shipped_rules_load_and_cover_every_condition() -> None:
     names = {r.name for r in ruleset.rules}
     assert names == {"payment_failure_rate", "api_5xx_rate", "tenant_api_failures",
                      "consumer_lag", "dead_letter_growth", "gateway_circuit_open",
-                     "refund_p99", "api_kafka_unavailable"}  # fmt: skip
+                     "refund_p99", "api_kafka_unavailable", "warehouse_unavailable"}  # fmt: skip
     assert ruleset.every_s == 15 and ruleset.webhooks[-1].format == "slack"
 
 
@@ -78,3 +87,94 @@ def test_events_have_stable_ids_and_slack_bodies() -> None:
     assert slack["text"].startswith(":red_circle: FIRING lag") and "threshold 10" in slack["text"]
     plain = orjson.loads(webhook_body(a, "json"))
     assert plain["state"] == "firing" and plain["value"] == 12.0 and plain["at"].startswith("19")
+
+
+# --- the sources, on in-memory parts -----------------------------------------------------
+
+
+def sources(
+    rows: list[list[Any]] | None = None,
+    lags: list[PartitionLag] | None = None,
+    samples: list[Sample] | None = None,
+) -> Sources:
+    def warehouse(sql: str) -> list[list[Any]]:
+        if rows is None:
+            raise ConnectionError("warehouse down")
+        return rows
+
+    return Sources(warehouse, lambda: lags or [], lambda: samples or [])
+
+
+def sample(name: str, value: float, **labels: str) -> Sample:
+    return Sample(name, labels, value)
+
+
+def test_a_warehouse_rule_reads_the_first_cell_and_an_outage_is_unknown() -> None:
+    rule = Rule(name="w", source="warehouse", threshold=0.1, query="SELECT 1")
+    assert sources([[0.25, 9]]).measure(rule) == 0.25
+    assert sources([]).measure(rule) is None
+    assert sources([[None]]).measure(rule) is None
+    assert sources(None).measure(rule) is None  # unknown, not a crash
+
+
+def test_a_lag_rule_takes_the_worst_group_or_the_one_named() -> None:
+    def lag(group: str, n: int) -> PartitionLag:
+        return PartitionLag(group_id(group), "t", 0, 0, n, n)
+
+    lags = [lag("streambill-sink", 5), lag("streambill-sink", 7), lag("streambill-rating", 9)]
+    assert sources(lags=lags).measure(Rule(name="l", source="lag", threshold=1)) == 12
+    one = Rule(name="l", source="lag", threshold=1, group="streambill-rating")
+    assert sources(lags=lags).measure(one) == 9
+    gone = Rule(name="l", source="lag", threshold=1, group="streambill-nobody")
+    assert sources(lags=lags).measure(gone) == 0
+
+
+def test_a_metrics_rule_filters_labels_and_aggregates_by_one() -> None:
+    samples = [
+        sample("streambill_dead_letters_total", 3, processor="rating", reason="rejected"),
+        sample("streambill_dead_letters_total", 4, processor="rating", reason="invalid_event"),
+        sample("streambill_dead_letters_total", 5, processor="sink", reason="out_of_range"),
+        sample("streambill_records_total", 100, processor="rating"),
+    ]
+    rule = Rule(name="m", source="metrics", threshold=1, metric="streambill_dead_letters")
+    assert sources(samples=samples).measure(rule) == 5  # max of one sample
+    summed = Rule(name="m", source="metrics", threshold=1, metric="streambill_dead_letters",
+                  agg="sum", by="processor")  # fmt: skip
+    assert sources(samples=samples).measure(summed) == 7  # rating's 3 + 4
+    filtered = Rule(name="m", source="metrics", threshold=1, metric="streambill_dead_letters",
+                    agg="sum", labels=(("reason", "rej.*|out_of_range"),))  # fmt: skip
+    assert sources(samples=samples).measure(filtered) == 8
+    prefix = Rule(name="m", source="metrics", threshold=1, metric="streambill_dead_letters",
+                  labels=(("reason", "rej"),))  # fmt: skip
+    assert sources(samples=samples).measure(prefix) == 0  # the whole label value must match
+    absent = Rule(name="m", source="metrics", threshold=1, metric="streambill_nothing")
+    assert sources(samples=samples).measure(absent) == 0
+
+
+def test_a_rate_rule_needs_two_evaluations_and_a_reset_is_no_increase() -> None:
+    counts = [10.0]
+    src = Sources(lambda sql: [], lambda: [], lambda: [sample("c_total", counts[0])])
+    rule = Rule(name="r", source="metrics", threshold=1, metric="c", agg="rate")
+    assert src.measure(rule) is None  # nothing to compare with yet
+    counts[0] = 30.0
+    time.sleep(0.01)
+    rate = src.measure(rule)
+    assert rate is not None and 0 < rate <= 20 / 0.01
+    counts[0] = 2.0  # the process restarted: its counter began again
+    assert src.measure(rule) == 0
+
+
+def test_a_rule_firing_before_a_restart_does_not_fire_again() -> None:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    history = [
+        {"rule": "lag", "state": "firing", "at": at},
+        {"rule": "other", "state": "firing", "at": at},
+        {"rule": "other", "state": "resolved", "at": at + timedelta(minutes=1)},
+    ]
+    other = Rule(name="other", source="lag", threshold=10)
+    ruleset = RuleSet((RULE, other), (), 15.0)
+    alerting = Alerting(ruleset, producer=None, sources=sources(), history=history)
+    now = at.timestamp() + 600
+    assert step(RULE, alerting.states["lag"], 50, now) is None  # still firing: no repeat
+    assert step(RULE, alerting.states["lag"], 1, now) == "resolved"
+    assert step(other, alerting.states["other"], 50, now) == "firing"

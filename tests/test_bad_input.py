@@ -9,10 +9,13 @@ Kafka (a fake producer records what they produce)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import tempfile
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,11 +23,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.api import records as api_records
 from streams.codec import DecodeError, codec
+from streams.config import Settings
+from streams.domain.cancellations import Subscription, cancellation_problem, cancellation_refusal
 from streams.domain.catalog import Catalog
 from streams.domain.payments import after_attempt, parse_schedule
 from streams.domain.rating import SubscriptionState
+from streams.domain.refunds import Paid, RefundLedger, refund_refusal
+from streams.domain.validation import EARLIEST, MAX_FUTURE
 from streams.kafka.topics import (
     ALL_TOPICS,
     CANCELLATIONS,
@@ -34,23 +40,21 @@ from streams.kafka.topics import (
     PAYMENT_CONTROL,
     PAYMENT_REQUESTS,
     PAYMENT_RETRIES,
+    RATING_CHANGELOG,
     SUBSCRIPTIONS,
     USAGE,
     spec_for_base,
 )
 from streams.offline import rate_events
-from streams.processors import lane, payments, rating, sink
+from streams.processors import payments, rating, sink
 from streams.processors.rating import (
     DEAD_LETTER_REASONS,
-    EARLIEST,
-    MAX_FUTURE,
-    Batch,
     RatingProcessor,
     decode_bill_run,
     decode_input,
 )
 from streams.processors.sink import COLUMNS, LANDERS, Sink
-from streams.runtime.state import StateCache
+from streams.runtime.loop import StreamLoop
 from streams.testbed.demo import DEMO_CATALOG
 from tests import hostile
 from tests.hostile import (
@@ -299,45 +303,18 @@ def test_rating_subscription_decoder(rec: dict, published: int | None) -> None:
         assert error is not None
 
 
-class _NoState:
-    def get(self, _sub: str) -> None:
-        return None
-
-
-class _NoConsumer:
-    def pause(self, *_: Any) -> None:
-        raise AssertionError("nothing here fills a buffer")
-
-
-def offline_rating_processor() -> RatingProcessor:
-    """The rating processor's own record handling (_buffer, _drain, _apply, _emit,
-    _dead_letter) on one partition, with a producer that records and no Kafka."""
-    proc = object.__new__(RatingProcessor)
-    proc.catalog = CATALOG
-    proc.buffers, proc.blocked_since, proc.throttled = {}, {}, set()
-    proc.subscriptions_topic, proc.usage_topic = SUBSCRIPTIONS.name, USAGE.name
-    proc.invoices_topic = INVOICES.name
-    proc.producer = FakeProducer()
-    proc.stores = {0: _NoState()}
-    proc.caches = {0: StateCache(1000)}
-    proc.usage_reader, proc.invoice_writer = rating.usage_reader(), rating.invoice_writer()
-    proc.consumer = _NoConsumer()
-    proc.max_idle = 0.5
-    proc._delivery_error = None
-    return proc
-
-
-def run_rating(inputs: list[hostile.Input]) -> tuple[RatingProcessor, Batch, dict]:
+def run_rating(inputs: list[hostile.Input]) -> RatingProcessor:
     """Every input as one consumed batch of partition 0 (offset = index), both topics
-    caught up: what RatingProcessor._transaction does between begin and commit."""
-    proc = offline_rating_processor()
+    caught up, in one transaction of a RatingProcessor with no Kafka (its producer
+    records what it commits); returned closed."""
     topics = {hostile.SUBSCRIPTIONS: SUBSCRIPTIONS.name, hostile.USAGE: USAGE.name}
-    for n, inp in enumerate(inputs):
-        proc._buffer(Msg(topics[inp.topic], inp.value, inp.key, 0, n, PUBLISHED_MS))
-    batch, positions = Batch(), {}
-    caught = {(SUBSCRIPTIONS.name, 0): True, (USAGE.name, 0): True}
-    assert proc._drain(0, batch, positions, caught) is None
-    return proc, batch, positions
+    msgs = [Msg(topics[inp.topic], inp.value, inp.key, 0, n, PUBLISHED_MS)
+            for n, inp in enumerate(inputs)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as home:
+        proc = hostile.rating_processor(CATALOG, Path(home))
+        proc.transaction(msgs)
+        proc.close()
+    return proc
 
 
 def produced(proc: RatingProcessor) -> tuple[list[dict], list[dict]]:
@@ -346,7 +323,7 @@ def produced(proc: RatingProcessor) -> tuple[list[dict], list[dict]]:
     for topic, _key, value in proc.producer.produced:
         if topic == DEAD_LETTER.name:
             dead.append(codec(DEAD_LETTER.schema).decode(value))
-        else:
+        elif topic != RATING_CHANGELOG.name:
             assert topic == INVOICES.name
             invoices.append(codec(INVOICES.schema).decode(value))
     return dead, invoices
@@ -398,24 +375,24 @@ def check_rating_outcomes(
 )
 def test_rating_processor_on_a_hostile_mix(accounts: int, kinds: list[str], seed: int) -> None:
     scenario = hostile.rating_scenario("t-", accounts, kinds, PUBLISHED, seed)
-    proc, batch, positions = run_rating(scenario.inputs)
+    proc = run_rating(scenario.inputs)
     dead, invoices = produced(proc)
     check_rating_outcomes(scenario, dead, invoices)
-    assert batch.dead_letters == len(dead) and batch.invoices == len(invoices)
-    # nothing stays behind: every record was consumed and will be committed
-    assert not any(proc.buffers[0].values())
+    assert proc.invoices_emitted == len(invoices)
+    # nothing stays behind: every record was consumed, and committed
+    assert not any(proc.alignment.buffers[0].values())
     last = {
         t: max(n for n, i in enumerate(scenario.inputs) if i.topic == k)
         for k, t in ((hostile.SUBSCRIPTIONS, SUBSCRIPTIONS.name), (hostile.USAGE, USAGE.name))
         if any(i.topic == k for i in scenario.inputs)
     }
-    assert positions == {(t, 0): n + 1 for t, n in last.items()}
+    assert proc.producer.offsets == [{(t, 0): n + 1 for t, n in last.items()}]
 
 
 def test_every_hostile_kind_in_one_mix() -> None:
     """Each kind once (the property above draws them at random)."""
     scenario = hostile.rating_scenario("one-", 3, list(HOSTILE_KINDS), PUBLISHED, seed=7)
-    proc, _, _ = run_rating(scenario.inputs)
+    proc = run_rating(scenario.inputs)
     dead, invoices = produced(proc)
     check_rating_outcomes(scenario, dead, invoices)
     assert Counter(d["reason"] for d in dead) == Counter(
@@ -464,10 +441,6 @@ def test_far_future_usage_would_have_invoiced_decades() -> None:
         },
     )
     assert decode_input(value, True, PUBLISHED_MS)[2][0] == "invalid_event"
-
-
-def test_the_bounds_are_the_apis() -> None:
-    assert EARLIEST == api_records.EARLIEST and MAX_FUTURE == api_records.MAX_FUTURE
 
 
 def test_another_accounts_subscription_is_not_billed() -> None:
@@ -534,30 +507,23 @@ def test_bill_run_decoder(rec: dict, published: int | None) -> None:
         assert runnable and run["barrier"] == rec["barrier"]
 
 
-def test_a_bad_bill_run_is_a_dead_letter_and_is_committed() -> None:
+def test_a_bad_bill_run_is_a_dead_letter_and_is_committed(tmp_path: Path) -> None:
     """It used to be skipped with a log line only (and read again after every restart)."""
-    proc = offline_rating_processor()
-    proc.jobs = {}
-    batch = Batch()
+    proc = hostile.rating_processor(CATALOG, tmp_path)
     at = datetime(2026, 3, 1, tzinfo=UTC)
-    for n, value in enumerate(
-        [
-            b"\x00junk",
-            codec("bill_run").encode(
-                {
-                    "run_id": "r",
-                    "until": at + timedelta(days=3650),
-                    "accounts": None,
-                    "barrier": {USAGE.name: 3},
-                    "issued_at": at,
-                }
-            ),
-        ]
-    ):
-        assert proc._start_job(Msg(CONTROL.name, value, None, 0, n, ms(at)), batch) is False
+    runs = [
+        b"\x00junk",
+        codec("bill_run").encode({
+            "run_id": "r", "until": at + timedelta(days=3650), "accounts": None,
+            "barrier": {USAGE.name: 3}, "issued_at": at,
+        }),
+    ]  # fmt: skip
+    proc.transaction([Msg(CONTROL.name, value, None, 0, n, ms(at)) for n, value in enumerate(runs)])
+    proc.close()
     dead, _ = produced(proc)
     assert [d["reason"] for d in dead] == ["invalid_avro", "invalid_bill_run"]
     assert "after the run was issued" in dead[1]["detail"] and proc.jobs == {}
+    assert proc.producer.offsets == [{(CONTROL.name, 0): 2}]
 
 
 # --- payments: invoices, payment requests and retries ------------------------------------
@@ -672,6 +638,41 @@ class _FakeConsumer:
         self.paused += tps
 
 
+class _Unanswered:
+    """A gateway that never answers: an attempt started stays in flight."""
+
+    async def charge(self, request: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def refund(self, request: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def lookup(self, merchant_account: str, idempotency_key: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _payable(i: int, due_in_days: int, attempt: int) -> dict[str, Any]:
+    """A payment request the dispatcher attempts: due (days <= 0) or held until due."""
+    inv = {**sample("invoice", i), "payment_method": f"tok_{i}", "total": Decimal("9.90")}
+    request = payments.request_for_invoice(codec("invoice").encode(inv), ("m-1", "m-2"), PUBLISHED)
+    assert request is not None
+    due = datetime.now(UTC) + timedelta(days=due_in_days)
+    return {**request, "attempt": attempt, "not_before": due}
+
+
+def _plausible(kind: str) -> st.SearchStrategy[bytes]:
+    """Valid records of a payments input (a payable invoice, a request due or not)."""
+    if kind == "invoice":
+        return st.integers(0, 50).map(lambda i: codec(kind).encode(sample(kind, i)))
+    if kind == "payment_request":
+        args = st.tuples(st.integers(0, 50), st.integers(-3, 3), st.integers(1, 3))
+        return args.map(lambda a: codec(kind).encode(_payable(*a)))
+    return raw_records(kind).map(lambda r: hostile_encode(kind, r))
+
+
 def _any_schema_record() -> st.SearchStrategy[bytes]:
     return st.sampled_from(VALUE_SCHEMAS).flatmap(
         lambda name: raw_records(name).map(lambda r: hostile_encode(name, r))
@@ -681,27 +682,9 @@ def _any_schema_record() -> st.SearchStrategy[bytes]:
 @SLOW
 @given(data=st.data())
 def test_payments_processor_handles_every_input(data: st.DataObject) -> None:
-    """PaymentsProcessor._handle on a mix of its input topics, valid and hostile records:
+    """PaymentsProcessor.handle on a mix of its input topics, valid and hostile records:
     each is an attempt (started, or waiting until due), a record finished at once
     (nothing to collect, a payment run) or exactly one dead letter; nothing raises."""
-    proc = object.__new__(payments.PaymentsProcessor)
-    proc.tracker = payments.OffsetTracker()
-    proc.producer = FakeProducer()
-    proc.consumer = _FakeConsumer()
-    proc.accounts = ("m-1", "m-2")
-    proc.held, proc.horizon = {}, payments.EPOCH
-    proc.longest_wait = timedelta(days=36)
-    proc.topics = {
-        "invoices": INVOICES.name,
-        "requests": PAYMENT_REQUESTS.name,
-        "control": PAYMENT_CONTROL.name,
-        "retries": [t.name for t in PAYMENT_RETRIES[:3]],
-    }
-    spawned: list[payments.Attempt] = []
-    proc._spawn = spawned.append  # no event loop: record what would be attempted
-    finished: list[tuple[str, int]] = []
-    finish = proc.tracker.finish
-    proc.tracker.finish = lambda tp, offset: (finished.append((tp[0], offset)), finish(tp, offset))
     kinds = {
         INVOICES.name: "invoice",
         PAYMENT_REQUESTS.name: "payment_request",
@@ -714,19 +697,39 @@ def test_payments_processor_handles_every_input(data: st.DataObject) -> None:
         own = raw_records(
             kinds[topic], attempt=st.integers(-1, 4), currency=st.sampled_from(CURRENCIES)
         ).map(lambda r, k=kinds[topic]: hostile_encode(k, r))
-        value = data.draw(st.one_of(st.binary(max_size=40), own, own, _any_schema_record()))
+        plausible = _plausible(kinds[topic])
+        value = data.draw(
+            st.one_of(st.binary(max_size=40), own, own, plausible, _any_schema_record())
+        )
         msgs.append(Msg(topic, value, b"a", 0, n))
-    for msg in msgs:
-        proc._handle(msg)
-    assert all(t == DEAD_LETTER.name for t, _, _ in proc.producer.produced)
-    dead = [codec(DEAD_LETTER.schema).decode(v) for _, _, v in proc.producer.produced]
+    producer = FakeProducer()
+    settings = Settings(merchant_accounts=("m-1", "m-2"), dunning="1d,3d,7d")
+
+    async def handle() -> tuple[payments.PaymentsProcessor, list[payments.Attempt | None]]:
+        stream = StreamLoop(payments.NAME, _FakeConsumer(), producer)
+        proc = payments.PaymentsProcessor(settings, stream, _Unanswered())
+        handled = [proc.handle(msg) for msg in msgs]
+        await asyncio.sleep(0)  # the attempts started reach the gateway, and wait there
+        held = sum(len(q) for q in proc.held.values())
+        assert len(proc.loop.tasks) == sum(a is not None for a in handled) - held
+        return proc, handled
+
+    proc, handled = asyncio.run(handle())
+    assert all(t == DEAD_LETTER.name for t, _, _ in producer.produced)
+    dead = [codec(DEAD_LETTER.schema).decode(v) for _, _, v in producer.produced]
     reasons = {*CODEC_REASONS, "invalid_request", "invalid_invoice"}
     for d in dead:
         assert d["reason"] in reasons and d["processor"] == "payments"
         check_detail(d["detail"])
-    attempts = spawned + [a for q in proc.held.values() for a in q]
+    attempts = [a for a in handled if a is not None]
     for a in attempts:
         assert payments.request_problem(a.request) is None
+    # finished at once: neither an attempt in flight nor a dead letter awaiting delivery
+    unfinished = {
+        (tp[0], o) for tp, started in proc.offsets.started.items()
+        for o in set(started) - proc.offsets.finished[tp]
+    }  # fmt: skip
+    finished = [(m.topic(), m.offset()) for m in msgs if (m.topic(), m.offset()) not in unfinished]
     outcomes = (
         [(a.source[0], a.offset) for a in attempts]
         + [(d["source_topic"], d["source_offset"]) for d in dead]
@@ -755,10 +758,10 @@ def test_payments_processor_handles_every_input(data: st.DataObject) -> None:
 def test_refund_refusal_against_an_oracle(
     paid: Decimal, refunded: Decimal, amount: Decimal, currency: str, invoice: str
 ) -> None:
-    state = lane.PartitionState()
-    state.record_paid("inv-paid", lane.Paid("ch_1", "m-1", paid, "EUR"))
-    state.subscription_of.update({"inv-paid": "s", "inv-unpaid": "s"})
-    state.refunded["inv-paid"] = refunded
+    ledger = RefundLedger()
+    ledger.record_paid("inv-paid", Paid("ch_1", "m-1", paid, "EUR"))
+    ledger.subscription_of.update({"inv-paid": "s", "inv-unpaid": "s"})
+    ledger.refunded["inv-paid"] = refunded
     req = {
         "refund_id": "r",
         "invoice_id": invoice,
@@ -776,7 +779,7 @@ def test_refund_refusal_against_an_oracle(
         expected = "amount_exceeds_paid"
     else:
         expected = None
-    assert lane.refund_refusal(state, req) == expected
+    assert refund_refusal(ledger, req) == expected
 
 
 LANE_REASONS = {"not_a_cancellation", "invalid_mode", "invalid_event"}
@@ -805,7 +808,7 @@ def test_cancellation_checks(
     except DecodeError:
         assert not in_datetime_range(rec["timestamp"])
         return
-    problem = lane.cancellation_problem(event, published)
+    problem = cancellation_problem(event, published)
     downstream = decode_input(value, False, published)
     if problem is not None:
         assert problem[0] in LANE_REASONS, problem
@@ -817,12 +820,12 @@ def test_cancellation_checks(
     sub = (
         None
         if owner is None
-        else lane.Subscription(
+        else Subscription(
             rec["account_id"] if owner == "same" else rec["account_id"] + "-x",
             {None: None, "same": rec["event_id"], "other": rec["event_id"] + "-x"}[cancelled_by],
         )
     )
-    refusal = lane.cancellation_refusal(event, sub)
+    refusal = cancellation_refusal(event, sub)
     expected = (
         "unknown_subscription"
         if owner is None
@@ -882,6 +885,14 @@ def fits_the_warehouse(schema: str, rec: dict[str, Any]) -> bool:
     )
 
 
+def _sink(producer: FakeProducer, settings: Settings | None = None, client: Any = None) -> Sink:
+    """A sink whose dead letters go to `producer`; it consumes nothing here. Without a
+    client: a warehouse server that is never connected to."""
+    settings = settings or Settings(clickhouse_dsn="clickhouse://localhost:1")
+    stream = StreamLoop("sink", _FakeConsumer(), producer)
+    return Sink(settings, client, stream, serve_queries=False)
+
+
 @SLOW
 @given(data=st.data())
 def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
@@ -908,9 +919,9 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
         )
     )
     msgs = [Msg(spec.name, v, b"k", 1, n) for n, v in enumerate(values)]
-    fake = type("FakeSink", (), {"producer": FakeProducer()})()
+    producer = FakeProducer()
     rows: dict[str, list[list[Any]]] = {table: [] for table in COLUMNS}
-    bad = Sink._map_in_python(fake, spec, msgs, rows)
+    bad = _sink(producer)._map_in_python(spec, msgs, rows)
     expected_bad = 0
     for v in values:
         try:
@@ -933,7 +944,7 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
     for table, table_rows in rows.items():
         for row in table_rows:
             assert sink.out_of_range(table, row) is None
-    letters = fake.producer.produced
+    letters = producer.produced
     if spec is DEAD_LETTER:
         assert letters == []
     else:
@@ -996,7 +1007,9 @@ def test_records_beyond_the_tables_are_dead_letters_and_the_rest_lands(tmp_path:
     client = connect(dsn)
     try:
         migrate(client)
-        fake = type("FakeSink", (), {"producer": FakeProducer()})()
+        producer = FakeProducer()
+        settings = Settings(home=tmp_path, clickhouse_dsn=dsn)
+        proc = _sink(producer, settings, client)
         landed = {}
         for base, values in (
             ("billing.usage", usage),
@@ -1006,7 +1019,7 @@ def test_records_beyond_the_tables_are_dead_letters_and_the_rest_lands(tmp_path:
             rows: dict[str, list[list[Any]]] = {table: [] for table in COLUMNS}
             spec = spec_for_base(base)
             msgs = [Msg(spec.name, v, b"k", 0, n) for n, v in enumerate(values)]
-            bad = Sink._map_in_python(fake, spec, msgs, rows)
+            bad = proc._map_in_python(spec, msgs, rows)
             for table, table_rows in rows.items():
                 if table_rows:
                     client.insert(table, table_rows, column_names=COLUMNS[table])
@@ -1018,9 +1031,7 @@ def test_records_beyond_the_tables_are_dead_letters_and_the_rest_lands(tmp_path:
         }
         total = client.query("SELECT toString(sum(quantity)) FROM usage_events").result_rows
         assert Decimal(total[0][0]) == 6
-        reasons = [
-            codec(DEAD_LETTER.schema).decode(v)["reason"] for _, _, v in fake.producer.produced
-        ]
+        reasons = [codec(DEAD_LETTER.schema).decode(v)["reason"] for _, _, v in producer.produced]
         assert reasons == ["out_of_range", "out_of_range", "out_of_range"]
     finally:
         disconnect(dsn)

@@ -1,5 +1,5 @@
-"""The rating processor's hand-written codecs (streams/processors/rating_codec.py) side by
-side with the general path.
+"""The rating processor's hand-written codecs (streams/fast_codec.py) side by side with
+the general path.
 
 UsageReader against decode_input (fastavro, parse_event, timestamp_problem): the fast
 reader may only decline (None, the general path then decides); whatever it accepts must be
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,17 +21,21 @@ from streams.domain.catalog import Catalog
 from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
 from streams.domain.invoice import Invoice, InvoiceLine
 from streams.domain.rating import apply_event, close_periods
+from streams.domain.validation import EARLIEST_US, MAX_FUTURE_MS, QUANTITY_LIMIT
+from streams.fast_codec import InvoiceWriter, UsageReader, usage_event
+from streams.invoice_record import invoice_record
 from streams.kafka.topics import INVOICES, USAGE
-from streams.processors.rating import (
-    RatingProcessor,
-    decode_input,
-    invoice_record,
-    invoice_writer,
-    usage_reader,
-)
-from streams.processors.rating_codec import InvoiceWriter, UsageReader, usage_event
+from streams.processors.rating import decode_input, invoice_writer, usage_reader
 from streams.testbed.demo import DEMO_CATALOG
-from tests.hostile import Msg, hostile_encode, micros, ms, unscaled
+from tests.hostile import (
+    Msg,
+    OfflineAdmin,
+    hostile_encode,
+    micros,
+    ms,
+    rating_processor,
+    unscaled,
+)
 from tests.test_bad_input import published_times, raw_records
 
 MANY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -102,7 +107,7 @@ def test_damaged_records_are_read_alike(rec: dict, cuts: list, published: int | 
 
 def test_a_changed_schema_turns_the_fast_path_off(monkeypatch) -> None:
     monkeypatch.setattr(UsageReader, "FIELDS", UsageReader.FIELDS[:-1])
-    reader = UsageReader(USAGE.schema, 0, 0)
+    reader = UsageReader(USAGE.schema)
     value = codec(USAGE.schema).encode({
         "event_id": "e", "timestamp": datetime(2026, 1, 2, tzinfo=UTC), "account_id": "a",
         "subscription_id": "s", "metric": "m", "quantity": Decimal("1.5"),
@@ -111,27 +116,54 @@ def test_a_changed_schema_turns_the_fast_path_off(monkeypatch) -> None:
     assert usage_reader().read(value, None) is not None
 
 
-def test_the_processor_buffers_what_either_path_decodes() -> None:
-    """_buffer: a record the fast reader takes and one only the general path can read (an
-    empty event id: its dead letter) are both buffered, in offset order."""
-    proc = object.__new__(RatingProcessor)
-    proc.buffers = {}
-    proc.subscriptions_topic, proc.usage_topic = "subs", USAGE.name
-    proc.usage_reader = usage_reader()
+def test_the_processor_buffers_what_either_path_decodes(tmp_path: Path) -> None:
+    """A record the fast reader takes and one only the general path can read (an empty
+    event id: its dead letter) are both buffered, in offset order. (The subscriptions
+    topic has records still to come: nothing of partition 0 may go.)"""
+    proc = rating_processor(CATALOG, tmp_path, admin=OfflineAdmin(end=10))
     base = {
         "event_id": "e1", "timestamp": micros(datetime(2026, 1, 2, tzinfo=UTC)),
         "account_id": "a", "subscription_id": "s", "metric": "m", "quantity": unscaled(10**9),
     }  # fmt: skip
     good = hostile_encode("usage_event", base)
     bad = hostile_encode("usage_event", {**base, "event_id": ""})
-    proc._buffer(Msg(USAGE.name, good, b"a", 0, 0, PUBLISHED_MS))
-    proc._buffer(Msg(USAGE.name, bad, b"a", 0, 1, PUBLISHED_MS))
-    first, second = proc.buffers[0][USAGE.name]
+    proc.transaction([Msg(USAGE.name, good, b"a", 0, 0, PUBLISHED_MS),
+                      Msg(USAGE.name, bad, b"a", 0, 1, PUBLISHED_MS)])  # fmt: skip
+    first, second = proc.alignment.buffers[0][USAGE.name]
     assert first.error is None and first.record[5] == 10**9 and first.account_id == "a"
     assert usage_event(first.record).quantity == Decimal(1)
     assert first.timestamp == datetime(2026, 1, 2, tzinfo=UTC).timestamp()
     assert second.event is None and second.error[0] == "invalid_event"
     assert second.timestamp == float("-inf")
+    proc.close()
+
+
+def test_the_two_paths_draw_the_line_at_the_same_place() -> None:
+    """The validation rule (streams.domain.validation) at its edges: the fast reader takes
+    a record exactly when the general path accepts it; only a zero quantity, valid, is
+    left to the general path."""
+    at = micros(datetime(2026, 1, 2, tzinfo=UTC))
+    base = {"event_id": "e", "timestamp": at, "account_id": "a", "subscription_id": "s",
+            "metric": "m", "quantity": unscaled(10**9)}  # fmt: skip
+    limit = QUANTITY_LIMIT * 10**9  # in 10^-9 units
+    published = PUBLISHED_MS
+    late = (published + MAX_FUTURE_MS) * 1000  # the last µs... of the last accepted ms
+    edges = [
+        {"timestamp": EARLIEST_US - 1}, {"timestamp": EARLIEST_US},
+        {"timestamp": late + 999}, {"timestamp": late + 1000},
+        {"quantity": unscaled(1)}, {"quantity": unscaled(limit - 1)},
+        {"quantity": unscaled(limit)}, {"quantity": unscaled(-1)},
+    ]  # fmt: skip
+    outcomes = []
+    for edge in edges:
+        value = hostile_encode("usage_event", {**base, **edge})
+        accepted = decode_input(value, True, published)[2] is None
+        assert same_outcome(value, published) == accepted, edge
+        outcomes.append(accepted)
+    assert outcomes == [False, True, True, False, True, True, False, False]
+    zero = hostile_encode("usage_event", {**base, "quantity": unscaled(0)})
+    assert decode_input(zero, True, published)[2] is None
+    assert usage_reader().read(zero, published) is None
 
 
 # --- InvoiceWriter ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The rating processor's in-memory state cache (StateCache) and its transactions, without
-a broker: the processor's own record handling (_buffer, _drain, _apply, _flush_states,
-_apply_to_stores, _close_due) on one partition with a real RocksDB store, inputs cut into
-transactions at random, some aborted (their records are then delivered again, as Kafka
-does from the committed offsets), and caches from 1 entry up. Whatever the cuts, aborts
+a broker: RatingProcessor.transaction on one partition with a real RocksDB store, inputs
+cut into transactions at random, some aborted (their records are then delivered again, as
+Kafka does from the committed offsets), then a bill run in chunks, and caches from 1
+entry up. Whatever the cuts, aborts
 and evictions: the committed invoices are exactly those of the domain applied once, in
 order, and RocksDB ends up with the same states."""
 
@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import TopicPartition
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -21,11 +22,11 @@ from streams.codec import codec
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import SubscriptionState, apply_event, close_periods
-from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
-from streams.processors.rating import Batch, RatingProcessor
+from streams.kafka.topics import CONTROL, INVOICES, SUBSCRIPTIONS, USAGE
+from streams.processors.rating import RatingProcessor
 from streams.runtime.state import PartitionStore, StateCache
 from streams.testbed.demo import DEMO_CATALOG
-from tests.hostile import Msg, bare_rating_processor
+from tests.hostile import Msg, rating_processor
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
@@ -34,16 +35,10 @@ PUBLISHED_MS = int(datetime(2026, 6, 1, tzinfo=UTC).timestamp() * 1000)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-class _Consumer:
-    def pause(self, *_: Any) -> None:
-        raise AssertionError("nothing here fills a buffer")
-
-
-def processor(path: Path, cache_entries: int) -> RatingProcessor:
-    proc = bare_rating_processor(CATALOG, PartitionStore(path), cache_entries)
-    proc.consumer = _Consumer()
-    proc.close_chunk = 3
-    return proc
+def processor(home: Path, cache_entries: int, **options: Any) -> RatingProcessor:
+    return rating_processor(
+        CATALOG, home, state_cache_entries=cache_entries, close_chunk=3, **options
+    )
 
 
 def inputs(subs: int, usage: list[tuple[int, int, int]]) -> list[tuple[str, bytes, Any]]:
@@ -116,42 +111,34 @@ def test_transactions_aborted_and_cached_states_give_the_domains_invoices(
         offsets[topic] = offsets.get(topic, -1) + 1
         msgs.append(Msg(topic, value, b"k", 0, offsets[topic], PUBLISHED_MS))
     # subscriptions first, then usage: event time puts every creation first anyway
-    committed: list[tuple[str, bytes | None, bytes | None]] = []
-    caught = {(SUBSCRIPTIONS.name, 0): True, (USAGE.name, 0): True}
     done, turn = 0, 0
     while done < len(msgs):
         size, abort = cuts[turn % len(cuts)]
         turn += 1
         abort = abort and turn < 3 * len(cuts)  # every abort is retried; finish eventually
-        batch = Batch()
-        for msg in msgs[done : done + size]:
-            proc._buffer(msg)
-        proc._drain(0, batch, {}, caught)
-        proc._flush_states(batch)
-        if abort:  # what _transaction does on abort: nothing of the batch is kept
-            proc.producer.produced.clear()
-            proc.buffers.clear()
+        proc.producer.fail_commits = int(abort)
+        try:
+            proc.transaction(msgs[done : done + size])
+        except RuntimeError:  # aborted: its records are delivered again
+            assert abort
             continue
-        proc._apply_to_stores(batch)
-        committed += proc.producer.produced
-        proc.producer.produced.clear()
         done += size
-        assert len(proc.caches[0]) <= max(cache_entries, 1) + cache_entries // 16 + subs
+        assert len(proc.states.caches[0]) <= max(cache_entries, 1) + cache_entries // 16 + subs
     # a bill run up to UNTIL, in chunks of close_chunk, one transaction each
-    cursor, finished = b"", False
-    while not finished:
-        batch = Batch()
-        cursor, finished = proc._close_due(batch, 0, UNTIL, None, cursor)
-        proc._flush_states(batch)
-        proc._apply_to_stores(batch)
-    committed += proc.producer.produced
+    run = codec(CONTROL.schema).encode(
+        {"run_id": "r", "until": UNTIL, "accounts": None, "barrier": {}, "issued_at": UNTIL}
+    )
+    proc.transaction([Msg(CONTROL.name, run, None, 0, 0, PUBLISHED_MS)])
+    while proc.jobs:
+        proc.transaction([])
+    committed = proc.producer.produced
     invoices = [codec(INVOICES.schema).decode(v) for t, _, v in committed if t == INVOICES.name]
     expected, states = reference([event for _, _, event in records])
     assert {(i["invoice_id"], i["total"]) for i in invoices} == expected
     assert len(invoices) == len(expected)  # each once
     for sub, raw in states.items():
-        assert proc.stores[0].get(sub) == raw, sub
-    proc.stores[0].close()
+        assert proc.states.stores[0].get(sub) == raw, sub
+    proc.close()
 
 
 def test_the_cache_keeps_the_most_recently_committed() -> None:
@@ -210,9 +197,7 @@ def test_the_cache_and_transaction_sizes_are_settings(monkeypatch: Any, tmp_path
     settings = Settings()
     assert (settings.rating_state_cache, settings.rating_transaction_records) == (1200, 700)
     # the worker's cache is shared by its partitions
-    proc = processor(tmp_path / "p0", 1)
-    proc.state_cache_entries = settings.rating_state_cache
-    proc.caches = {p: StateCache(0) for p in range(4)}
-    proc._size_caches()
-    assert [c.capacity for c in proc.caches.values()] == [300] * 4
-    proc.stores[0].close()
+    proc = processor(tmp_path, settings.rating_state_cache)
+    proc.on_assign(proc.consumer, [TopicPartition(SUBSCRIPTIONS.name, p) for p in range(4)])
+    assert [c.capacity for c in proc.states.caches.values()] == [300] * 4
+    proc.close()

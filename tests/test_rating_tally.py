@@ -13,8 +13,10 @@ subscription before it touches the state) against the general path.
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,12 +26,11 @@ from hypothesis import strategies as st
 from streams.codec import codec
 from streams.domain.catalog import Catalog
 from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
-from streams.domain.rating import UsageTally, apply_event, close_periods
-from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE
+from streams.domain.rating import UsageTally, apply_event
+from streams.fast_codec import usage_event
+from streams.kafka.topics import CONTROL, DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE
 from streams.processors import rating
-from streams.processors.rating import Batch, RatingProcessor
-from streams.processors.rating_codec import usage_event
-from tests.hostile import Msg, bare_rating_processor, micros
+from tests.hostile import Msg, micros, rating_processor
 
 METERED = {"charge_id": "calls", "model": "per_unit", "metric": "api_calls",
            "aggregation": "sum", "unit_amount": "0.001"}  # fmt: skip
@@ -179,15 +180,6 @@ def test_a_tallys_bounds_follow_the_state_through_its_life(steps: list) -> None:
 # --- the processor -------------------------------------------------------------------------
 
 
-class _NoState:
-    def get(self, _sub: str) -> None:
-        return None
-
-
-def processor() -> RatingProcessor:
-    return bare_rating_processor(CATALOG, _NoState(), 10_000)
-
-
 SUB_KINDS = ["created", "created", "plan_changed", "cancel_now", "cancel_later"]
 mixes = st.lists(
     st.one_of(
@@ -235,45 +227,24 @@ def encoded(mix: list) -> list[Msg]:
 
 
 def rate(msgs: list[Msg], cuts: list[int], fast: bool, tally_class: type = UsageTally) -> list:
-    """The records in transactions of the given sizes, then every period up to the end of
-    the year closed: what the processor produced (invoices, dead letters, changelog
-    states), in order. fast=False: no tally, every record through apply_input."""
-    proc = processor()
-    tally_of = proc._tally
-
-    def tally(batch: Batch, p: int, sub: str) -> UsageTally | None:
-        t = tally_of(batch, p, sub)
-        if not fast or t is None:
-            return None
-        broken = object.__new__(tally_class)
-        for slot in UsageTally.__slots__:
-            setattr(broken, slot, getattr(t, slot))
-        return broken
-
-    proc._tally = tally  # type: ignore[method-assign]
-    caught = {(SUBSCRIPTIONS.name, 0): True, (USAGE.name, 0): True}
-    done, turn = 0, 0
-    while done < len(msgs):
-        size = cuts[turn % len(cuts)]
-        turn += 1
-        batch = Batch()
-        for msg in msgs[done : done + size]:
-            proc._buffer(msg)
-        proc._drain(0, batch, {}, caught)
-        proc._flush_states(batch)
-        # committed: the cache follows, as _apply_to_stores does (no RocksDB here)
-        for sub, state in batch.states.get(0, {}).items():
-            if state is not None:
-                proc.caches[0].put(sub, state, None)
-        done += size
-    batch = Batch()
-    for sub in list(proc.caches[0].entries):
-        state = proc._state(batch, 0, sub)
-        if state is not None:
-            new_state, invoices = close_periods(state, END, CATALOG)
-            batch.states[0][sub] = new_state
-            proc._emit(batch, 0, new_state, invoices)
-    proc._flush_states(batch)
+    """The records in transactions of the given sizes, then a bill run closing every
+    period up to the end of the year: what the processor produced (invoices, dead letters,
+    changelog states), in order. fast=False: no tally, every record through apply_input."""
+    with tempfile.TemporaryDirectory() as home:
+        proc = rating_processor(CATALOG, Path(home), usage_tally=tally_class if fast else None)
+        done, turn = 0, 0
+        while done < len(msgs):
+            size = cuts[turn % len(cuts)]
+            turn += 1
+            proc.transaction(msgs[done : done + size])
+            done += size
+        run = codec(CONTROL.schema).encode(
+            {"run_id": "r", "until": END, "accounts": None, "barrier": {}, "issued_at": END}
+        )
+        proc.transaction([Msg(CONTROL.name, run, None, 0, 0, micros(END) // 1000)])
+        while proc.jobs:
+            proc.transaction([])
+        proc.close()
     out = []
     for topic, key, value in proc.producer.produced:
         if topic == DEAD_LETTER.name:  # its failed_at is the wall clock's

@@ -1,5 +1,5 @@
-"""How much one rating transaction takes in (RatingProcessor._transaction), without a
-broker: a scripted consumer hands out polls, a fake transactional producer records what
+"""How much one rating transaction takes in (RatingProcessor.transaction), without a
+broker: an offline consumer hands out polls, a fake transactional producer records what
 is committed, one partition has a real RocksDB store.
 
 A transaction is one poll, except while everything it has read is usage that the fast
@@ -11,7 +11,6 @@ record it consumed."""
 from __future__ import annotations
 
 import json
-from collections import deque
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,10 +26,9 @@ from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
 from streams.domain.rating import apply_event
 from streams.kafka.topics import CONTROL, SUBSCRIPTIONS, USAGE
-from streams.processors.rating import CloseJob, RatingProcessor
-from streams.runtime.state import PartitionStore
+from streams.processors.rating import RatingProcessor
 from streams.testbed.demo import DEMO_CATALOG
-from tests.hostile import FakeProducer, Msg, bare_rating_processor
+from tests.hostile import Msg, rating_processor
 
 CATALOG = Catalog.from_dict(json.loads(DEMO_CATALOG.read_text()))
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
@@ -38,60 +36,11 @@ PUBLISHED_MS = int(datetime(2026, 6, 1, tzinfo=UTC).timestamp() * 1000)
 SUBS = 6
 
 
-class ScriptedConsumer:
-    """Hands out the given polls in turn, each cut to the records asked for (the rest
-    comes next, as from Kafka's fetch queue), then nothing; records what it was asked."""
-
-    def __init__(self, polls: list[list[Msg]]) -> None:
-        self.polls = [poll for poll in polls if poll]
-        self.asked: list[tuple[int, float]] = []  # (max records, timeout) per poll
-
-    def consume(self, n: int, timeout: float) -> list[Msg]:
-        self.asked.append((n, timeout))
-        if not self.polls:
-            return []
-        poll, rest = self.polls[0][:n], self.polls[0][n:]
-        self.polls[:1] = [rest] if rest else []
-        return poll
-
-    def consumer_group_metadata(self) -> str:
-        return "group"
-
-    def pause(self, *_: Any) -> None:
-        raise AssertionError("nothing here fills a buffer")
-
-
-class TransactionalProducer(FakeProducer):
-    def __init__(self) -> None:
-        super().__init__()
-        self.offsets: list[dict[tuple[str, int], int]] = []  # per committed transaction
-
-    def begin_transaction(self) -> None:
-        self._pending: dict[tuple[str, int], int] = {}
-
-    def send_offsets_to_transaction(self, offsets: list, _metadata: Any) -> None:
-        self._pending.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
-
-    def commit_transaction(self) -> None:
-        self.offsets.append(self._pending)
-
-    def abort_transaction(self) -> None:
-        raise AssertionError("nothing here fails")
-
-
 def processor(path: Path, cache_entries: int, records: int, usage_records: int) -> Any:
-    proc = bare_rating_processor(CATALOG, PartitionStore(path), cache_entries)
-    proc.producer = TransactionalProducer()
-    proc.batch_size, proc.usage_batch_size = records, usage_records
-    proc.state_cache_entries = cache_entries
-    proc.control_topic = CONTROL.name
-    proc.jobs, proc.jobs_running, proc.clock = {}, set(), "event"
-    proc.stop = False  # no stop signal
-    proc.invoices_emitted = 0
-    proc.buffers[0] = {SUBSCRIPTIONS.name: deque(), USAGE.name: deque()}
-    # both topics caught up: nothing published is left unread
-    proc._caught_up = lambda keys: dict.fromkeys(keys, True)
-    return proc
+    return rating_processor(
+        CATALOG, path, state_cache_entries=cache_entries, batch_size=records,
+        rating_usage_transaction_records=usage_records,
+    )  # fmt: skip
 
 
 def creations(offset: int = 0) -> tuple[list[Msg], list[Any]]:
@@ -126,8 +75,8 @@ def usage(subs: list[int], first_offset: int) -> tuple[list[Msg], list[Any]]:
 def created(proc: RatingProcessor) -> list[Any]:
     """The subscriptions, created in one transaction of their own (one poll)."""
     msgs, events = creations()
-    proc.consumer = ScriptedConsumer([])
-    proc._transaction(msgs)
+    proc.consumer.hand_out([])
+    proc.transaction(msgs)
     assert proc.consumer.asked == []  # a transaction with creations does not poll again
     return events
 
@@ -171,7 +120,7 @@ def committed_states(proc: RatingProcessor, events: list[Any]) -> None:
             states.get(event.subscription_id), event, CATALOG
         )[0]
     for sub, state in states.items():
-        assert proc.stores[0].get(sub) == state.to_bytes(), sub
+        assert proc.states.stores[0].get(sub) == state.to_bytes(), sub
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
@@ -189,11 +138,12 @@ def test_plain_usage_polls_on_within_its_limits(
     events = created(proc)
     msgs, usage_events = usage(subs, 0)
     polls = cut(msgs, sizes)
-    expected = model(polls, 9, usage_records, cache_entries)
+    # (the usage limit is at least one poll's: RatingProcessor takes the larger)
+    expected = model(polls, 9, max(9, usage_records), cache_entries)
     taken_sizes, consumed = [], 0
     while polls:
-        proc.consumer = ScriptedConsumer(polls[1:])
-        taken = proc._transaction(polls[0])
+        proc.consumer.hand_out(polls[1:])
+        taken = proc.transaction(polls[0])
         polls = proc.consumer.polls
         taken_sizes.append(len(taken))
         assert [m.offset() for m in taken] == list(range(consumed, consumed + len(taken)))
@@ -205,7 +155,7 @@ def test_plain_usage_polls_on_within_its_limits(
         assert all(n <= 9 for n, _ in proc.consumer.asked)
     assert taken_sizes == expected
     committed_states(proc, events + usage_events)
-    proc.stores[0].close()
+    proc.close()
 
 
 def test_a_transaction_with_anything_but_plain_usage_is_one_poll(tmp_path: Path) -> None:
@@ -214,28 +164,33 @@ def test_a_transaction_with_anything_but_plain_usage_is_one_poll(tmp_path: Path)
     plain, plain_events = usage([0, 1, 2, 3], 0)
     late_creation, _ = creations(offset=SUBS)  # duplicates: dead letters, not plain
     rest, rest_events = usage([4, 5], 4)
-    proc.consumer = ScriptedConsumer([late_creation[:1], rest])
-    taken = proc._transaction(plain)
+    proc.consumer.hand_out([late_creation[:1], rest])
+    taken = proc.transaction(plain)
     # plain usage polled again; the creation ended the transaction after its poll
     assert [m.offset() for m in taken] == [0, 1, 2, 3, SUBS]
     assert proc.consumer.polls == [rest]
     assert proc.producer.offsets[-1] == {(USAGE.name, 0): 4, (SUBSCRIPTIONS.name, 0): SUBS + 1}
-    proc.consumer = ScriptedConsumer([])
-    proc._transaction(rest)
+    proc.consumer.hand_out([])
+    proc.transaction(rest)
     committed_states(proc, events + plain_events + rest_events)
-    proc.stores[0].close()
+    proc.close()
 
 
 def test_no_second_poll_while_a_bill_run_is_open(tmp_path: Path) -> None:
     proc = processor(tmp_path, 100, 4, 1000)
     created(proc)
-    proc.jobs[0] = CloseJob(0, "run", T0, None, {}, done=False)
-    proc._run_jobs = lambda batch: set()  # the run itself is not what is tested here
+    # a run waiting for a barrier not reached yet: it stays open
+    run = codec(CONTROL.schema).encode({
+        "run_id": "run", "until": T0, "accounts": None, "barrier": {USAGE.name: 1000},
+        "issued_at": T0,
+    })  # fmt: skip
+    proc.transaction([Msg(CONTROL.name, run, None, 0, 0, PUBLISHED_MS)])
+    assert list(proc.jobs) == [0] and proc.consumer.paused == {(CONTROL.name, 0)}
     plain, _ = usage([0, 1], 0)
-    proc.consumer = ScriptedConsumer([usage([2], 2)[0]])
-    assert proc._transaction(plain) == plain
+    proc.consumer.hand_out([usage([2], 2)[0]])
+    assert proc.transaction(plain) == plain
     assert proc.consumer.asked == []
-    proc.stores[0].close()
+    proc.close()
 
 
 def test_the_usage_transaction_size_is_a_setting(monkeypatch: Any) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from streams.codec import codec
-from streams.processors.bulk import BULK_TABLES, BulkLander
 from streams.processors.sink import COLUMNS, LANDERS
 from streams.warehouse import connect, disconnect, migrate, migration_files
+from streams.warehouse_bulk import BULK_TABLES, BulkLander
 from tests.samples import T0, sample
 
 

@@ -1,6 +1,6 @@
 -- Invoices land in bulk through one Null table: ClickHouse parses each batch's Avro once
 -- and two materialized views split it into invoices and invoice_lines (see
--- streams/processors/bulk.py). `value` is the billing.invoices record as ClickHouse reads
+-- streams/warehouse_bulk.py). `value` is the billing.invoices record as ClickHouse reads
 -- schemas/invoice.avsc; a test keeps the two in step.
 
 CREATE TABLE IF NOT EXISTS invoices_avro

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from streams.config import API_WORKER_VARIABLE, child_environment, is_api_worker
 from streams.config import settings as load_settings
 from streams.logging import fatal_errors_as_json
 
@@ -40,12 +40,12 @@ def api(
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     children = []
-    if os.environ.get("STREAMBILL_API_CHILD") != "1":
+    if not is_api_worker():
         try:
             ensure_topics(clients.admin(settings, bootstrap), settings, timeout=5)
         except KafkaException as exc:  # serve anyway: writes get 503 until Kafka is back
             console.print(f"[yellow]Kafka unavailable at start-up ({exc}); serving 503s[/]")
-        env = {**os.environ, "STREAMBILL_API_CHILD": "1", "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+        env = child_environment(**{API_WORKER_VARIABLE: "1"}, KAFKA_BOOTSTRAP_SERVERS=bootstrap)
         argv = [
             sys.executable,
             "-m",

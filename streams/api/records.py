@@ -11,22 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
 from streams.codec import load_schema_json
 from streams.config import SCHEMAS_DIR
-from streams.domain.money import MAX_INTEGER_DIGITS
 from streams.domain.timestamps import InvalidTimestamp, parse_timestamp
+from streams.domain.validation import EARLIEST, MAX_FUTURE, quantity_problem
 
 MAX_STRING = 256
 MAX_USAGE_BATCH = 1000
-# timestamps from further ahead than this are refused: a clock gone wrong upstream must
-# not open or close periods in the future
-MAX_FUTURE = timedelta(days=1)
-EARLIEST = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
 SUBSCRIPTION_TYPES = ("subscription.created", "subscription.plan_changed", "subscription.cancelled")
 CANCEL_MODES = ("immediate", "end_of_period")
 RFC3339 = re.compile(
@@ -211,14 +207,8 @@ def subscription_rules(plan_exists: Callable[[str], bool]) -> Rules:
 
 
 def _usage_check(e: dict[str, Any]) -> list[str]:
-    q = e["quantity"]
-    if q < 0:
-        return ["quantity: must not be negative"]
-    # what the rating processor accepts (streams.domain.money.parse_decimal): a larger
-    # quantity would be accepted here, then dead-lettered downstream
-    if q and q.adjusted() >= MAX_INTEGER_DIGITS:
-        return [f"quantity: at most {MAX_INTEGER_DIGITS} integer digits"]
-    return []
+    problem = quantity_problem(e["quantity"])
+    return [f"quantity: {problem}"] if problem else []
 
 
 def _refund_check(r: dict[str, Any]) -> list[str]:

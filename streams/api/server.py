@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from streams import metrics
 from streams.api import reads, records
@@ -46,7 +46,8 @@ from streams.api.tenants import Tenant, TenantDirectory, TenantError
 from streams.codec import codec
 from streams.config import Settings
 from streams.domain.catalog import Catalog
-from streams.domain.money import format_money, format_quantity
+from streams.domain.invoice import Invoice, InvoiceLine, invoice_to_dict
+from streams.domain.money import format_money
 from streams.domain.timestamps import (
     InvalidTimestamp,
     format_timestamp,
@@ -56,6 +57,14 @@ from streams.domain.timestamps import (
 )
 from streams.kafka import clients
 from streams.kafka.topics import CANCELLATIONS, REFUNDS, SUBSCRIPTIONS, USAGE, TopicSpec
+from streams.metrics import (
+    API_EVENTS,
+    API_IN_FLIGHT,
+    API_KAFKA_DOWN,
+    API_LATENCY,
+    API_REQUESTS,
+    API_TENANT_ERRORS,
+)
 
 # the topics whose events GET /v1/events/{event_id} finds, by their names
 EVENT_TOPICS = {t.name: t for t in (USAGE, SUBSCRIPTIONS, CANCELLATIONS)}
@@ -65,24 +74,9 @@ log = structlog.get_logger(__name__)
 IDEMPOTENCY_CACHE = 100_000
 _EVENT_NS = uuid.UUID("6f1f6c3e-5a52-4a1c-9d8e-2f0b7d3c9a41")
 
-REQUESTS = Counter("streambill_api_requests_total", "API requests answered", ["route", "status"])
-TENANT_ERRORS = Counter(
-    "streambill_api_tenant_errors_total",
-    "API requests of a tenant answered 4xx/5xx",
-    ["tenant", "status"],
-)
-LATENCY = Histogram(
-    "streambill_api_request_seconds",
-    "API request latency",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-IN_FLIGHT = Gauge("streambill_api_in_flight", "API requests in progress")
 _in_flight = [0]  # read at scrape time: no gauge update per request
-IN_FLIGHT.set_function(lambda: _in_flight[0])
-EVENTS = Counter("streambill_api_events_total", "events accepted into Kafka", ["topic"])
+API_IN_FLIGHT.set_function(lambda: _in_flight[0])
 _route_metrics: dict[tuple[str, int], tuple[Any, Any]] = {}
-KAFKA_DOWN = Gauge("streambill_api_kafka_unavailable", "1 while Kafka is known to be down")
 
 
 class KafkaUnavailable(RuntimeError):
@@ -164,13 +158,13 @@ class KafkaBridge:
         if err is None:
             if self.down_since is not None:
                 self.down_since = None
-                KAFKA_DOWN.set(0)
+                API_KAFKA_DOWN.set(0)
             if not fut.done():
                 fut.set_result((msg.partition(), msg.offset()))
         else:
             if self.down_since is None:
                 self.down_since = time.monotonic()
-                KAFKA_DOWN.set(1)
+                API_KAFKA_DOWN.set(1)
             if not fut.done():
                 fut.set_exception(KafkaUnavailable(str(err)))
 
@@ -325,12 +319,12 @@ class Api:
         status = response.status
         metrics = _route_metrics.get((route_name, status))
         if metrics is None:  # labelled children looked up once, not per request
-            metrics = (REQUESTS.labels(route_name, str(status)), LATENCY.labels(route_name))
+            metrics = (API_REQUESTS.labels(route_name, str(status)), API_LATENCY.labels(route_name))
             _route_metrics[(route_name, status)] = metrics
         metrics[0].inc()
         metrics[1].observe(time.perf_counter() - started)
         if tenant is not None and status >= 400:
-            TENANT_ERRORS.labels(tenant.tenant_id, str(status)).inc()
+            API_TENANT_ERRORS.labels(tenant.tenant_id, str(status)).inc()
         return response
 
     # --- helpers -----------------------------------------------------------------------
@@ -356,7 +350,7 @@ class Api:
     async def _send(self, topic: TopicSpec, record: dict[str, Any]) -> tuple[int, int]:
         value = codec(topic.schema).encode(record)
         where = await self.kafka.send(topic.name, record["account_id"].encode(), value)
-        EVENTS.labels(topic.base).inc()
+        API_EVENTS.labels(topic.base).inc()
         return where
 
     async def _accept(
@@ -581,25 +575,13 @@ class Api:
         if not head or not tenant.owns(head[0][1]):
             raise ApiError(404, "not_found", "no such invoice")
         inv_id, account, sub, currency, issued, total = head[0]
-        return json_response(200, {
-            "invoice_id": inv_id,
-            "account_id": account,
-            "subscription_id": sub,
-            "currency": currency,
-            "issued_at": _time(issued),
-            "lines": [
-                {
-                    "charge_id": c,
-                    "kind": k,
-                    "period_start": _time(ps),
-                    "period_end": _time(pe),
-                    "quantity": format_quantity(Decimal(q)),
-                    "amount": format_money(Decimal(a), currency),
-                }
-                for c, k, ps, pe, q, a in lines
-            ],
-            "total": format_money(Decimal(total), currency),
-        })  # fmt: skip
+        invoice = Invoice(
+            inv_id, account, sub, currency, from_micros(int(issued)),
+            tuple(InvoiceLine(c, k, from_micros(int(ps)), from_micros(int(pe)), Decimal(q),
+                              Decimal(a)) for c, k, ps, pe, q, a in lines),
+            Decimal(total), reason="",  # not part of the public shape
+        )  # fmt: skip
+        return json_response(200, invoice_to_dict(invoice))
 
     async def list_invoices(self, request: web.Request) -> web.Response:
         tenant: Tenant = request["tenant"]

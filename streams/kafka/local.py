@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import subprocess
 
-from streams.config import DEPLOY_DIR, Settings
+from streams.config import DEPLOY_DIR, Settings, child_environment
 
 KAFKA_SH = DEPLOY_DIR / "kafka" / "kafka.sh"
+
+
+def _script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kafka.sh's environment: ours with `extra`, less a configured cluster's address."""
+    return child_environment(KAFKA_BOOTSTRAP_SERVERS=None, **(extra or {}))
 
 
 def start_local_kafka(brokers: int = 1, env: dict[str, str] | None = None) -> str:
@@ -17,7 +22,7 @@ def start_local_kafka(brokers: int = 1, env: dict[str, str] | None = None) -> st
         check=False,
         capture_output=True,
         text=True,
-        env=_env_without_bootstrap() | (env or {}),
+        env=_script_env(env),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"local Kafka did not start:\n{proc.stderr[-4000:]}")
@@ -26,28 +31,20 @@ def start_local_kafka(brokers: int = 1, env: dict[str, str] | None = None) -> st
 
 def stop_local_kafka(node: int | None = None, env: dict[str, str] | None = None) -> None:
     args = [str(KAFKA_SH), "stop"] + ([str(node)] if node else [])
-    subprocess.run(
-        args, check=True, capture_output=True, env=_env_without_bootstrap() | (env or {})
-    )
+    subprocess.run(args, check=True, capture_output=True, env=_script_env(env))
 
 
 def start_local_node(node: int, env: dict[str, str] | None = None) -> None:
     """Start one stopped node of the running local cluster again (fault tests)."""
     subprocess.run([str(KAFKA_SH), "start-node", str(node)], check=True, capture_output=True,
-                   env=_env_without_bootstrap() | (env or {}))  # fmt: skip
+                   env=_script_env(env))  # fmt: skip
 
 
 def local_kafka_running() -> bool:
     """Whether a node of the local cluster runs (whoever started it)."""
     proc = subprocess.run([str(KAFKA_SH), "status"], capture_output=True, text=True,
-                          check=False, env=_env_without_bootstrap())  # fmt: skip
+                          check=False, env=_script_env())  # fmt: skip
     return ": running " in proc.stdout
-
-
-def _env_without_bootstrap() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
 
 
 def bootstrap_servers(settings: Settings) -> str:
@@ -59,5 +56,5 @@ def bootstrap_servers(settings: Settings) -> str:
     if settings.kafka_security.get("security.protocol", "").upper() != "SASL_PLAINTEXT":
         return plaintext
     proc = subprocess.run([str(KAFKA_SH), "bootstrap-sasl"], check=True, capture_output=True,
-                          text=True, env=_env_without_bootstrap())  # fmt: skip
+                          text=True, env=_script_env())  # fmt: skip
     return proc.stdout.strip().splitlines()[-1]

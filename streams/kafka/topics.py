@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from streams.config import Settings
+from streams.config import Settings, environment_namespace
 
 # An optional prefix for every topic and consumer group, so several independent
 # pipelines (test runs, tenants' sandboxes) can share one cluster. Empty by default:
 # the contract names are the plain ones (billing.invoices, ...).
-_namespace = os.environ.get("STREAMBILL_NAMESPACE", "")
+_namespace = environment_namespace()
 
 
 def set_namespace(namespace: str) -> None:

@@ -25,18 +25,24 @@ import re
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 import yaml
 
 from streams.config import Settings
+
+if TYPE_CHECKING:
+    from confluent_kafka import Producer
+    from prometheus_client.samples import Sample
+
+    from streams.kafka.lag import PartitionLag
 
 log = structlog.get_logger(__name__)
 _ALERT_NS = uuid.UUID("0b7a4f4e-2f8e-4d36-9a57-6a3c1f0e8d21")
@@ -192,10 +198,29 @@ def webhook_body(event: dict[str, Any], fmt: str) -> bytes:
 
 
 class Sources:
-    def __init__(self, settings: Settings, bootstrap: str) -> None:
-        self.settings = settings
-        self.bootstrap = bootstrap
+    def __init__(
+        self,
+        warehouse: Callable[[str], list[list[Any]]],
+        lags: Callable[[], Iterable[PartitionLag]],
+        samples: Callable[[], Iterable[Sample]],
+    ) -> None:
+        """warehouse: SQL -> rows; lags: every partition's lag of this installation's
+        groups; samples: every sample of every metrics endpoint (``from_settings``
+        builds them)."""
+        self.warehouse = warehouse
+        self.lags = lags
+        self.samples = samples
         self.previous: dict[str, tuple[float, dict[str, float]]] = {}  # rate: last totals
+
+    @classmethod
+    def from_settings(cls, settings: Settings, bootstrap: str) -> Sources:
+        from streams.kafka.lag import group_lags
+        from streams.metrics import scrape
+        from streams.warehouse import query
+
+        # (open_here=False: a long-running process must not take chDB from the sink)
+        return cls(lambda sql: query(settings, sql, open_here=False)["rows"],
+                   lambda: group_lags(settings, bootstrap), lambda: scrape(settings))  # fmt: skip
 
     def measure(self, rule: Rule) -> float | None:
         try:
@@ -209,31 +234,26 @@ class Sources:
             return None
 
     def _warehouse(self, rule: Rule) -> float | None:
-        from streams.warehouse import query
-
-        rows = query(self.settings, str(rule.query), open_here=False)["rows"]
+        rows = self.warehouse(str(rule.query))
         value = rows[0][0] if rows and rows[0] else None
         return None if value is None else float(value)
 
     def _lag(self, rule: Rule) -> float | None:
-        from streams.kafka.lag import group_lags
         from streams.kafka.topics import group_id
 
         per_group: dict[str, int] = defaultdict(int)
-        for r in group_lags(self.settings, self.bootstrap):
+        for r in self.lags():
             per_group[r.group] += r.lag
         if rule.group:
             return float(per_group.get(group_id(rule.group), 0))
         return float(max(per_group.values(), default=0))
 
     def _metrics(self, rule: Rule) -> float | None:
-        from streams.metrics import scrape
-
         wanted = [(k, re.compile(v)) for k, v in rule.labels]
         totals: dict[str, float] = defaultdict(float)
         peaks: dict[str, float] = {}
         found = False
-        for s in scrape(self.settings):
+        for s in self.samples():
             if s.name not in (rule.metric, f"{rule.metric}_total"):
                 continue
             if not all(rx.fullmatch(s.labels.get(k, "")) for k, rx in wanted):
@@ -260,13 +280,22 @@ class Sources:
 # --- the processor ----------------------------------------------------------------------
 
 
-@dataclass
 class Alerting:
-    settings: Settings
-    bootstrap: str
-    ruleset: RuleSet
-    states: dict[str, RuleState] = field(default_factory=dict)
-    pending: set[asyncio.Task[None]] = field(default_factory=set)
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        producer: Producer,
+        sources: Sources,
+        history: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """producer: to billing.alerts; history: billing.alerts so far (``make_alerting``
+        reads it), from which the states are recovered."""
+        self.ruleset = ruleset
+        self.producer = producer
+        self.sources = sources
+        self.states: dict[str, RuleState] = {}
+        self.pending: set[asyncio.Task[None]] = set()
+        self.recover(list(history))
 
     def recover(self, history: list[dict[str, Any]]) -> None:
         """States from billing.alerts: a rule whose last record is "firing" is firing."""
@@ -281,20 +310,15 @@ class Alerting:
         import aiohttp
 
         from streams.codec import codec
-        from streams.kafka import clients
         from streams.kafka.topics import ALERTS
-        from streams.publish import read_topic
 
-        self.recover(await asyncio.to_thread(read_topic, self.settings, self.bootstrap, ALERTS))
-        producer = clients.producer(self.settings, self.bootstrap, **{"linger.ms": 0})
-        sources = Sources(self.settings, self.bootstrap)
-        encode = codec(ALERTS.schema).encode
+        producer, encode = self.producer, codec(ALERTS.schema).encode
         log.info("alerting", rules=len(self.ruleset.rules), webhooks=len(self.ruleset.webhooks))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while not stop():
                 started = time.monotonic()
                 for rule in self.ruleset.rules:
-                    value = await asyncio.to_thread(sources.measure, rule)
+                    value = await asyncio.to_thread(self.sources.measure, rule)
                     log.debug("measured", rule=rule.name, value=value)
                     state = self.states.setdefault(rule.name, RuleState())
                     since = state.firing_since
@@ -318,6 +342,18 @@ class Alerting:
                 await asyncio.sleep(max(0.0, self.ruleset.every_s - (time.monotonic() - started)))
             if self.pending:
                 await asyncio.wait(self.pending, timeout=10)
+
+
+def make_alerting(settings: Settings, bootstrap: str, ruleset: RuleSet) -> Alerting:
+    """The evaluator with its clients built from the settings (the CLI's); reads
+    billing.alerts to its end first."""
+    from streams.kafka import clients
+    from streams.kafka.topics import ALERTS
+    from streams.publish import read_topic
+
+    history = read_topic(settings, bootstrap, ALERTS)
+    producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
+    return Alerting(ruleset, producer, Sources.from_settings(settings, bootstrap), history)
 
 
 async def deliver(http: Any, hook: Webhook, event: dict[str, Any], stop: Callable[[], bool],

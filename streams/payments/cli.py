@@ -47,7 +47,7 @@ def serve(
     the value for every account (of --config too)."""
     from dataclasses import replace
 
-    from streams.payments.simulator import SimulatorConfig, default_accounts, run_server
+    from streams.testbed.gateway_simulator import SimulatorConfig, default_accounts, run_server
 
     if latency_median_ms is not None and latency_p99_ms is None:
         latency_p99_ms = 4 * latency_median_ms  # the default shape (250 ms / 1000 ms)

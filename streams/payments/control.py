@@ -9,7 +9,7 @@ first 429 the limit is in slow start (as TCP's): each success raises it by 1, so
 doubles per round of requests and reaches a gateway's capacity in a few rounds instead of
 one round per slot (from 32 to 240 slots: ~3 rounds instead of ~200, i.e. about a minute
 of a payment run at 250 ms a round). The caller should count one 429 per round of
-requests (the dispatcher's lanes do), or an overshoot of n slots would cut the limit n
+requests (``AccountThrottle`` does), or an overshoot of n slots would cut the limit n
 times.
 
 Circuit breaker: after `failure_threshold` consecutive transient failures the circuit

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal, Protocol
 
+from streams.config import Settings
+
 ChargeStatus = Literal["succeeded", "declined"]
 RefundStatus = Literal["refunded", "rejected"]
 
@@ -79,3 +81,16 @@ class Gateway(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def make_gateway(settings: Settings) -> Gateway:
+    """The gateway STREAMBILL_GATEWAY names: the simulator's HTTP client or Stripe."""
+    if settings.gateway == "simulator":
+        from streams.payments.http_gateway import SimulatorGateway
+
+        return SimulatorGateway(settings.gateway_url, timeout_s=settings.gateway_timeout_s)
+    if settings.gateway == "stripe":
+        from streams.payments.stripe_gateway import stripe_gateway_from_env
+
+        return stripe_gateway_from_env(settings)
+    raise ValueError(f"STREAMBILL_GATEWAY must be simulator or stripe, not {settings.gateway!r}")

@@ -1,5 +1,6 @@
 """``SimulatorGateway``: the ``Gateway`` protocol over HTTP against the gateway simulator
-(``streambill gateway serve``), plus helpers that read its ledger and counters.
+(``streambill gateway serve``, ``streams.testbed.gateway_simulator``), plus helpers that
+read its ledger and counters and its decline rule (``decline_code_for``).
 
 The adapter speaks HTTP/1.1 through ``streams.httpclient`` (keep-alive connections,
 httptools parser): at thousands of charges a second the client's own CPU counts, and a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from decimal import Decimal
 from functools import partial
@@ -38,6 +40,7 @@ from streams.payments.gateway import (
 _TRANSPORT_ERRORS = (TimeoutError, OSError, httptools.HttpParserError)
 _CHARGE_STATUSES = ("succeeded", "declined")
 _REFUND_STATUSES = ("refunded", "rejected")
+DECLINE_CODES = ("insufficient_funds", "card_declined", "expired_card")
 _JSON = {"Content-Type": "application/json"}
 MAX_LATE_LOOKUPS = 10
 
@@ -319,3 +322,17 @@ async def set_outage(base_url: str, seconds: float, account: str | None = None) 
         if resp.status != 200:
             raise ValueError(f"outage: HTTP {resp.status}: {_error_message(raw)}")
         return orjson.loads(raw)
+
+
+def decline_code_for(token: str, decline_rate: float) -> str | None:
+    """The decline code the simulator gives a charge with this card token, or None if it
+    succeeds: the simulator answers by this rule and ``streambill reconcile`` checks its
+    ledger against it."""
+    if token.startswith("tok_decline"):
+        return "insufficient_funds"
+    if token.startswith("tok_ok"):
+        return None
+    digest = hashlib.sha256(token.encode()).digest()
+    if int.from_bytes(digest[:8], "big") / 2**64 < decline_rate:
+        return DECLINE_CODES[digest[8] % len(DECLINE_CODES)]
+    return None

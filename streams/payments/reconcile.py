@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 from streams.domain.payments import idempotency_key
-from streams.payments.simulator import decline_code_for
+from streams.payments.http_gateway import decline_code_for
 
 
 class Sources(NamedTuple):

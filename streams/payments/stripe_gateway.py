@@ -7,7 +7,7 @@ Configuration (production)::
     STRIPE_ACCOUNTS='{"acme-eu": "acct_1Nv...", "acme-us": "acct_1Pq..."}'   # optional
     STRIPE_API_BASE=http://stripe-mock:12111                                 # optional
 
-    gateway = stripe_gateway_from_env()
+    gateway = stripe_gateway_from_env(Settings())
 
 Without ``STRIPE_ACCOUNTS`` every call runs on the platform account. With it (Stripe
 Connect), each request's ``merchant_account`` must be one of its names and the call runs on
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -42,6 +41,7 @@ from typing import Any
 
 import stripe
 
+from streams.config import Settings
 from streams.domain.money import CTX, minor_units
 from streams.payments.gateway import (
     ChargeOutcome,
@@ -295,16 +295,16 @@ def _retry_after(headers: Mapping[str, str] | None) -> float:
     return max(seconds, 0.0) if math.isfinite(seconds) else DEFAULT_RETRY_AFTER
 
 
-def stripe_gateway_from_env() -> StripeGateway:
+def stripe_gateway_from_env(settings: Settings) -> StripeGateway:
     """A gateway configured by STRIPE_API_KEY, STRIPE_ACCOUNTS and STRIPE_API_BASE."""
-    api_key = os.environ.get("STRIPE_API_KEY", "").strip()
+    api_key = settings.stripe_api_key
     if not api_key:
         raise RuntimeError(
             "STRIPE_API_KEY is not set: export the secret (sk_...) or restricted (rk_...) key"
             " of the Stripe account to charge"
         )
     accounts: dict[str, str] | None = None
-    raw = os.environ.get("STRIPE_ACCOUNTS", "").strip()
+    raw = settings.stripe_accounts
     if raw:
         try:
             parsed = json.loads(raw)
@@ -318,5 +318,5 @@ def stripe_gateway_from_env() -> StripeGateway:
                 ' account ids, e.g. {"acme-eu": "acct_1Nv..."}'
             )
         accounts = parsed
-    api_base = os.environ.get("STRIPE_API_BASE", "").strip() or None
+    api_base = settings.stripe_api_base or None
     return StripeGateway(api_key, accounts=accounts, api_base=api_base)

@@ -26,13 +26,14 @@ What it must know to judge a request it learns from the topics that share its ke
 (account_id) and so its partition: ``billing.payment-results`` (which invoices were
 paid, through which charge), ``billing.invoices`` (an invoice's subscription), its own
 ``billing.refund-results`` (what was refunded already; the first result of every
-refund id) and, for cancellations, ``billing.subscriptions``. A second consumer reads
+refund id) and, for cancellations, ``billing.subscriptions``; the rules are
+``streams.domain.refunds`` and ``streams.domain.cancellations``. A second consumer reads
 these from the beginning into memory when a partition is assigned, before its requests
-are served, and then in chunks of ``STATE_CHUNK`` between polls of the request
-consumer, so that bulk history never queues ahead of a request; a request about an
-invoice or subscription not (yet) known waits for that state to catch up before it is
-refused. (A RocksDB store with a changelog, as the rating processor has, is the way to
-bound memory for very large histories.)
+are served, and then in bounded chunks between polls of the request consumer
+(``streams.runtime.history``), so that bulk history never queues ahead of a request; a
+request about an invoice or subscription not (yet) known waits for that state to catch
+up before it is refused. (A RocksDB store with a changelog, as the rating processor has,
+is the way to bound memory for very large histories.)
 """
 
 from __future__ import annotations
@@ -40,19 +41,31 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
+import orjson
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
-from streams.domain.events import InvalidEvent, parse_event
+from streams.domain.cancellations import (
+    SubscriptionBook,
+    cancellation_problem,
+    cancellation_refusal,
+    deactivation,
+)
 from streams.domain.payments import backoff
+from streams.domain.refunds import (
+    Paid,
+    RefundLedger,
+    refund_idempotency_key,
+    refund_refusal,
+    refund_result,
+)
 from streams.kafka import clients
 from streams.kafka.topics import (
     CANCELLATIONS,
@@ -71,72 +84,42 @@ from streams.metrics import (
     LANE_STAGE_SECONDS,
     RECORDS,
     REFUND_SECONDS,
-    LagTracker,
 )
-from streams.payments.gateway import Gateway, RateLimited, RefundRequest, TransientError
-from streams.processors.payments import Lane, OffsetTracker, make_gateway
-from streams.processors.rating import published_ms, timestamp_problem
+from streams.payments.gateway import (
+    Gateway,
+    RateLimited,
+    RefundRequest,
+    TransientError,
+    make_gateway,
+)
+from streams.payments.throttle import AccountThrottle
 from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.history import History
+from streams.runtime.loop import StreamLoop, published_ms
 from streams.runtime.process import StopFlag
+from streams.runtime.tasks import TaskLoop
 
 log = structlog.get_logger(__name__)
 NAME = "lane"
-ZERO = Decimal(0)
 INVOICE_IDS = codec(INVOICES.schema)  # invoice_id, account_id, subscription_id lead
-STATE_CHUNK = 500  # state records fetched at a time
-# history applied per loop turn at most: between two turns requests and gateway answers
-# wait, and a request takes several turns (consume, call, answer, publish)
-STATE_BUDGET_S = 0.005
 CATCH_UP_WAIT = 30.0  # seconds an unknown invoice waits for the state to catch up
-
-
-class Paid(NamedTuple):
-    charge_reference: str | None
-    merchant_account: str
-    amount: Decimal
-    currency: str
-
-
-class Subscription(NamedTuple):
-    account_id: str
-    cancelled_by: str | None = None  # event_id of its cancellation
+STAGES_HEADER = "streambill-stages-ms"  # a refund result's header: its stages' times
 
 
 @dataclass
 class PartitionState:
-    """What a partition's history says. It holds millions of paid invoices and
-    subscriptions, kept as plain tuples: the cyclic garbage collector stops tracking a
-    plain tuple of strings and decimals once it has seen it (not a NamedTuple or a
-    dataclass), so the full collections that the state's growth triggers do not walk
-    them; each such walk pauses the process, urgent requests included."""
+    """What a partition's history says, and the refunds it is deciding now."""
 
-    paid: dict[str, tuple] = field(default_factory=dict)  # invoice -> Paid's fields
-    subscription_of: dict[str, str] = field(default_factory=dict)
-    refunded: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # refund_id -> first
+    refunds: RefundLedger = field(default_factory=RefundLedger)
+    subscriptions: SubscriptionBook = field(default_factory=SubscriptionBook)
     in_flight: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    subscriptions: dict[str, tuple] = field(default_factory=dict)  # -> Subscription's
     ready: bool = False  # state topics read up to their end at assignment
-
-    def paid_for(self, invoice_id: str) -> Paid | None:
-        fields = self.paid.get(invoice_id)
-        return None if fields is None else Paid._make(fields)
-
-    def record_paid(self, invoice_id: str, paid: Paid) -> None:
-        self.paid[invoice_id] = tuple(paid)
-
-    def subscription(self, subscription_id: str) -> Subscription | None:
-        fields = self.subscriptions.get(subscription_id)
-        return None if fields is None else Subscription._make(fields)
-
-    def record_subscription(self, subscription_id: str, sub: Subscription) -> None:
-        self.subscriptions[subscription_id] = tuple(sub)
 
 
 @dataclass
 class Stages:
     """When one refund reached each stage (wall clock, s): for the stage histogram and a
-    debug line per refund, so a slow one shows where its time went."""
+    header on its result (STAGES_HEADER), so a slow one shows where its time went."""
 
     produced: float | None  # the request's Kafka timestamp
     consumed: float
@@ -144,7 +127,8 @@ class Stages:
     called: float = 0.0  # a reserved slot was taken: the (last) call starts
     answered: float = 0.0
 
-    def observe(self, lane: str, refund_id: str) -> None:
+    def observe(self, lane: str) -> list[tuple[str, bytes]]:
+        """The stages into the histogram; returns them (ms) as the result's header."""
         published = time.time()
         spans = {
             "queued": self.consumed - self.produced if self.produced else None,
@@ -156,60 +140,8 @@ class Stages:
         for stage, seconds in spans.items():
             if seconds is not None:
                 LANE_STAGE_SECONDS.labels(lane, stage).observe(max(seconds, 0.0))
-        ms = {f"{k}_ms": round(v * 1000, 1) for k, v in spans.items() if v is not None}
-        log.debug("refund stages", refund_id=refund_id, **ms)
-
-
-def refund_refusal(state: PartitionState, req: dict[str, Any]) -> str | None:
-    """Why a refund request is rejected, from what the partition knows (None: it may go to
-    the gateway). Pure."""
-    invoice_id, amount = req["invoice_id"], req["amount"]
-    paid = state.paid_for(invoice_id)
-    if paid is None:
-        return "invoice_not_paid" if invoice_id in state.subscription_of else "unknown_invoice"
-    if req["currency"] != paid.currency:
-        return "currency_mismatch"
-    if amount <= ZERO:
-        return "amount_not_positive"
-    if amount > paid.amount - state.refunded[invoice_id]:
-        return "amount_exceeds_paid"
-    return None
-
-
-def cancellation_problem(event: dict[str, Any], published: int | None) -> tuple[str, str] | None:
-    """Why a decoded record of billing.cancellations is dead-lettered whatever the state
-    knows: (reason, detail), or None. What is forwarded must be an event the rating
-    processor accepts (the same validation), or the entitlement would be deactivated for a
-    cancellation that is never billed. `published`: the record's Kafka timestamp (ms)."""
-    if event["type"] != "subscription.cancelled":
-        return "not_a_cancellation", f"type {event['type']!r}"
-    if event["mode"] not in ("immediate", "end_of_period"):
-        return "invalid_mode", f"mode {event['mode']!r}"
-    try:
-        parsed = parse_event(event)
-    except InvalidEvent as exc:
-        return "invalid_event", exc.reason
-    problem = timestamp_problem(parsed.timestamp, published)
-    if problem:
-        return "invalid_event", f"{problem}: {parsed.timestamp.isoformat()}"
-    return None
-
-
-def cancellation_refusal(event: dict[str, Any], sub: Subscription | None) -> tuple[str, str] | None:
-    """Why a valid cancellation is dead-lettered given its subscription as the partition
-    knows it (None: unknown), or None. Pure."""
-    if sub is None:
-        return "unknown_subscription", event["subscription_id"]
-    if sub.account_id != event["account_id"]:
-        return "account_mismatch", f"{event['subscription_id']} belongs to another account"
-    if sub.cancelled_by not in (None, event["event_id"]):
-        return "already_cancelled", f"by {sub.cancelled_by}"
-    return None
-
-
-def entitlement_id(cause: str) -> str:
-    """cause: ``refund:<refund_id>`` or ``cancellation:<event_id>``."""
-    return f"{cause}:deactivate"
+        ms = {k: round(v * 1000, 1) for k, v in spans.items() if v is not None}
+        return [(STAGES_HEADER, orjson.dumps(ms))]
 
 
 def lane_group(lane: str) -> str:
@@ -218,10 +150,16 @@ def lane_group(lane: str) -> str:
 
 class LaneProcessor:
     def __init__(
-        self, settings: Settings, bootstrap: str, gateway: Gateway, lane: str = "priority"
+        self,
+        settings: Settings,
+        stream: StreamLoop,
+        state_consumer: Consumer,
+        gateway: Gateway,
+        lane: str = "priority",
     ) -> None:
-        self.settings = settings
-        self.bootstrap = bootstrap
+        """stream: the request consumer (in the lane's group) and the producer;
+        state_consumer: reads the state topics, assigned by hand (``make_lane`` builds
+        them)."""
         self.gateway = gateway
         self.lane = lane
         self.workflows = workflows_of(lane, parse_urgent(settings.urgent_workflows))
@@ -229,24 +167,14 @@ class LaneProcessor:
         # payments for the rest, and its AIMD limit backs off on their 429s
         cap = (settings.priority_reserve if lane == "priority"
                else settings.gateway_max_concurrency - settings.priority_reserve)  # fmt: skip
-        self.name = f"lane-{lane}"
-        self.lanes = {a: Lane(a, max(1, cap), self.name) for a in settings.merchant_accounts}
-        group = lane_group(lane)
-        # requests have a consumer of their own, served first; the state topics are read
-        # by a second one in bounded chunks, so bulk history never delays a request
-        self.consumer: Consumer = clients.consumer(
-            settings, bootstrap, group_id(group), **clients.NO_DELAY,
-            **{"partition.assignment.strategy": "range", "fetch.wait.max.ms": 5},
-        )  # fmt: skip
-        self.lag = LagTracker(self.consumer, self.name)
-        self.state_consumer: Consumer = clients.consumer(
-            settings, bootstrap, group_id(f"{group}-state"),
-            **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
-        )  # fmt: skip
-        # latency first: no batching delay on the way out
-        self.producer = clients.producer(
-            settings, bootstrap, **{"linger.ms": 0, **clients.NO_DELAY}
-        )
+        self.name = stream.name
+        self.throttles = {
+            a: AccountThrottle(a, max(1, cap), self.name) for a in settings.merchant_accounts
+        }
+        self.loop = TaskLoop(stream, batch=200, commit_every_s=0.2, idle_s=0.001,
+                             task_kind="refund")  # fmt: skip
+        self.offsets = self.loop.offsets
+        self.producer = stream.producer
         self.names = {
             "refunds": REFUNDS.name,
             "cancellations": CANCELLATIONS.name,
@@ -260,16 +188,15 @@ class LaneProcessor:
             else []  # fmt: skip
         if "cancellation" in self.workflows:
             state_keys.append("subscriptions")
-        self.state_topics = [self.names[k] for k in state_keys]
+        self.history = History(state_consumer, [self.names[k] for k in state_keys],
+                               self._apply_state, self._ready)  # fmt: skip
         self.state: dict[int, PartitionState] = {}
         self.waiting: dict[int, list[Any]] = defaultdict(list)  # requests before `ready`
-        self.pending_ends: set[tuple[str, int]] = set()
-        self.tracker = OffsetTracker()
-        self.history: deque[Any] = deque()  # state records fetched, not applied yet
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.stop = StopFlag()
         self.rng = random.Random()
-        self._error: str | None = None
+
+    @property
+    def stop(self) -> StopFlag:
+        return self.loop.stream.stop
 
     # --- the loop -------------------------------------------------------------------
 
@@ -284,95 +211,51 @@ class LaneProcessor:
             while not self.stop:
                 await asyncio.sleep(0.2)
             return
-        self.consumer.subscribe(self.request_topics, on_assign=self._on_assign,
-                                on_revoke=self._on_revoke)  # fmt: skip
-        last_commit = 0.0
-        try:
-            while not self.stop:
-                requests = self.consumer.consume(200, timeout=0)
-                for msg in requests:
-                    if msg.error() is None:
-                        self._handle_request(msg)
-                        RECORDS.labels(self.name, msg.topic()).inc()
-                self.lag.maybe_update()
-                history = self._apply_some_history()
-                self.producer.poll(0)
-                now = time.monotonic()
-                if now - last_commit > 0.2:
-                    self._commit()
-                    last_commit = now
-                if self._error or self.tracker.error:
-                    raise RuntimeError(self._error or self.tracker.error)
-                await asyncio.sleep(0 if requests or history else 0.001)
-            if self.tasks:
-                await asyncio.wait(self.tasks, timeout=30)
-            self.producer.flush(30)
-            self._commit()
-        finally:
-            self.consumer.close()
-            self.state_consumer.close()
-            await self.gateway.close()
+        self.loop.subscribe(self.request_topics, on_assign=self._on_assign,
+                            on_revoke=self._on_revoke)  # fmt: skip
+        await self.loop.run(self._on_requests, self.history.apply_some, close=self._close)
 
-    def _apply_some_history(self) -> int:
-        """Apply state records for at most STATE_BUDGET_S; returns how many."""
-        if not self.history:
-            self.history.extend(self.state_consumer.consume(STATE_CHUNK, timeout=0))
-        deadline = time.perf_counter() + STATE_BUDGET_S
-        applied = 0
-        while self.history and time.perf_counter() < deadline:
-            msg = self.history.popleft()
-            applied += 1
-            if msg.error() is None:
-                self._apply_state(msg)
-            elif msg.error().code() == KafkaError._PARTITION_EOF:
-                self._at_end(msg.topic(), msg.partition())
-        return applied
+    def _on_requests(self, msgs: list[Any]) -> None:
+        for msg in msgs:
+            self._handle_request(msg)
+            RECORDS.labels(self.name, msg.topic()).inc()
+
+    async def _close(self) -> None:
+        self.history.close()
+        await self.gateway.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Requests resume where committed; the same partitions of the state topics are
         read from their beginning, and a partition serves requests once each of them
         reported its end."""
         owned = sorted({tp.partition for tp in partitions})
-        self.history.clear()  # read again from the beginning below
         self.state = {p: self.state.get(p) or PartitionState() for p in owned}
-        self.pending_ends = {(t, p) for t in self.state_topics for p in owned}
-        self.state_consumer.assign(
-            [TopicPartition(t, p, OFFSET_BEGINNING) for t in self.state_topics for p in owned]
-        )
+        self.history.assign(owned)
         for p, state in self.state.items():
-            state.ready = not self.state_topics
-            if state.ready:
-                for msg in self.waiting.pop(p, []):
-                    self._request(msg)
+            state.ready = False
+            if not self.history.topics:
+                self._ready(p)
         log.info("assigned", partitions=owned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._commit()
         for tp in partitions:
-            self.tracker.forget((tp.topic, tp.partition))
             self.state.pop(tp.partition, None)
             self.waiting.pop(tp.partition, None)
-        self.state_consumer.assign([])
-        self.history.clear()
+        self.history.revoke()
 
-    def _at_end(self, topic: str, partition: int) -> None:
+    def _ready(self, partition: int) -> None:
         state = self.state.get(partition)
-        if state is None:
+        if state is None or state.ready:
             return
-        self.pending_ends.discard((topic, partition))
-        if not state.ready and not any(p == partition for _, p in self.pending_ends):
-            state.ready = True
-            for msg in self.waiting.pop(partition, []):
-                self._request(msg)
-
-    def _commit(self) -> None:
-        self.tracker.commit(self.consumer, self.name)
+        state.ready = True
+        for msg in self.waiting.pop(partition, []):
+            self._request(msg)
 
     # --- records --------------------------------------------------------------------
 
     def _handle_request(self, msg: Any) -> None:
         p = msg.partition()
-        self.tracker.start((msg.topic(), p), msg.offset())
+        self.offsets.start((msg.topic(), p), msg.offset())
         state = self.state.get(p)
         if state is not None and state.ready:
             self._request(msg)
@@ -388,7 +271,7 @@ class LaneProcessor:
             if topic == self.names["results"]:
                 r = codec(PAYMENT_RESULTS.schema).decode(msg.value())
                 if r["status"] == "succeeded":
-                    state.record_paid(r["invoice_id"], Paid(
+                    state.refunds.record_paid(r["invoice_id"], Paid(
                         r["gateway_reference"], r["gateway_account"], r["amount"], r["currency"]
                     ))  # fmt: skip
             elif topic == self.names["invoices"]:
@@ -398,21 +281,11 @@ class LaneProcessor:
                 if ids is None:
                     inv = INVOICE_IDS.decode(msg.value())
                     ids = (inv["invoice_id"], inv["account_id"], inv["subscription_id"])
-                state.subscription_of[ids[0]] = ids[2]
+                state.refunds.subscription_of[ids[0]] = ids[2]
             elif topic == self.names["refund_results"]:
-                r = codec(REFUND_RESULTS.schema).decode(msg.value())
-                if r["refund_id"] not in state.results:
-                    state.results[r["refund_id"]] = r
-                    if r["status"] == "refunded":
-                        state.refunded[r["invoice_id"]] += r["amount"]
+                state.refunds.record_result(codec(REFUND_RESULTS.schema).decode(msg.value()))
             else:
-                e = codec(SUBSCRIPTIONS.schema).decode(msg.value())
-                sub_id = e["subscription_id"]
-                sub = state.subscription(sub_id)
-                if e["type"] == "subscription.created" and sub is None:
-                    state.record_subscription(sub_id, Subscription(e["account_id"]))
-                elif e["type"] == "subscription.cancelled" and sub and not sub.cancelled_by:
-                    state.record_subscription(sub_id, sub._replace(cancelled_by=e["event_id"]))
+                state.subscriptions.apply(codec(SUBSCRIPTIONS.schema).decode(msg.value()))
         except DecodeError:
             pass  # not ours to dead-letter: the topic's own consumers do
 
@@ -430,14 +303,7 @@ class LaneProcessor:
             work = self._refund(req, tp, msg.offset(), stages)
         else:
             work = self._cancel(req, msg)
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._error = f"refund task failed: {task.exception()!r}"
+        self.loop.spawn(work)
 
     # --- one refund -------------------------------------------------------------------
 
@@ -446,87 +312,62 @@ class LaneProcessor:
     ) -> None:
         state = self.state[tp[1]]
         refund_id = req["refund_id"]
-        first = state.results.get(refund_id)
+        first = state.refunds.results.get(refund_id)
         if first is None and refund_id in state.in_flight:
             first = await asyncio.shield(state.in_flight[refund_id])
         if first is not None:  # a duplicate: the first result again, nothing refunded
-            self._publish(first, None, tp, offset)
             stages.decided = time.time()
-            stages.observe(self.lane, refund_id)
+            self._publish(first, None, tp, offset, stages)
             return
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         state.in_flight[refund_id] = done
         try:
-            result, entitlement = await self._decide(state, req, tp[1], stages)
-            state.results[refund_id] = result
-            if result["status"] == "refunded":
-                state.refunded[req["invoice_id"]] += result["amount"]
+            result, entitlement = await self._decide(state.refunds, req, tp[1], stages)
+            state.refunds.record_result(result)
             done.set_result(result)
         finally:
             state.in_flight.pop(refund_id, None)
             if not done.done():
                 done.cancel()
-        self._publish(result, entitlement, tp, offset)
-        stages.observe(self.lane, refund_id)
+        self._publish(result, entitlement, tp, offset, stages)
 
     def _dead_letter(self, msg: Any, reason: str, detail: str) -> None:
         workflow = "refund" if msg.topic() == self.names["refunds"] else "cancellation"
         LANE_REQUESTS.labels(self.lane, workflow, reason).inc()
-        done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(), 1)
+        done = self.offsets.finisher((msg.topic(), msg.partition()), msg.offset(), 1)
         produce_dead_letter(self.producer, msg, reason, detail, NAME, on_delivery=done)
 
-    def _caught_up(self, partition: int) -> bool:
-        """Has the state consumer read partition p of every state topic up to the end it
-        last heard of, and applied it? (Local figures, no broker round trip.)"""
-        if any(msg.partition() == partition for msg in self.history):
-            return False  # fetched, not applied yet
-        for topic in self.state_topics:
-            tp = TopicPartition(topic, partition)
-            position = self.state_consumer.position([tp])[0].offset
-            high = self.state_consumer.get_watermark_offsets(tp, cached=True)[1]
-            if high > 0 and position < high:  # (an unknown position is negative)
-                return False
-        return True
-
     async def _decide(
-        self, state: PartitionState, req: dict[str, Any], partition: int, stages: Stages
+        self, ledger: RefundLedger, req: dict[str, Any], partition: int, stages: Stages
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         invoice_id, amount = req["invoice_id"], req["amount"]
 
         def rejected(reason: str) -> tuple[dict[str, Any], None]:
-            return self._result(req, "rejected", reason, None), None
+            return refund_result(req, "rejected", reason, None, datetime.now(UTC)), None
 
-        if invoice_id not in state.paid:
-            await self._wait_for_state(partition)
-        refusal = refund_refusal(state, req)
+        if invoice_id not in ledger.paid:
+            await self.history.catch_up(partition, CATCH_UP_WAIT)
+        refusal = refund_refusal(ledger, req)
         stages.decided = time.time()
         if refusal:
             return rejected(refusal)
-        paid = state.paid_for(invoice_id)
+        paid = ledger.paid_for(invoice_id)
         assert paid is not None  # refund_refusal refuses an invoice not paid
         # concurrent requests of the same invoice see this one's amount as taken already
-        state.refunded[invoice_id] += amount
+        ledger.refunded[invoice_id] += amount
         try:
             outcome = await self._call(paid, req, stages)
         finally:
-            state.refunded[invoice_id] -= amount
+            ledger.refunded[invoice_id] -= amount
         if outcome.status != "refunded":
             return rejected(outcome.reason or "refused_by_gateway")
-        result = self._result(req, "refunded", None, outcome.reference)
-        subscription = state.subscription_of.get(invoice_id)
+        result = refund_result(req, "refunded", None, outcome.reference, datetime.now(UTC))
+        subscription = ledger.subscription_of.get(invoice_id)
         entitlement = None
         if req["deactivate"] and subscription:
-            entitlement = deactivation(
-                req["account_id"], subscription, f"refund:{req['refund_id']}"
-            )
+            cause = f"refund:{req['refund_id']}"
+            entitlement = deactivation(req["account_id"], subscription, cause, datetime.now(UTC))
         return result, entitlement
-
-    async def _wait_for_state(self, partition: int) -> None:
-        """Let the state catch up with what was published before a request (it may be
-        queued behind bulk history) before refusing what it does not know."""
-        deadline = time.monotonic() + CATCH_UP_WAIT
-        while time.monotonic() < deadline and not self._caught_up(partition):
-            await asyncio.sleep(0.01)
 
     # --- one cancellation -------------------------------------------------------------
 
@@ -536,37 +377,39 @@ class LaneProcessor:
         if problem:
             return self._dead_letter(msg, *problem)
         sub_id = event["subscription_id"]
-        if sub_id not in state.subscriptions:
-            await self._wait_for_state(msg.partition())
-        sub = state.subscription(sub_id)
+        if sub_id not in state.subscriptions.known:
+            await self.history.catch_up(msg.partition(), CATCH_UP_WAIT)
+        sub = state.subscriptions.get(sub_id)
         refusal = cancellation_refusal(event, sub)
         if refusal:
             return self._dead_letter(msg, *refusal)
         assert sub is not None  # an unknown subscription is refused
         forward = sub.cancelled_by is None  # a repeat is not forwarded twice
         LANE_REQUESTS.labels(self.lane, "cancellation", "accepted" if forward else "repeat").inc()
-        state.record_subscription(sub_id, sub._replace(cancelled_by=event["event_id"]))
+        state.subscriptions.apply(event)  # cancelled by this event from now on
         immediate = event["mode"] == "immediate"
-        done = self.tracker.finisher((msg.topic(), msg.partition()), msg.offset(),
+        done = self.offsets.finisher((msg.topic(), msg.partition()), msg.offset(),
                                      immediate + forward)  # fmt: skip
         if immediate:
-            entitlement = deactivation(event["account_id"], sub_id,
-                                       f"cancellation:{event['event_id']}")  # fmt: skip
+            cause = f"cancellation:{event['event_id']}"
+            entitlement = deactivation(event["account_id"], sub_id, cause, datetime.now(UTC))
             self.producer.produce(ENTITLEMENTS.name, key=msg.key(), on_delivery=done,
                                   value=codec(ENTITLEMENTS.schema).encode(entitlement))  # fmt: skip
         if forward:
             self.producer.produce(SUBSCRIPTIONS.name, key=msg.key(), value=msg.value(),
                                   on_delivery=done)  # fmt: skip
         if not (immediate or forward):
-            self.tracker.finish((msg.topic(), msg.partition()), msg.offset())
+            self.offsets.finish((msg.topic(), msg.partition()), msg.offset())
         self.producer.poll(0)
 
     async def _call(self, paid: Paid, req: dict[str, Any], stages: Stages) -> Any:
-        lane = self.lanes.get(paid.merchant_account) or Lane(paid.merchant_account, 1, self.name)
-        self.lanes[paid.merchant_account] = lane
+        throttle = self.throttles.get(paid.merchant_account)
+        if throttle is None:  # an account not configured (any more): one call at a time
+            throttle = AccountThrottle(paid.merchant_account, 1, self.name)
+            self.throttles[paid.merchant_account] = throttle
         request = RefundRequest(
             merchant_account=paid.merchant_account,
-            idempotency_key=f"streambill-refund:{req['refund_id']}",
+            idempotency_key=refund_idempotency_key(req["refund_id"]),
             charge_reference=paid.charge_reference or "",
             invoice_id=req["invoice_id"],
             amount=req["amount"],
@@ -574,41 +417,23 @@ class LaneProcessor:
         )
         retries = 0
         while True:
-            ticket = await lane.acquire()
+            ticket = await throttle.acquire()
             try:
                 stages.called = time.time()
                 outcome = await self.gateway.refund(request)
                 stages.answered = time.time()
                 GATEWAY_SECONDS.labels(self.name, "refund").observe(stages.answered - stages.called)
             except RateLimited as exc:
-                lane.release("overload", ticket)  # one decrease per round of 429s
+                throttle.release("overload", ticket)  # one decrease per round of 429s
                 await asyncio.sleep(min(exc.retry_after, 0.05) * self.rng.uniform(0.5, 1.5))
                 continue
             except TransientError:
-                lane.release("failure")
+                throttle.release("failure")
                 retries += 1
                 await asyncio.sleep(backoff(min(retries, 6), base=0.02, cap=2.0, rng=self.rng))
                 continue
-            lane.release("ok")
+            throttle.release("ok")
             return outcome
-
-    @staticmethod
-    def _result(
-        req: dict[str, Any], status: str, reason: str | None, reference: str | None
-    ) -> dict[str, Any]:
-        return {
-            "refund_id": req["refund_id"],
-            "invoice_id": req["invoice_id"],
-            "account_id": req["account_id"],
-            "status": status,
-            "amount": req["amount"],
-            "currency": req["currency"],
-            "reason": reason,
-            "gateway_reference": reference,
-            "refund_reason": req["reason"],
-            "requested_at": req["requested_at"],
-            "completed_at": datetime.now(UTC),
-        }
 
     def _publish(
         self,
@@ -616,8 +441,9 @@ class LaneProcessor:
         entitlement: dict[str, Any] | None,
         tp: tuple[str, int],
         offset: int,
+        stages: Stages,
     ) -> None:
-        done = self.tracker.finisher(tp, offset, 1 + (entitlement is not None))
+        done = self.offsets.finisher(tp, offset, 1 + (entitlement is not None))
         key = result["account_id"].encode()
         outcome = result["status"] if result["reason"] is None else result["reason"]
         LANE_REQUESTS.labels(self.lane, "refund", outcome).inc()
@@ -626,20 +452,26 @@ class LaneProcessor:
             value = codec(ENTITLEMENTS.schema).encode(entitlement)
             self.producer.produce(ENTITLEMENTS.name, key=key, value=value, on_delivery=done)
         value = codec(REFUND_RESULTS.schema).encode(result)
-        self.producer.produce(REFUND_RESULTS.name, key=key, value=value, on_delivery=done)
+        headers = stages.observe(self.lane)
+        self.producer.produce(REFUND_RESULTS.name, key=key, value=value, headers=headers,
+                              on_delivery=done)  # fmt: skip
         self.producer.poll(0)
 
 
-def deactivation(account_id: str, subscription_id: str, cause: str) -> dict[str, Any]:
-    return {
-        "entitlement_id": entitlement_id(cause),
-        "account_id": account_id,
-        "subscription_id": subscription_id,
-        "action": "deactivate",
-        "cause": cause,
-        "timestamp": datetime.now(UTC),
-    }
-
-
-def run_lane(settings: Settings, bootstrap: str, lane: str) -> None:
-    LaneProcessor(settings, bootstrap, make_gateway(settings), lane).run()
+def make_lane(settings: Settings, bootstrap: str, lane: str) -> LaneProcessor:
+    """The lane with its clients built from the settings (the CLI's)."""
+    group = lane_group(lane)
+    # requests have a consumer of their own, served first; the state topics are read by
+    # a second one in bounded chunks, so bulk history never delays a request. Latency
+    # first: no batching delay on the way out.
+    stream = StreamLoop.from_settings(
+        f"lane-{lane}", settings, bootstrap, group,
+        consumer_config={**clients.NO_DELAY, "partition.assignment.strategy": "range",
+                         "fetch.wait.max.ms": 5},
+        producer_config={"linger.ms": 0, **clients.NO_DELAY},
+    )  # fmt: skip
+    state_consumer = clients.consumer(
+        settings, bootstrap, group_id(f"{group}-state"),
+        **{"enable.partition.eof": True, "fetch.wait.max.ms": 20},
+    )  # fmt: skip
+    return LaneProcessor(settings, stream, state_consumer, make_gateway(settings), lane)

@@ -25,7 +25,6 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 from streams.codec import DecodeError, codec
 from streams.config import Settings
 from streams.domain.catalog import Catalog, Interval
-from streams.kafka import clients
 from streams.kafka.topics import (
     ALERTS,
     DEAD_LETTER,
@@ -36,21 +35,17 @@ from streams.kafka.topics import (
     SUBSCRIPTIONS,
     USAGE,
     TopicSpec,
-    group_id,
     spec_for,
     spec_for_base,
 )
 from streams.metrics import (
-    BATCH_SECONDS,
     COMMIT_FAILURES,
-    RECORDS,
     WAREHOUSE_RETRIES,
-    LagTracker,
 )
-from streams.processors.bulk import BULK_TABLES, BulkLander
 from streams.runtime.deadletter import produce_dead_letter
-from streams.runtime.process import StopFlag, poll_batch
+from streams.runtime.loop import StreamLoop
 from streams.warehouse import WAREHOUSE_DOWN, QueryServer, open_warehouse
+from streams.warehouse_bulk import BULK_TABLES, BulkLander
 
 log = structlog.get_logger(__name__)
 GROUP = "streambill-sink"  # namespaced by group_id()
@@ -210,7 +205,8 @@ class Sink:
     def __init__(
         self,
         settings: Settings,
-        bootstrap: str,
+        client: Any,
+        stream: StreamLoop,
         topics: list[str] | None = None,
         max_rows: int = 100_000,
         max_seconds: float = 1.0,
@@ -218,8 +214,10 @@ class Sink:
         min_seconds: float = 0.25,
         catalog: tuple[Catalog, dict[str, Any]] | None = None,
     ) -> None:
-        """topics: base names (default: every landed topic); catalog: parsed and raw, to
-        load as the plans dimension."""
+        """client: the warehouse (migrated); stream: the consumer in the sink's group and a
+        producer for dead letters (``make_sink`` builds them); topics: base names
+        (default: every landed topic); catalog: parsed and raw, to load as the plans
+        dimension."""
         self.settings = settings
         unknown = set(topics or ()) - set(LANDERS)
         if unknown:
@@ -228,55 +226,35 @@ class Sink:
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.min_seconds = min(min_seconds, max_seconds)
-        self.client = open_warehouse(settings)
+        self.client = client
         embedded = settings.warehouse_dsn.startswith("chdb://")
         self.bulk = (
             BulkLander(self.client, settings.state_dir / "sink", COLUMNS) if embedded else None
         )
         if catalog is not None:
             load_catalog(self.client, *catalog)
-        self.consumer = clients.consumer(
-            settings,
-            bootstrap,
-            group_id(GROUP),
-            **{
-                "partition.assignment.strategy": "range",
-                # keep fetching while a batch lands: up to about one more batch ahead
-                "queued.max.messages.kbytes": 65_536,
-                # a trickle of records must not make every fetch (of every partition of
-                # every topic) return at once: the broker waits for 64 KiB or 200 ms
-                "fetch.min.bytes": 65_536,
-                "fetch.wait.max.ms": 200,
-            },
-        )
-        self.lag = LagTracker(self.consumer, "sink")
-        self.producer = clients.producer(settings, bootstrap)  # dead letters only
-        self.server = (
-            QueryServer(self.client, settings)
-            if serve_queries and settings.warehouse_dsn.startswith("chdb://")
-            else None
-        )
-        self.stop = StopFlag()
+        self.stream = stream
+        self.consumer = stream.consumer
+        self.producer = stream.producer
+        self.stop = stream.stop
+        self.server = QueryServer(self.client, settings) if serve_queries and embedded else None
         self.landed = 0
 
     def run(self) -> int:
         """Land until stopped (SIGTERM/SIGINT): the batch in hand lands and commits first."""
         if self.server:
             self.server.start()
-        self.consumer.subscribe(self.topics, on_assign=self._resume_from_warehouse,
-                                on_revoke=self._unpause)  # fmt: skip
+        # (a partition revoked during a warehouse outage is resumed by the stream)
+        self.stream.subscribe(self.topics, on_assign=self._resume_from_warehouse)
         try:
             while not self.stop:
                 batch = self._collect()
                 if batch:
                     started = time.perf_counter()
                     self._land_when_warehouse_answers(batch)
-                    BATCH_SECONDS.labels("sink").observe(time.perf_counter() - started)
-                    for topic, n in Counter(m.topic() for m in batch).items():
-                        RECORDS.labels("sink", topic).inc(n)
-                self.lag.maybe_update()
+                    self.stream.processed(batch, started)
         finally:
-            self.consumer.close()  # leaves the group at once: no wait for session time-out
+            self.stream.close()
             if self.server:
                 self.server.stop()
         return self.landed
@@ -310,12 +288,6 @@ class Sink:
                 self.consumer.seek(tp)  # read again once the warehouse is back
         self.consumer.resume(self.consumer.assignment())
 
-    @staticmethod
-    def _unpause(consumer: Any, partitions: list[TopicPartition]) -> None:
-        # the consumer keeps a partition paused through revocation and a later assignment:
-        # one revoked during a warehouse outage would never be fetched again
-        consumer.resume(partitions)
-
     def _resume_from_warehouse(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         try:
             result = self.client.query(
@@ -347,7 +319,7 @@ class Sink:
             if left <= 0:
                 break
             asked = min(10_000, self.max_rows - len(batch))
-            got = poll_batch(self.consumer, asked, min(left, 0.1))
+            got = self.stream.poll(asked, min(left, 0.1))
             if got and not batch:
                 first = time.monotonic()
             batch.extend(got)
@@ -432,3 +404,19 @@ class Sink:
                     produce_dead_letter(self.producer, msg, exc.reason, exc.detail, "sink")
                 bad += 1
         return bad
+
+
+def make_sink(settings: Settings, bootstrap: str, client: Any = None, **options: Any) -> Sink:
+    """A sink with its clients built from the settings (the CLI's); `client`: a
+    warehouse client of the caller's instead of ``open_warehouse(settings)``."""
+    stream = StreamLoop.from_settings("sink", settings, bootstrap, GROUP, consumer_config={
+        "partition.assignment.strategy": "range",
+        # keep fetching while a batch lands: up to about one more batch ahead
+        "queued.max.messages.kbytes": 65_536,
+        # a trickle of records must not make every fetch (of every partition of every
+        # topic) return at once: the broker waits for 64 KiB or 200 ms
+        "fetch.min.bytes": 65_536,
+        "fetch.wait.max.ms": 200,
+    })  # fmt: skip
+    return Sink(settings, open_warehouse(settings) if client is None else client, stream,
+                **options)  # fmt: skip

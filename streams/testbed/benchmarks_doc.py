@@ -155,7 +155,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "only after its commit, so an abort leaves nothing behind); a transaction holds up to "
         "`STREAMBILL_RATING_TRANSACTION_RECORDS` records, so a subscription's state is written "
         "once per transaction; usage is read and invoices written by hand-written Avro code "
-        "checked byte for byte against fastavro (`streams/processors/rating_codec.py`), while "
+        "checked byte for byte against fastavro (`streams/fast_codec.py`), while "
         "fastavro still decides every dead letter; RocksDB runs without a write-ahead log "
         "(the store is a cache of the changelog, restored from its checkpoint). Usage inside "
         "its subscription's open segment is totalled per subscription as integers and added to "
@@ -327,11 +327,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         "chaos",
         "Faults: `streambill chaos`",
         (_cmd("chaos", "chaos"),),
-        "The fault suite described in the README (its full form): a three-broker cluster, "
-        "every processor supervised, four scenarios each injecting its faults while new "
-        "subscriptions are rated, landed, charged and refunded, then the invariants over "
-        "everything published. `results` in the JSON holds each scenario's faults, with the "
-        "evidence that each took effect, its events and its invariants.",
+        "A three-broker KRaft cluster (replication 3, `min.insync.replicas=2`, producers with "
+        "`acks=all`; a silent broker is fenced after 4 s), the gateway simulator (4 merchant "
+        "accounts, 5 % declines, 3 % transient failures, dunning `1s,2s,3s`), the sink, rating, "
+        "payments and the priority lane, each supervised (restarted when it dies; an exit chaos "
+        "did not cause breaks an invariant). After a first batch billed and paid without "
+        "faults, each scenario publishes new subscriptions with their usage, issues a bill run "
+        "and a payment run, asks for refunds (200; `--short`: 20; one sent twice, one for more "
+        "than was paid) and injects its faults meanwhile, each once the work it is meant to hit "
+        "is under way: `processor-kills` (SIGKILL of rating, payments, sink and priority lane, "
+        "restarted at once, 3 rounds, `--short` 2; landed if the victim left uncommitted "
+        "records or gateway calls in flight), `broker-loss` (SIGKILL of a broker leading "
+        "partitions of the run; landed if it leads none of them any more), `warehouse-outage` "
+        "(every warehouse call of the sink fails for 60 s, `--short` 8 s; landed if "
+        "`streambill_warehouse_retries_total` grew) and `gateway-outage` (every merchant "
+        "account answers 503 for 60 s; landed if the simulator's refused calls grew). Then, "
+        "over everything published: one invoice per period and totals equal to the offline "
+        "rater's (on Kafka and in ClickHouse), at most one charge per invoice, refunds answered "
+        "once, one row per id, every payable invoice settled, in time, `streambill reconcile` "
+        "clean, and no processor died unasked. `faults` and `effective` count the faults "
+        "injected and those whose evidence shows they landed (`fault_evidence` per fault in "
+        "`results`); the run exits 1 if an invariant broke or a fault did not land. CI runs "
+        "`--short` (`tests/integration/test_chaos.py`).",
         (
             Figure("faults_injected", "faults"),
             Figure("faults_effective", "effective"),
@@ -345,6 +362,11 @@ SCENARIOS: tuple[Scenario, ...] = (
             ),
             Target("every invariant held", lambda m: m["all_held"] is True),
         ),
+        "Found on its first runs and fixed since: a broker loss moved the payments group's "
+        "coordinator and the refused offset commit (`UNKNOWN_MEMBER_ID`) ended the payments "
+        "processor (a refused commit is now retried with the next one and counted, "
+        "`streambill_commit_failures_total`); a warehouse outage stopped the sink (it now keeps "
+        "its batch, its partitions paused, and retries: alert `StreambillWarehouseUnavailable`).",
     ),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}

@@ -20,7 +20,7 @@ Scenarios: SIGKILL of every processor, several times each; loss of one of three 
 (replication 3, min.insync.replicas 2, acks=all) and its return; a warehouse outage; a
 complete gateway outage. The broker, processors and gateway faults are real (signals, the
 simulator's outage switch); the warehouse outage is injected at the sink's client
-(``streams.warehouse.outage_switch``) because chDB runs in the sink.
+(``streams.testbed.faults``) because chDB runs in the sink.
 
 A fault counts only if it landed. Each waits for the progress it is meant to interrupt
 (a processor holding unfinished records, charges being attempted, records flowing, rows
@@ -61,7 +61,7 @@ from confluent_kafka.admin import OffsetSpec
 from rich.console import Console
 from rich.table import Table
 
-from streams.config import DEFAULT_CATALOG, Settings
+from streams.config import DEFAULT_CATALOG, Settings, child_environment
 from streams.domain.catalog import Catalog
 from streams.kafka import clients
 from streams.kafka.lag import group_members
@@ -81,14 +81,15 @@ from streams.kafka.topics import (
 from streams.kafka.topics import namespace as current_namespace
 from streams.metrics import scrape
 from streams.offline import rate_events, record_to_json_line
-from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from streams.processors import lane, payments, rating, sink
 from streams.publish import issue_bill_run, issue_payment_run, publish, read_topic
 from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
 from streams.testbed.duplicates import WarehouseCopies, topic_copies, warehouse_copies
+from streams.testbed.faults import OutageSwitchedSink, outage_switch
+from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from streams.testbed.generator import DEFAULT_UNTIL, Dataset, expected_invoices
 from streams.ui import progress_bar
-from streams.warehouse import WarehouseUnavailable, outage_switch, query
+from streams.warehouse import WarehouseUnavailable, query
 
 log = structlog.get_logger(__name__)
 
@@ -277,10 +278,8 @@ def chaos_cluster(settings: Settings, console: Console) -> Iterator[tuple[str, d
         return
     env = {
         "STREAMBILL_KAFKA_DIR": str(settings.home / "chaos" / "kafka"),
-        "STREAMBILL_KAFKA_PORT_BASE": os.environ.get(
-            "STREAMBILL_CHAOS_KAFKA_PORT_BASE", str(CLUSTER_PORT_BASE)
-        ),
-        "KAFKA_HEAP_MB": os.environ.get("KAFKA_HEAP_MB", "512"),
+        "STREAMBILL_KAFKA_PORT_BASE": settings.chaos_kafka_port_base or str(CLUSTER_PORT_BASE),
+        "KAFKA_HEAP_MB": settings.kafka_heap_mb,
         # a killed broker is fenced (its partitions move) in about 4 s: well within the
         # clients' 10 s session time-out, so they move with them (see broker-loss)
         "KAFKA_BROKER_SESSION_TIMEOUT_MS": "4000",
@@ -303,7 +302,7 @@ class Supervisor:
     def __init__(self, settings: Settings, bootstrap: str, gateway_env: dict[str, str]) -> None:
         self.settings = settings
         self.bootstrap = bootstrap
-        self.env = {**gateway_env, "STREAMBILL_FAULT_INJECTION": "1"}
+        self.env = gateway_env
         self.procs: dict[str, ProcessorProcess] = {}
         self.started: dict[str, float] = {}  # monotonic start of each current process
         self.unplanned_exits: Counter[str] = Counter()
@@ -311,7 +310,11 @@ class Supervisor:
     def start(self, name: str) -> ProcessorProcess:
         args = {"rating": ("--catalog", str(DEFAULT_CATALOG), "--clock", "event"),
                 "lane": ("priority",)}.get(name, ())  # fmt: skip
-        proc = ProcessorProcess(self.settings, self.bootstrap, name, *args, env=self.env)
+        if name == "sink":  # its warehouse client behind the outage switch
+            proc: ProcessorProcess = OutageSwitchedSink(self.settings, self.bootstrap,
+                                                        env=self.env)  # fmt: skip
+        else:
+            proc = ProcessorProcess(self.settings, self.bootstrap, name, *args, env=self.env)
         self.procs[name] = proc.start()
         self.started[name] = time.monotonic()
         return proc
@@ -828,10 +831,10 @@ class Chaos:
         assert self.simulator
         out = self.settings.home / "reconcile.json"
         # the processors' gateway settings, so its dunning schedule judges the verdicts
-        env = {**os.environ, **gateway_env(self.simulator.url),
-               "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-               "STREAMBILL_HOME": str(self.settings.home),
-               "STREAMBILL_NAMESPACE": current_namespace()}  # fmt: skip
+        env = child_environment(**gateway_env(self.simulator.url),
+                                KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
+                                STREAMBILL_HOME=str(self.settings.home),
+                                STREAMBILL_NAMESPACE=current_namespace())  # fmt: skip
         argv = [sys.executable, "-m", "streams.cli", "reconcile", "--json", str(out)]
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         try:

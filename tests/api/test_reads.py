@@ -16,9 +16,9 @@ from streams.api.reads import (
     settle,
     string_literal,
 )
+from streams.domain.cancellations import Subscription, cancellation_refusal
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
-from streams.processors.lane import Subscription, cancellation_refusal
 from streams.processors.rating import apply_input
 from streams.testbed.demo import DEMO_CATALOG
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from streams.config import Settings
-from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from tests.integration.helpers import Procs
 
 

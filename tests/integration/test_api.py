@@ -16,6 +16,7 @@ import requests
 from streams.api.server import KAFKA_DOWN_MESSAGE
 from streams.api.tenants import Tenant, hash_key, save
 from streams.config import Settings
+from streams.invoice_record import INVOICE_FIELDS, LINE_FIELDS, PRIVATE_FIELDS
 from streams.kafka import clients
 from streams.kafka.topics import (
     CANCELLATIONS,
@@ -162,6 +163,9 @@ def test_an_invoice_reads_back_for_its_tenant_only(
     stored = Decimal(scalar(pipeline_env, "SELECT toString(total) FROM invoices"))
     assert invoice["total"] == f"{stored:.2f}" and stored > 0  # USD: two digits
     assert [line["kind"] for line in invoice["lines"]] == ["flat"]
+    # the public shape: the record's fields less the private ones (streams/invoice_record.py)
+    assert tuple(invoice) == tuple(f for f in INVOICE_FIELDS if f not in PRIVATE_FIELDS)
+    assert tuple(invoice["lines"][0]) == LINE_FIELDS
     # another tenant's invoice is not found, as if it did not exist: nothing names acme
     foreign = api.get(f"/v1/invoices/{invoice_id}", key=GLOBEX)
     assert foreign.status_code == 404 and "acme" not in foreign.text

@@ -1,5 +1,6 @@
 """The benchmark commands run end to end and write their JSON contract (small sizes:
-the figures themselves come from the commands, not from tests)."""
+the figures themselves come from the commands, not from tests): the same figures, by
+name, as the published results in docs/benchmarks/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,29 @@ from pathlib import Path
 
 import pytest
 
+from streams.config import REPO_ROOT
+
 pytestmark = pytest.mark.kafka
+PUBLISHED = REPO_ROOT / "docs" / "benchmarks"
+KEYED_BY_VALUE = {"first_attempt_outcomes", "status_counts"}  # keys: the outcomes seen
+
+
+def figure_names(metrics: dict, prefix: str = "") -> set[str]:
+    """Every figure's dotted name; a list of records contributes its records' keys."""
+    names = set()
+    for key, value in metrics.items():
+        if isinstance(value, dict) and key not in KEYED_BY_VALUE:
+            names |= figure_names(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            names |= {f"{prefix}{key}[].{k}" for item in value for k in item}
+        else:
+            names.add(prefix + key)
+    return names
+
+
+def assert_figures_as_published(report: dict, published: str) -> None:
+    doc = json.loads((PUBLISHED / f"{published}.json").read_text())
+    assert figure_names(report["metrics"]) == figure_names(doc["metrics"]), published
 
 
 def bench(tmp_path: Path, bootstrap: str, *args: str) -> dict:
@@ -34,14 +57,17 @@ def test_bench_billrun_contract(tmp_path: Path, kafka_bootstrap: str) -> None:
     m = report["metrics"]
     assert m["invoices"] == 300 and m["duplicates"] == 0 and m["dead_letters"] == 0
     assert m["seconds"] > 0 and m["invoices_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert_figures_as_published(report, "billrun-100k")
 
 
 def test_bench_kafka_and_usage_contracts(tmp_path: Path, kafka_bootstrap: str) -> None:
     kafka = bench(tmp_path, kafka_bootstrap, "kafka", "--messages", "20000", "--runs", "2")
     assert kafka["scenario"] == "kafka" and len(kafka["runs"]) == 2
     assert kafka["metrics"]["messages"] == 20000 and kafka["metrics"]["msgs_per_s"] > 0
+    assert_figures_as_published(kafka, "kafka")
     usage = bench(tmp_path, kafka_bootstrap, "usage", "--events", "5000", "--workers", "1")
     assert usage["metrics"]["events"] == 5000 and usage["metrics"]["events_per_s"] > 0
+    assert_figures_as_published(usage, "usage")
 
 
 def test_bench_sink_and_payment_run_contracts(tmp_path: Path, kafka_bootstrap: str) -> None:
@@ -49,6 +75,7 @@ def test_bench_sink_and_payment_run_contracts(tmp_path: Path, kafka_bootstrap: s
     m = sink["metrics"]
     assert sink["scenario"] == "sink" and m["rows"] == 5000 and m["invoices"] == 1000
     assert m["rows_per_s"] > 0 and m["seconds"] > 0
+    assert_figures_as_published(sink, "sink")
     pay = bench(tmp_path, kafka_bootstrap, "payment-run", "--payments", "1500")
     m = pay["metrics"]
     assert pay["scenario"] == "payment-run" and m["payments"] == 1500
@@ -56,6 +83,7 @@ def test_bench_sink_and_payment_run_contracts(tmp_path: Path, kafka_bootstrap: s
     assert sum(m["first_attempt_outcomes"].values()) == 1500
     assert m["payments_per_min"] > 0 and 0 < m["ceiling_ratio"] < 1
     assert m["gateway_ceiling_per_min"] == pytest.approx(200_956, rel=0.01)
+    assert_figures_as_published(pay, "payment-run")
 
 
 def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> None:
@@ -79,6 +107,8 @@ def test_bench_refund_latency_contract(tmp_path: Path, kafka_bootstrap: str) -> 
         # a refund's gateway call takes at least the simulator's fastest refund
         assert 0 < stages["gateway_p99_ms"] <= phase["p99_ms"]
     assert m["simulator_gc"]["collections"][0] > 0
+    # the slowest refunds each with their stages (the lane's header on the result)
+    assert_figures_as_published(report, "refund-latency")
 
 
 def test_bench_signup_spike_contract_with_a_binding_limit(
@@ -93,3 +123,4 @@ def test_bench_signup_spike_contract_with_a_binding_limit(
     assert m["errors_5xx"] == 0 and m["timeouts"] == 0 and m["gave_up"] == 0
     assert m["rejected_429"] > 0 and m["status_counts"]["202"] == 3000
     assert m["seconds"] > 0 and m["signups_per_s"] > 0 and m["p99_ms"] >= m["p50_ms"] > 0
+    assert_figures_as_published(report, "signup-spike")

@@ -101,8 +101,8 @@ def test_sigterm_lets_in_flight_payments_finish_and_nothing_is_half_sent(
 
     from streams.kafka.topics import PAYMENT_RESULTS
     from streams.payments.http_gateway import fetch_ledger
-    from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
     from streams.publish import read_topic
+    from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
     from tests.integration.test_payments import invoice, publish_invoices, start_payments
 
     settings = pipeline_env

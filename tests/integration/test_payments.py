@@ -25,8 +25,8 @@ from streams.kafka import clients
 from streams.kafka.topics import INVOICES
 from streams.payments.http_gateway import fetch_ledger
 from streams.payments.reconcile import collect, reconcile
-from streams.payments.simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from streams.stack import ProcessorProcess
+from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
 from tests.integration.helpers import Procs, scalar, start_sink, wait_until
 
 pytestmark = pytest.mark.kafka

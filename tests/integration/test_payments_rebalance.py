@@ -21,8 +21,8 @@ from streams.config import Settings
 from streams.domain.payments import idempotency_key, payment_id
 from streams.kafka import clients
 from streams.kafka.topics import INVOICES, PAYMENT_REQUESTS, PAYMENT_RETRIES, group_id
-from streams.processors.payments import GROUP, PaymentsProcessor, make_gateway, request_for_invoice
-from streams.testbed.bench import Env, committed_lag
+from streams.processors.payments import GROUP, PaymentsProcessor, make_payments, request_for_invoice
+from streams.testbed.bench.harness import Env, committed_lag
 from tests.integration.test_payments import invoice, simulator  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.kafka
@@ -48,7 +48,7 @@ def payments_worker(
                        merchant_accounts=("merchant-1", "merchant-2"))  # fmt: skip
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        worker = PaymentsProcessor(settings, kafka_bootstrap, make_gateway(settings))
+        worker = make_payments(settings, kafka_bootstrap)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -20,7 +20,7 @@ from streams.domain.invoice import invoice_to_dict
 from streams.kafka import clients
 from streams.kafka.topics import CONTROL, INVOICES, SUBSCRIPTIONS, USAGE, group_id
 from streams.offline import rate_events, record_to_json_line
-from streams.processors.rating import GROUP, RatingProcessor
+from streams.processors.rating import GROUP, RatingProcessor, make_rating
 from streams.publish import bill_run_done, issue_bill_run, publish
 from streams.testbed.demo import DEMO_CATALOG
 from streams.testbed.duplicates import topic_copies
@@ -41,7 +41,7 @@ def rating_worker(
     def make(**options: Any) -> RatingProcessor:
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            worker = RatingProcessor(pipeline_env, kafka_bootstrap, CATALOG, **options)
+            worker = make_rating(pipeline_env, kafka_bootstrap, CATALOG, **options)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -66,8 +66,8 @@ def turn_until(worker: RatingProcessor, done: Callable[[], bool], timeout: float
 
 def committed_lag(settings: Settings, bootstrap: str, topics: list[str]) -> int:
     """Records of `topics` the rating group has not committed yet."""
-    from streams.testbed.bench import Env
-    from streams.testbed.bench import committed_lag as lag
+    from streams.testbed.bench.harness import Env
+    from streams.testbed.bench.harness import committed_lag as lag
 
     return lag(Env(settings, bootstrap), group_id(GROUP), topics)
 
@@ -88,7 +88,7 @@ def test_a_bill_run_interrupted_by_rebalances_completes_after_them(
     # one period closed per partition and transaction: the run outlasts the rebalances
     worker = rating_worker(close_chunk=1)
     partitions = set(range(settings.partitions))
-    turn_until(worker, lambda: set(worker.stores) == partitions, 60, "the assignment")
+    turn_until(worker, lambda: set(worker.states.stores) == partitions, 60, "the assignment")
     publish(clients.producer(settings, kafka_bootstrap), SUBSCRIPTIONS, subs)
     turn_until(
         worker,
@@ -108,14 +108,14 @@ def test_a_bill_run_interrupted_by_rebalances_completes_after_them(
 
         def split() -> bool:
             other.consume(100, timeout=0.1)
-            return 0 < len(worker.stores) < len(partitions) and bool(other.assignment())
+            return 0 < len(worker.states.stores) < len(partitions) and bool(other.assignment())
 
         turn_until(worker, split, 60, "the rebalance", pause=0.1)
         # the run was cut short: no partition has finished it
         assert bill_run_done(settings, kafka_bootstrap, offsets) == 0
     finally:
         other.close()  # ... and leaves: the worker gets every partition back
-    turn_until(worker, lambda: set(worker.stores) == partitions, 60, "the reassignment")
+    turn_until(worker, lambda: set(worker.states.stores) == partitions, 60, "the reassignment")
 
     turn_until(
         worker,
@@ -136,17 +136,19 @@ def test_records_held_back_while_the_broker_cannot_say_go_on_without_more_input(
     answers), it waits max_idle seconds and then goes on. That must not take another
     record: the input may have ended (as before a bill run, which waits for it)."""
     settings = pipeline_env
-    worker = rating_worker()
-    worker.admin = AdminClient({"bootstrap.servers": "127.0.0.1:9", "log_level": 0})
+    # held back 3 s rather than 0.5 s: a turn of a loaded machine must not outlast the wait
+    worker = rating_worker(
+        admin=AdminClient({"bootstrap.servers": "127.0.0.1:9", "log_level": 0}), max_idle=3.0
+    )
     partitions = set(range(settings.partitions))
-    turn_until(worker, lambda: set(worker.stores) == partitions, 60, "the assignment")
+    turn_until(worker, lambda: set(worker.states.stores) == partitions, 60, "the assignment")
     publish(clients.producer(settings, kafka_bootstrap), SUBSCRIPTIONS,
             list(subscription_events(Dataset(accounts=8, seed=12), CATALOG)))  # fmt: skip
-    turn_until(worker, lambda: bool(worker.blocked_since), 60, "the records to be held back")
+    turn_until(worker, lambda: worker.alignment.waiting, 60, "the records to be held back")
     turn_until(
         worker,
         lambda: committed_lag(settings, kafka_bootstrap, [SUBSCRIPTIONS.name]) == 0,
         60,
         "the subscriptions, the last input",
     )
-    assert worker.blocked_since == {}  # nothing waits: the loop goes idle again
+    assert worker.alignment.blocked_since == {}  # nothing waits: the loop goes idle again

@@ -104,39 +104,39 @@ def test_slow_start_doubles_per_round_until_the_first_overload() -> None:
     assert limit.allowed == 58
 
 
-def test_a_lane_counts_one_429_per_round_and_wakes_every_free_slot() -> None:
+def test_a_throttle_counts_one_429_per_round_and_wakes_every_free_slot() -> None:
     """An overshoot answered by many 429s cuts the limit once, not once per 429 (that
     would take it to the floor); a release wakes as many waiting calls as slots are free,
     and the calls in flight never exceed the limit."""
     import asyncio
 
-    from streams.processors.payments import Lane
+    from streams.payments.throttle import AccountThrottle
 
     async def scenario() -> None:
-        lane = Lane("test-lane", cap=100)
-        lane.limit.limit = 10
-        tickets = [await lane.acquire() for _ in range(10)]
-        assert tickets == list(range(1, 11)) and lane.in_flight == 10
+        throttle = AccountThrottle("test-account", cap=100)
+        throttle.limit.limit = 10
+        tickets = [await throttle.acquire() for _ in range(10)]
+        assert tickets == list(range(1, 11)) and throttle.in_flight == 10
         for ticket in tickets:  # the gateway refuses all ten: one decrease
-            lane.release("overload", ticket)
-        assert lane.limit.allowed == 9 and lane.in_flight == 0
-        eleventh = await lane.acquire()
-        lane.release("overload", eleventh)  # sent after the decrease: counts
-        assert lane.limit.allowed == 8
+            throttle.release("overload", ticket)
+        assert throttle.limit.allowed == 9 and throttle.in_flight == 0
+        eleventh = await throttle.acquire()
+        throttle.release("overload", eleventh)  # sent after the decrease: counts
+        assert throttle.limit.allowed == 8
 
         peak = 0
 
         async def call() -> None:
             nonlocal peak
-            ticket = await lane.acquire()
-            peak = max(peak, lane.in_flight)
-            assert lane.in_flight <= lane.limit.allowed
+            ticket = await throttle.acquire()
+            peak = max(peak, throttle.in_flight)
+            assert throttle.in_flight <= throttle.limit.allowed
             await asyncio.sleep(0.001)
-            lane.release("ok", ticket)
+            throttle.release("ok", ticket)
 
         await asyncio.gather(*(call() for _ in range(200)))
-        assert lane.in_flight == 0 and lane.waking == 0
-        assert all(w.done() for w in lane.waiters)
+        assert throttle.in_flight == 0 and throttle.waking == 0
+        assert all(w.done() for w in throttle.waiters)
         assert peak > 8  # the limit grew while the calls queued, and waiters filled it
 
     asyncio.run(scenario())

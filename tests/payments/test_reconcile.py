@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from streams.domain.payments import idempotency_key, payment_id
+from streams.payments.http_gateway import decline_code_for
 from streams.payments.reconcile import Report, reconcile
-from streams.payments.simulator import decline_code_for
 
 SCHEDULE = (timedelta(days=1), timedelta(days=3))  # attempts 1, 2, 3, then uncollectible
 RATES = {"m1": 0.0}  # tok_ok_* always succeeds, tok_decline_* always declines

@@ -26,6 +26,7 @@ import stripe
 from aiohttp import web
 from multidict import CIMultiDict
 
+from streams.config import Settings
 from streams.payments.gateway import (
     ChargeOutcome,
     ChargeRequest,
@@ -507,17 +508,17 @@ def test_close_closes_the_transport():
 def test_from_env_requires_the_api_key(monkeypatch):
     monkeypatch.delenv("STRIPE_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="STRIPE_API_KEY"):
-        stripe_gateway_from_env()
+        stripe_gateway_from_env(Settings())
 
 
 def test_from_env_rejects_malformed_accounts(monkeypatch):
     monkeypatch.setenv("STRIPE_API_KEY", API_KEY)
     monkeypatch.setenv("STRIPE_ACCOUNTS", '["acct_1"]')
     with pytest.raises(RuntimeError, match="STRIPE_ACCOUNTS"):
-        stripe_gateway_from_env()
+        stripe_gateway_from_env(Settings())
     monkeypatch.setenv("STRIPE_ACCOUNTS", "{not json")
     with pytest.raises(RuntimeError, match="STRIPE_ACCOUNTS"):
-        stripe_gateway_from_env()
+        stripe_gateway_from_env(Settings())
 
 
 def test_publishable_key_is_refused():
@@ -542,7 +543,7 @@ def test_from_env_over_the_default_aiohttp_transport(monkeypatch):
         sock.bind(("127.0.0.1", 0))
         await web.SockSite(runner, sock).start()
         monkeypatch.setenv("STRIPE_API_BASE", f"http://127.0.0.1:{sock.getsockname()[1]}")
-        gw = stripe_gateway_from_env()
+        gw = stripe_gateway_from_env(Settings())
         try:
             return await gw.charge(charge_request())
         finally:

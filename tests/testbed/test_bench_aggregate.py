@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from streams.testbed.bench import aggregate_runs, runs_table
+from streams.testbed.bench.harness import aggregate_runs, runs_table
 
 
 def payment_run(double_charges: int, reconciled: bool, per_min: int) -> dict:

@@ -1,4 +1,4 @@
-"""streams.httpserver over real sockets: routing (404/405, decoded parameters), keep-alive
+"""streams.testbed.httpserver over real sockets: routing (404/405, decoded parameters), keep-alive
 and Connection: close, pipelined requests answered in order, chunked request bodies, the
 body limit, garbage, a handler's exception, dropped connections, shutdown."""
 
@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from streams.httpclient import HttpClient, ServerDisconnected
-from streams.httpserver import HttpServer, Reply, Request, Router
+from streams.testbed.httpserver import HttpServer, Reply, Request, Router
 
 
 async def echo(request: Request) -> Reply:

@@ -1,4 +1,4 @@
-"""Bulk landing: ClickHouse decodes the sink's Avro, not Python.
+"""Bulk landing into the embedded warehouse: ClickHouse decodes the sink's Avro, not Python.
 
 Decoding Avro record by record in Python costs ~60 µs per invoice, more than landing
 it; ClickHouse's own Avro reader is far faster. A batch of one topic's messages is

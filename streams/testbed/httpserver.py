@@ -1,10 +1,10 @@
 """A lean HTTP/1.1 server: asyncio protocols and the httptools request parser.
 
-For the gateway simulator (``streams.payments.simulator``), whose per-request CPU counts
-against the payment run it serves on a shared machine: aiohttp's server spent about
-0.2 ms of CPU per request on routing, request/response objects and writers. Here a
-request is the parser's raw pieces, a route is a tuple of path segments, and a reply is
-one ``transport.write``.
+Test bed: for the gateway simulator (``streams.testbed.gateway_simulator``), whose
+per-request CPU counts against the payment run it serves on a shared machine: aiohttp's
+server spent about 0.2 ms of CPU per request on routing, request/response objects and
+writers. Here a request is the parser's raw pieces, a route is a tuple of path segments,
+and a reply is one ``transport.write``.
 
 What it does: keep-alive (HTTP/1.1, and HTTP/1.0 with ``Connection: keep-alive``),
 pipelined requests answered in order, chunked request bodies, a body size limit (413),

@@ -31,22 +31,22 @@ from streams.payments.gateway import (
     TransientError,
 )
 from streams.payments.http_gateway import (
+    DECLINE_CODES,
     MAX_LATE_LOOKUPS,
     SimulatorGateway,
+    decline_code_for,
     fetch_config,
     fetch_ledger,
     fetch_stats,
     set_outage,
 )
-from streams.payments.simulator import (
-    DECLINE_CODES,
+from streams.testbed.gateway_simulator import (
     AccountConfig,
     GatewaySimulator,
     Latency,
     SimulatorConfig,
     SimulatorProcess,
     SimulatorServer,
-    decline_code_for,
     default_accounts,
 )
 
@@ -483,7 +483,7 @@ def test_the_growing_ledger_is_kept_out_of_the_cyclic_collector(
     included, for ~200 ms at 1M charges); the pauses the simulator had are in its stats."""
     import gc
 
-    from streams.payments import simulator
+    from streams.testbed import gateway_simulator as simulator
 
     monkeypatch.setattr(simulator, "FREEZE_EVERY", 5)
     simulator.GC_PAUSES.install()

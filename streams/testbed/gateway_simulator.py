@@ -1,4 +1,4 @@
-"""A payment-gateway SIMULATOR for tests and benchmarks: not a real gateway.
+"""Test bed: a payment-gateway SIMULATOR for tests and benchmarks, not a real gateway.
 
 An HTTP server (``streambill gateway serve``) that behaves like a card gateway under
 load: per merchant account it has a concurrency cap and an optional requests-per-minute
@@ -13,8 +13,9 @@ a connection dropped after recording, or an answer ``timeout_delay_s`` late afte
 recording; a retry with the same key then gets what was recorded (``Idempotent-Replayed``).
 
 Determinism: a charge's decline depends only on its card token and the account's
-``decline_rate`` (``decline_code_for``: every charge with a token gets the same answer),
-so a checker that knows the configuration (``GET /v1/config``) predicts every decline, as
+``decline_rate`` (``decline_code_for``, in the client adapter
+``streams.payments.http_gateway``: every charge with a token gets the same answer), so a
+checker that knows the configuration (``GET /v1/config``) predicts every decline, as
 ``streambill reconcile`` does; latency and transient failures come from one
 ``random.Random`` per account seeded with ``"{seed}:{account}"``, so a run with the same
 seed and the same request order behaves the same.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import itertools
 import json
 import math
@@ -59,14 +59,14 @@ from typing import Any, ClassVar
 import orjson
 import structlog
 
-from streams.httpserver import HttpServer, Reply, Request, Router
 from streams.metrics import GC_PAUSES
+from streams.payments.http_gateway import decline_code_for
 from streams.stack import ChildProcess, _die_with_parent
+from streams.testbed.httpserver import HttpServer, Reply, Request, Router
 
 log = structlog.get_logger(__name__)
 
 Z_99 = 2.3263479  # the standard normal's 99th percentile
-DECLINE_CODES = ("insufficient_funds", "card_declined", "expired_card")
 TRANSIENT_KINDS = ("unavailable", "dropped", "delayed")
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _AMOUNT = re.compile(r"\d{1,18}(\.\d{1,12})?")  # plain decimal: no sign, exponent or "_"
@@ -214,18 +214,6 @@ class Latency:
             return lambda: 0.0
         mu, sigma, draw = self.mu, self.sigma, rng.lognormvariate
         return lambda: draw(mu, sigma) / 1000.0
-
-
-def decline_code_for(token: str, decline_rate: float) -> str | None:
-    """The decline code a charge with this card token gets, or None if it succeeds."""
-    if token.startswith("tok_decline"):
-        return "insufficient_funds"
-    if token.startswith("tok_ok"):
-        return None
-    digest = hashlib.sha256(token.encode()).digest()
-    if int.from_bytes(digest[:8], "big") / 2**64 < decline_rate:
-        return DECLINE_CODES[digest[8] % len(DECLINE_CODES)]
-    return None
 
 
 class _BadRequest(Exception):
@@ -701,7 +689,7 @@ def build_router(sim: GatewaySimulator) -> Router:
 
 
 class SimulatorServer:
-    """The simulator served in this process (``streams.httpserver``: its CPU per request
+    """The simulator served in this process (``streams.testbed.httpserver``: its CPU per request
     counts against the payment run it serves). ``serve`` runs one until a signal; tests
     start one directly."""
 

@@ -1,4 +1,5 @@
-"""The rating processor's two hot codecs, written out by hand for the current schemas.
+"""The rating processor's two hot codecs, written out by hand for the current schemas: an
+adapter beside ``streams.codec`` (fastavro), which they match byte for byte.
 
 - ``UsageReader``: a billing.usage record of the current writer schema, read and validated
   into a plain tuple (``usage_event`` makes of it the ``Usage`` that ``rating.decode_input``
@@ -33,10 +34,10 @@ from streams.codec import (
 from streams.codec import avro_long as _long
 from streams.domain.events import Usage, UsageRecord
 from streams.domain.invoice import Invoice
-from streams.domain.money import MAX_INTEGER_DIGITS
+from streams.domain.validation import EARLIEST_US, MAX_FUTURE_MS, QUANTITY_LIMIT
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_UNSCALED = 10 ** (MAX_INTEGER_DIGITS + 9)  # quantities from 10^18 are refused
+_MAX_UNSCALED = QUANTITY_LIMIT * 10**9  # the quantity rule, in 10^-9 units
 
 
 def schema_layout(fields: list[dict[str, Any]]) -> tuple:
@@ -69,18 +70,17 @@ class UsageReader:
         ("quantity", ("bytes", "decimal", 38, 9)),
     )
 
-    def __init__(self, schema: str, earliest_us: int, max_future_ms: int) -> None:
+    def __init__(self, schema: str) -> None:
         c = codec(schema)
         self.header = c.header
         self.enabled = schema_layout(c.schema["fields"]) == self.FIELDS
-        self.earliest_us, self.max_future_ms = earliest_us, max_future_ms
 
     def read(self, data: bytes | None, published_ms: int | None) -> UsageRecord | None:
         """(event_id, timestamp µs, account_id, subscription_id, metric, quantity in 10^-9
         units) of a plainly valid record: every string non-empty with a one-byte length
         (under 64 bytes) and valid UTF-8, a timestamp of an 8-byte varint (1978 to 3111)
-        from the earliest accepted to at most max_future_ms after publication, a quantity
-        above 0 and below 10^18, no trailing byte. None for anything else. No Usage, datetime
+        that ``streams.domain.validation`` accepts, a quantity above 0 that it accepts, no
+        trailing byte. None for anything else. No Usage, datetime
         or Decimal is built here: ``usage_event`` makes the event when one is needed."""
         if not self.enabled or not data or not data.startswith(self.header):
             return None
@@ -124,9 +124,9 @@ class UsageReader:
         except (IndexError, UnicodeDecodeError, struct.error):
             return None
         us = (x >> 1) ^ -(x & 1)
-        if not 0 < unscaled < _MAX_UNSCALED or us < self.earliest_us:
+        if not 0 < unscaled < _MAX_UNSCALED or us < EARLIEST_US:
             return None
-        if published_ms is not None and us // 1000 > published_ms + self.max_future_ms:
+        if published_ms is not None and us // 1000 > published_ms + MAX_FUTURE_MS:
             return None
         return event_id, us, account_id, subscription_id, metric, unscaled
 

@@ -1,0 +1,49 @@
+"""An invoice as written down outside the domain: the billing.invoices record
+(schemas/invoice.avsc) of a domain ``Invoice``, the one mapping between the two.
+
+Every other form of an invoice derives from it or is checked against it
+(tests/test_invoice_shape.py): the schema's fields are ``INVOICE_FIELDS`` and
+``LINE_FIELDS``; the fast Avro writer (streams/fast_codec.py ``InvoiceWriter``) writes the
+bytes fastavro writes for ``invoice_record``; the sink's ``invoices`` and
+``invoice_lines`` columns are these fields (flattened, plus totals it derives); the public
+JSON (``streambill rate``, the API's ``GET /v1/invoices/{id}``:
+streams/domain/invoice.py ``invoice_to_dict``) is the record less ``PRIVATE_FIELDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.domain.invoice import Invoice
+
+INVOICE_FIELDS = ("invoice_id", "account_id", "subscription_id", "plan_id", "currency",
+                  "issued_at", "reason", "lines", "total", "payment_method")  # fmt: skip
+LINE_FIELDS = ("charge_id", "kind", "period_start", "period_end", "quantity", "amount")
+# on the topic and in the warehouse, not in the public JSON: the plan and payment method
+# are the subscription's (the rating processor adds them), the reason is internal
+PRIVATE_FIELDS = frozenset({"plan_id", "reason", "payment_method"})
+
+
+def invoice_record(inv: Invoice, plan_id: str, payment_method: str | None) -> dict[str, Any]:
+    return {
+        "invoice_id": inv.invoice_id,
+        "account_id": inv.account_id,
+        "subscription_id": inv.subscription_id,
+        "plan_id": plan_id,
+        "currency": inv.currency,
+        "issued_at": inv.issued_at,
+        "reason": inv.reason,
+        "lines": [
+            {
+                "charge_id": ln.charge_id,
+                "kind": ln.kind,
+                "period_start": ln.period_start,
+                "period_end": ln.period_end,
+                "quantity": ln.quantity,
+                "amount": ln.amount,
+            }
+            for ln in inv.lines
+        ],
+        "total": inv.total,
+        "payment_method": payment_method,
+    }
