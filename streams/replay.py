@@ -48,7 +48,13 @@ from streams.kafka import clients
 from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE, TopicSpec, group_id
 from streams.offline import load_catalog
 from streams.publish import bill_run_done, issue_bill_run, partition_count, produce_values
-from streams.stack import ProcessorProcess, isolated_namespace, wait_for_warehouse_endpoint
+from streams.stack import (
+    ProcessExited,
+    ProcessorProcess,
+    isolated_namespace,
+    wait_for_warehouse_endpoint,
+    wait_while_running,
+)
 from streams.ui import progress_bar
 from streams.warehouse import query
 
@@ -268,13 +274,10 @@ def _run(
 def _wait(
     done: Callable[[], bool], procs: list[ProcessorProcess], deadline: float, what: str
 ) -> None:
-    while not done():
-        for proc in procs:
-            if not proc.alive:
-                raise ReplayError(f"{proc.name} exited:\n{proc.tail()}")
-        if time.monotonic() > deadline:
-            raise ReplayError(f"timed out waiting for {what}")
-        time.sleep(0.3)
+    try:
+        wait_while_running(done, procs, deadline - time.monotonic(), what)
+    except (ProcessExited, TimeoutError) as exc:
+        raise ReplayError(str(exc)) from exc
 
 
 def data_ends(

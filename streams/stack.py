@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +129,29 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:
         pass
+
+
+class ProcessExited(RuntimeError):
+    """A process that was waited on exited."""
+
+
+def wait_while_running(
+    done: Callable[[], bool],
+    procs: Iterable[ProcessorProcess],
+    timeout: float,
+    what: str,
+    every: float = 0.3,
+) -> None:
+    """Until done(): ProcessExited (with the end of its log) as soon as one of procs has
+    exited, TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        for proc in procs:
+            if not proc.alive:
+                raise ProcessExited(f"{proc.name} exited:\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(every)
 
 
 def wait_for_warehouse_endpoint(

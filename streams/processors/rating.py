@@ -599,7 +599,8 @@ def make_rating(
     """A rating worker with its Kafka clients (admin: the cluster's unless given;
     ``options``: RatingProcessor's)."""
     limit_malloc_arenas()  # before the Kafka clients' and RocksDB's threads exist
-    admin = admin or clients.admin(settings, bootstrap)
+    # `is None`, not `or`: a Kafka client has a length (its queue), so an idle one is falsy
+    admin = admin if admin is not None else clients.admin(settings, bootstrap)
     stream = StreamLoop.from_settings(
         NAME, settings, bootstrap, GROUP,
         consumer_config={"partition.assignment.strategy": "range", **FETCH_SIZES},

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 from streams.config import Settings
 from streams.publish import bill_run_done, issue_bill_run
-from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint
+from streams.stack import ProcessorProcess, wait_for_warehouse_endpoint, wait_while_running
 from streams.testbed.demo import DEMO_CATALOG
 from streams.warehouse import query
 
@@ -50,13 +49,7 @@ def wait_until(
     what: str,
     procs: Iterable[ProcessorProcess] = (),
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        for proc in procs:
-            assert proc.alive, f"{proc.name} died:\n{proc.tail()}"
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
+    wait_while_running(check, procs, timeout, what)
 
 
 def run_bill_run(

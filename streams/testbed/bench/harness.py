@@ -12,7 +12,6 @@ figure as the median, with every run's figures printed and kept under ``runs``.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from streams.config import DEFAULT_CATALOG, Settings
 from streams.kafka import clients
 from streams.kafka.local import bootstrap_servers
 from streams.kafka.topics import TopicSpec
-from streams.stack import ProcessorProcess, isolated_namespace
+from streams.stack import ProcessorProcess, isolated_namespace, wait_while_running
 
 
 @dataclass
@@ -122,14 +121,7 @@ def committed_lag(env: Env, group: str, topics: list[str]) -> int:
 def wait(
     check: Callable[[], bool], procs: list[ProcessorProcess], timeout: float, what: str
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        for p in procs:
-            if not p.alive:
-                raise RuntimeError(f"{p.name} died:\n{p.tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+    wait_while_running(check, procs, timeout, what, every=0.5)
 
 
 def wait_for_members(
