@@ -22,12 +22,12 @@ def modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if p != CONFIG)
 
 
-def touches_environment(node: ast.AST) -> bool:
-    if isinstance(node, ast.Attribute):  # os.environ, os.getenv(...)
+def touches_environment(node: ast.AST, os_names: set[str]) -> bool:
+    if isinstance(node, ast.Attribute):  # os.environ, os.getenv(...), also under an alias
         return (
             node.attr in OS_ENVIRONMENT
             and isinstance(node.value, ast.Name)
-            and node.value.id == "os"
+            and node.value.id in os_names
         )
     if isinstance(node, ast.ImportFrom):  # from os import environ
         return node.module == "os" and any(a.name in OS_ENVIRONMENT for a in node.names)
@@ -35,8 +35,13 @@ def touches_environment(node: ast.AST) -> bool:
 
 
 def environment_uses(tree: ast.AST) -> list[int]:
-    """Lines that touch the process environment through `os`."""
-    return sorted(node.lineno for node in ast.walk(tree) if touches_environment(node))
+    """Lines that touch the process environment through `os` (`import os as o` too)."""
+    os_names = {"os"} | {
+        a.asname
+        for node in ast.walk(tree) if isinstance(node, ast.Import)
+        for a in node.names if a.name == "os" and a.asname
+    }  # fmt: skip
+    return sorted(n.lineno for n in ast.walk(tree) if touches_environment(n, os_names))
 
 
 def typer_envvars(tree: ast.AST) -> tuple[set[str], list[int]]:
@@ -84,9 +89,10 @@ def test_the_checks_see_every_form_of_access() -> None:
     source = (
         "import os\nfrom os import getenv\nos.environ.get('A')\nos.getenv('B')\n"
         "os.putenv('C', '1')\nimport typer\ntyper.Option(1, envvar='D')\nf(envvar='E')\n"
+        "import os as o\no.environ['F']\n"
     )
     tree = ast.parse(source)
-    assert environment_uses(tree) == [2, 3, 4, 5]
+    assert environment_uses(tree) == [2, 3, 4, 5, 10]
     assert typer_envvars(tree) == ({"D"}, [8])
     assert environment_uses(ast.parse((PACKAGE / "config.py").read_text()))  # it does read
 
