@@ -1,8 +1,10 @@
 """The offline rater: catalog JSON + events JSONL -> invoices, without Kafka.
 
-It drives exactly the same domain functions as the streaming processor, so it
-is the reference for parity tests: parse, stable sort by timestamp, apply_event
-per subscription, close_periods(until), sort invoices by (issued_at, invoice_id).
+The rating contract (version 2) on files: parse every line, run the domain's
+``billing.run_contract`` (events in order of arrival, everything due before each) and sort
+the finalized invoices by (issued_at, invoice_id). It is the reference the streaming
+processor is compared with (for version-1 inputs the processor's own state machine,
+``domain.rating``, gives the same invoices: the parity tests prove it).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import IO, Any
 
 import orjson
 
+from streams.domain.billing import ContractRun, run_contract
 from streams.domain.catalog import Catalog, CatalogError
-from streams.domain.events import Event, InvalidEvent, parse_event
-from streams.domain.invoice import Invoice, invoice_to_dict
-from streams.domain.rating import SubscriptionState, apply_event, close_periods
+from streams.domain.events import AnyEvent, InvalidEvent, parse_event
+from streams.domain.invoice import Invoice, invoice_to_contract_dict
 from streams.domain.timestamps import format_timestamp, parse_timestamp, require_utc
 
 __all__ = [
@@ -40,9 +42,9 @@ class RateResult:
     # {"reason", "line" (1-based line in the events input), "event" (the decoded
     # object, or the raw text when it was not valid JSON)}, in processing order
     dead_letters: list[dict[str, Any]]
-    # events after `until`: not rated yet (neither invoiced nor dead letters)
+    # events arriving after `until`: not rated yet (neither invoiced nor dead letters)
     deferred: int = 0
-    states: dict[str, SubscriptionState] = field(default_factory=dict, repr=False)
+    run: ContractRun | None = field(default=None, repr=False)
     # events the state machine accepted (a repeated usage event id too: accepted, counted
     # once). Every non-blank input line is exactly one of: applied, a dead letter, deferred.
     applied: int = 0
@@ -73,7 +75,7 @@ def rate_streams(catalog_file: Source, events_file: Source, until: datetime) -> 
 def rate_events(catalog: Catalog, lines: Iterable[str], until: datetime) -> RateResult:
     until = require_utc(until)
     dead: list[dict[str, Any]] = []
-    parsed: list[tuple[Event, int, Any]] = []
+    parsed: list[tuple[AnyEvent, tuple[int, Any]]] = []
     for n, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -83,32 +85,13 @@ def rate_events(catalog: Catalog, lines: Iterable[str], until: datetime) -> Rate
             dead.append({"reason": f"malformed JSON: {e}", "line": n, "event": text})
             continue
         try:
-            parsed.append((parse_event(raw), n, raw))
+            parsed.append((parse_event(raw), (n, raw)))
         except InvalidEvent as e:
             dead.append({"reason": e.reason, "line": n, "event": raw})
-
-    # stable: events with equal timestamps keep their input order
-    parsed.sort(key=lambda p: p[0].timestamp)
-    states: dict[str, SubscriptionState] = {}
-    invoices: list[Invoice] = []
-    deferred = applied = 0
-    for event, n, raw in parsed:
-        if event.timestamp > until:
-            deferred += 1  # the rating is "as of until"
-            continue
-        sub = event.subscription_id
-        state, new_invoices, rejections = apply_event(states.get(sub), event, catalog)
-        if state is not None:
-            states[sub] = state
-        invoices += new_invoices
-        dead += [{"reason": r.reason, "line": n, "event": raw} for r in rejections]
-        applied += not rejections
-
-    for sub in sorted(states):
-        states[sub], new_invoices = close_periods(states[sub], until, catalog)
-        invoices += new_invoices
-    invoices.sort(key=lambda inv: (inv.issued_at, inv.invoice_id))
-    return RateResult(invoices, dead, deferred, states, applied)
+    run, rejected, applied, deferred = run_contract(catalog, parsed, until)
+    dead += [{"reason": reason, "line": n, "event": raw} for (n, raw), reason in rejected]  # type: ignore[misc]
+    invoices = sorted(run.invoices, key=lambda inv: (inv.issued_at, inv.invoice_id))
+    return RateResult(invoices, dead, deferred, run, applied)
 
 
 def record_to_json_line(kind: str, rec: dict[str, Any]) -> str:
@@ -123,8 +106,8 @@ def record_to_json_line(kind: str, rec: dict[str, Any]) -> str:
 
 
 def invoice_to_json_line(invoice: Invoice) -> str:
-    """One compact JSON object, no trailing newline."""
-    return orjson.dumps(invoice_to_dict(invoice)).decode()
+    """One compact JSON object in the contract's shape, no trailing newline."""
+    return orjson.dumps(invoice_to_contract_dict(invoice)).decode()
 
 
 def dead_letter_to_json_line(d: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from rich.console import Console
 
 from streams.codec import codec
 from streams.config import Settings
-from streams.domain.events import InvalidEvent, SubscriptionCreated, Usage, parse_event
+from streams.domain.events import InvalidEvent, SubscriptionCreated, Usage, parse_v1_event
 from streams.domain.invoice import Invoice, InvoiceLine
 from streams.domain.money import round_money
 from streams.domain.timestamps import (
@@ -118,7 +118,7 @@ def input_records(lines: Iterable[str], until: datetime) -> ReplayInput:
         raw = None
         try:
             raw = orjson.loads(text)
-            event = parse_event(raw)
+            event = parse_v1_event(raw)
         except (orjson.JSONDecodeError, InvalidEvent):
             kind = raw.get("type") if isinstance(raw, dict) else None
             raw_lines.append((kind if isinstance(kind, str) else "", n, text))

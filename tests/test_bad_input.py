@@ -1090,7 +1090,7 @@ def _hostile_line(kind: str, n: int, created: str) -> tuple[str, str]:
         "currency_mismatch": (dump({**change, "plan_id": "pro-usd"}), "another currency"),
         "unknown_plan": (dump({**change, "plan_id": "gold"}), "unknown plan 'gold'"),
         "duplicate_created": (created, "duplicate subscription.created"),
-        "unknown_type": (dump({**change, "type": "subscription.paused"}), "unknown event type"),
+        "unknown_type": (dump({**change, "type": "subscription.frozen"}), "unknown event type"),
         "after_until": (dump({**use, "timestamp": "2026-03-03T00:00:00Z"}), DEFERRED),
         "far_future": (dump({**use, "timestamp": "9500-01-01T00:00:00Z"}), DEFERRED),
         "far_past": (dump({**use, "timestamp": "1990-01-01T00:00:00Z"}), "unknown subscription"),

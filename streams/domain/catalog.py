@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from types import MappingProxyType
@@ -11,6 +11,8 @@ from typing import Any
 
 from streams.domain.money import InvalidDecimal, UnknownCurrency, minor_units, parse_decimal
 from streams.domain.periods import Interval
+
+DEFAULT_LATE_USAGE_PERIODS = 2
 
 
 class CatalogError(ValueError):
@@ -30,6 +32,12 @@ class Aggregation(StrEnum):
     SUM = "sum"
     MAX = "max"
     COUNT = "count"
+    LATEST = "latest"  # v2: the quantity of the latest event (by timestamp)
+    UNIQUE_COUNT = "unique_count"  # v2: distinct values of properties[unique_field]
+
+
+# the aggregations of version 1 of the contract: all the streaming rater handles yet
+V1_AGGREGATIONS = frozenset({Aggregation.SUM, Aggregation.MAX, Aggregation.COUNT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +61,7 @@ class PerUnitCharge:
     aggregation: Aggregation
     unit_amount: Decimal
     model: str = "per_unit"
+    unique_field: str | None = None  # the property a unique_count counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +71,7 @@ class GraduatedCharge:
     aggregation: Aggregation
     tiers: tuple[Tier, ...]
     model: str = "graduated"
+    unique_field: str | None = None  # the property a unique_count counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,7 @@ class VolumeCharge:
     aggregation: Aggregation
     tiers: tuple[Tier, ...]
     model: str = "volume"
+    unique_field: str | None = None  # the property a unique_count counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +92,23 @@ class PackageCharge:
     package_size: Decimal
     package_amount: Decimal
     model: str = "package"
+    unique_field: str | None = None  # the property a unique_count counts
 
 
-UsageCharge = PerUnitCharge | GraduatedCharge | VolumeCharge | PackageCharge
+@dataclass(frozen=True, slots=True)
+class PercentageCharge:
+    """v2: Q x rate + N x fixed_amount (Q the summed quantity, N the counted events)."""
+
+    charge_id: str
+    metric: str
+    aggregation: Aggregation  # always SUM
+    rate: Decimal
+    fixed_amount: Decimal = Decimal(0)
+    model: str = "percentage"
+    unique_field: str | None = None
+
+
+UsageCharge = PerUnitCharge | GraduatedCharge | VolumeCharge | PackageCharge | PercentageCharge
 Charge = FlatCharge | UsageCharge
 
 
@@ -93,6 +118,8 @@ class Plan:
     currency: str
     interval: Interval
     charges: tuple[Charge, ...]
+    trial_days: int = 0  # v2
+    version: int = 1  # v2: the catalog file's plans are version 1; plan.published adds more
     # derived from `charges` once (plans are immutable), read on every usage event
     _flat: tuple[FlatCharge, ...] = field(init=False, repr=False, compare=False)
     _usage: tuple[UsageCharge, ...] = field(init=False, repr=False, compare=False)
@@ -104,8 +131,9 @@ class Plan:
         aggs: dict[str, list[str]] = {}
         for c in usage:
             names = aggs.setdefault(c.metric, [])
-            if c.aggregation.value not in names:
-                names.append(c.aggregation.value)
+            for name in aggregation_keys(c):
+                if name not in names:
+                    names.append(name)
         object.__setattr__(self, "_flat", flat)
         object.__setattr__(self, "_usage", usage)
         object.__setattr__(self, "_aggs", MappingProxyType({m: tuple(a) for m, a in aggs.items()}))
@@ -120,16 +148,42 @@ class Plan:
 
     def aggregations(self) -> dict[str, tuple[Aggregation, ...]]:
         """metric -> the aggregations some charge of this plan needs (in charge order)."""
-        return {m: tuple(Aggregation(a) for a in aggs) for m, aggs in self._aggs.items()}
+        return {
+            m: tuple(Aggregation(a.split(":")[0]) for a in aggs) for m, aggs in self._aggs.items()
+        }
+
+    def uses_only_v1(self) -> bool:
+        """No trial and only version-1 charge models and aggregations."""
+        return self.trial_days == 0 and all(
+            not isinstance(c, PercentageCharge) and c.aggregation in V1_AGGREGATIONS
+            for c in self._usage
+        )
 
     def aggregation_names(self) -> Mapping[str, tuple[str, ...]]:
-        """Like aggregations(), as plain strings; computed once, read-only."""
+        """Like aggregations(), as the keys of aggregation_keys(); computed once, read-only."""
         return self._aggs
+
+
+def aggregation_keys(charge: UsageCharge) -> tuple[str, ...]:
+    """The aggregates a charge is priced from: its aggregation ("unique_count:<field>" for a
+    unique count); a percentage needs the sum and the number of events."""
+    if isinstance(charge, PercentageCharge):
+        return (Aggregation.SUM.value, Aggregation.COUNT.value)
+    if charge.aggregation is Aggregation.UNIQUE_COUNT:
+        return (f"unique_count:{charge.unique_field}",)
+    return (charge.aggregation.value,)
+
+
+def aggregation_key(charge: UsageCharge) -> str:
+    """The one aggregate a charge's line quantity is (the sum for a percentage)."""
+    return aggregation_keys(charge)[0]
 
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
     plans: Mapping[str, Plan]
+    tax_rates: Mapping[str, Decimal] = field(default_factory=dict)  # v2: country -> rate
+    late_usage_periods: int = DEFAULT_LATE_USAGE_PERIODS  # v2
 
     def plan(self, plan_id: str) -> Plan:
         try:
@@ -153,12 +207,49 @@ class Catalog:
             if plan.plan_id in plans:
                 raise CatalogError(f"plans[{i}].plan_id: duplicate plan_id {plan.plan_id!r}")
             plans[plan.plan_id] = plan
-        return cls(plans)
+        return cls(plans, _parse_tax_rates(d.get("tax_rates", [])), _late_usage_periods(d))
+
+    def uses_only_v1(self) -> bool:
+        return not self.tax_rates and all(p.uses_only_v1() for p in self.plans.values())
+
+
+def is_country(value: object) -> bool:
+    """ISO 3166-1 alpha-2 in form: two capital letters A-Z."""
+    return isinstance(value, str) and len(value) == 2 and value.isascii() and value.isupper()
+
+
+def _parse_tax_rates(raw: Any) -> dict[str, Decimal]:
+    if not isinstance(raw, list):
+        raise CatalogError("catalog.tax_rates: must be a list")
+    rates: dict[str, Decimal] = {}
+    for i, r in enumerate(raw):
+        path = f"tax_rates[{i}]"
+        if not isinstance(r, dict):
+            raise CatalogError(f"{path}: must be an object")
+        extra = sorted(set(r) - {"country", "rate"})
+        if extra:
+            raise CatalogError(f"{path}: unknown key(s): {', '.join(extra)}")
+        country = r.get("country")
+        if not is_country(country):
+            raise CatalogError(
+                f"{path}.country: must be an ISO 3166-1 alpha-2 code, got {country!r}"
+            )
+        if country in rates:
+            raise CatalogError(f"{path}.country: duplicate country {country!r}")
+        rates[country] = _dec(r, "rate", path)
+    return rates
+
+
+def _late_usage_periods(d: dict) -> int:
+    v = d.get("late_usage_periods", DEFAULT_LATE_USAGE_PERIODS)
+    if type(v) is not int or v < 0:
+        raise CatalogError(f"catalog.late_usage_periods: must be an integer >= 0, got {v!r}")
+    return v
 
 
 # --- validation -----------------------------------------------------------------
 
-_USAGE_KEYS = {"charge_id", "model", "metric", "aggregation"}
+_USAGE_KEYS = {"charge_id", "model", "metric", "aggregation", "field"}
 # Charges and tiers refuse unknown keys: a misspelt optional key ("flat_amout")
 # would otherwise silently drop a fee.
 _ALLOWED_KEYS = {
@@ -167,6 +258,7 @@ _ALLOWED_KEYS = {
     "graduated": _USAGE_KEYS | {"tiers"},
     "volume": _USAGE_KEYS | {"tiers"},
     "package": _USAGE_KEYS | {"package_size", "package_amount"},
+    "percentage": _USAGE_KEYS | {"rate", "fixed_amount"},
 }
 
 
@@ -189,6 +281,13 @@ def _dec(d: dict, key: str, path: str, *, positive: bool = False) -> Decimal:
     if positive and v <= 0:
         raise CatalogError(f"{path}.{key}: must be greater than 0")
     return v
+
+
+def parse_plan(p: Any, path: str = "plan", version: int = 1) -> Plan:
+    """One plan (as in the catalog's "plans" or a plan.published event); CatalogError names
+    the offending path."""
+    plan = _parse_plan(p, path)
+    return plan if version == 1 else replace(plan, version=version)
 
 
 def _parse_plan(p: Any, path: str) -> Plan:
@@ -220,7 +319,10 @@ def _parse_plan(p: Any, path: str) -> Plan:
             )
         seen.add(charge.charge_id)
         charges.append(charge)
-    return Plan(plan_id, currency, interval, tuple(charges))
+    trial_days = p.get("trial_days", 0)
+    if type(trial_days) is not int or trial_days < 0:
+        raise CatalogError(f"{path}.trial_days: must be an integer >= 0, got {trial_days!r}")
+    return Plan(plan_id, currency, interval, tuple(charges), trial_days)
 
 
 def _parse_charge(c: Any, path: str) -> Charge:
@@ -244,10 +346,18 @@ def _parse_charge(c: Any, path: str) -> Charge:
         agg = Aggregation(agg_raw)
     except ValueError:
         raise CatalogError(
-            f"{path}.aggregation: must be one of sum, max, count, got {agg_raw!r}"
+            f"{path}.aggregation: must be one of {', '.join(a.value for a in Aggregation)}, "
+            f"got {agg_raw!r}"
         ) from None
+    unique_field = None
+    if agg is Aggregation.UNIQUE_COUNT:
+        unique_field = _str(c, "field", path)
+    elif "field" in c:
+        raise CatalogError(f"{path}.field: only a unique_count aggregation takes a field")
     if model == "per_unit":
-        return PerUnitCharge(charge_id, metric, agg, _dec(c, "unit_amount", path))
+        return PerUnitCharge(
+            charge_id, metric, agg, _dec(c, "unit_amount", path), **_u(unique_field)
+        )
     if model == "package":
         return PackageCharge(
             charge_id,
@@ -255,11 +365,21 @@ def _parse_charge(c: Any, path: str) -> Charge:
             agg,
             _dec(c, "package_size", path, positive=True),
             _dec(c, "package_amount", path),
+            **_u(unique_field),
         )
+    if model == "percentage":
+        if agg is not Aggregation.SUM:
+            raise CatalogError(f"{path}.aggregation: a percentage charge aggregates with sum")
+        fixed = _dec(c, "fixed_amount", path) if "fixed_amount" in c else Decimal(0)
+        return PercentageCharge(charge_id, metric, agg, _dec(c, "rate", path), fixed)
     tiers = _parse_tiers(c.get("tiers"), f"{path}.tiers")
     if model == "graduated":
-        return GraduatedCharge(charge_id, metric, agg, tiers)
-    return VolumeCharge(charge_id, metric, agg, tiers)
+        return GraduatedCharge(charge_id, metric, agg, tiers, **_u(unique_field))
+    return VolumeCharge(charge_id, metric, agg, tiers, **_u(unique_field))
+
+
+def _u(unique_field: str | None) -> dict[str, str]:
+    return {"unique_field": unique_field} if unique_field else {}
 
 
 def _parse_tiers(raw: Any, path: str) -> tuple[Tier, ...]:

@@ -4,24 +4,47 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from streams.domain.money import format_money, format_quantity, parse_decimal, total
+from streams.domain.catalog import Plan
+from streams.domain.money import (
+    CTX,
+    ONE,
+    ZERO,
+    format_money,
+    format_quantity,
+    parse_decimal,
+    round_money,
+    total,
+)
+from streams.domain.pricing import prorate
 from streams.domain.timestamps import format_timestamp, parse_timestamp
 
 KIND_FLAT = "flat"
 KIND_USAGE = "usage"
 KIND_PRORATION_CREDIT = "proration_credit"
 KIND_PRORATION_CHARGE = "proration_charge"
-LINE_KINDS = (KIND_FLAT, KIND_USAGE, KIND_PRORATION_CREDIT, KIND_PRORATION_CHARGE)
+KIND_DISCOUNT = "discount"  # v2
+KIND_TAX = "tax"  # v2
+KIND_USAGE_ADJUSTMENT = "usage_adjustment"  # v2
+LINE_KINDS = (
+    KIND_FLAT, KIND_USAGE, KIND_PRORATION_CREDIT, KIND_PRORATION_CHARGE,
+    KIND_DISCOUNT, KIND_TAX, KIND_USAGE_ADJUSTMENT,
+)  # fmt: skip
+# lines whose quantity the contract leaves null
+_NO_QUANTITY = frozenset({KIND_FLAT, KIND_PRORATION_CREDIT, KIND_PRORATION_CHARGE, KIND_DISCOUNT})
 
 REASON_CREATED = "created"
 REASON_PERIOD_END = "period_end"
 REASON_PLAN_CHANGED = "plan_changed"
 REASON_CANCELLED = "cancelled"
+REASON_TRIAL_ENDED = "trial_ended"  # v2
+REASON_PAUSED = "paused"  # v2
+REASON_RESUMED = "resumed"  # v2
+REASON_ADJUSTMENT = "adjustment"  # v2
 
 # Fixed forever: changing it would re-key every invoice ever issued.
 INVOICE_NAMESPACE = uuid.UUID("5b0c7a36-3f0e-4f5e-9d43-6c1f2a8e9b10")
@@ -50,9 +73,10 @@ def uuid5_text(name: str) -> str:
 class InvoiceLine:
     charge_id: str
     kind: str
-    period_start: datetime
-    period_end: datetime
-    quantity: Decimal
+    # None only for a discount or tax line of an invoice without other lines (rule 22)
+    period_start: datetime | None
+    period_end: datetime | None
+    quantity: Decimal | None  # None for a discount (flat and proration lines hold 1)
     amount: Decimal  # already rounded to the currency's minor unit
 
 
@@ -66,6 +90,24 @@ class Invoice:
     lines: tuple[InvoiceLine, ...]
     total: Decimal
     reason: str
+    # v2 (rule 21); the defaults are an invoice finalized when issued, with no credit
+    finalized_at: datetime | None = None
+    credit_applied: Decimal = ZERO
+    amount_due: Decimal | None = None  # None: max(total, 0)
+
+    def settled(
+        self, finalized_at: datetime, credit_applied: Decimal, amount_due: Decimal
+    ) -> Invoice:
+        return replace(
+            self, finalized_at=finalized_at, credit_applied=credit_applied, amount_due=amount_due
+        )
+
+    @property
+    def due(self) -> Decimal:
+        """What the customer pays: amount_due, or the total when it is not negative."""
+        if self.amount_due is not None:
+            return self.amount_due
+        return self.total if self.total > 0 else ZERO
 
 
 def make_invoice(
@@ -92,8 +134,8 @@ def make_invoice(
 
 
 def invoice_to_dict(inv: Invoice) -> dict[str, Any]:
-    """The public JSON shape; every number is a string (amounts with exactly the
-    currency's minor-unit digits). `reason` is internal and not part of it."""
+    """The public JSON shape of version 1; every number is a string (amounts with exactly
+    the currency's minor-unit digits, quantities normalized). `reason` is internal."""
     return {
         "invoice_id": inv.invoice_id,
         "account_id": inv.account_id,
@@ -104,15 +146,40 @@ def invoice_to_dict(inv: Invoice) -> dict[str, Any]:
             {
                 "charge_id": ln.charge_id,
                 "kind": ln.kind,
-                "period_start": format_timestamp(ln.period_start),
-                "period_end": format_timestamp(ln.period_end),
-                "quantity": format_quantity(ln.quantity),
+                "period_start": _when(ln.period_start),
+                "period_end": _when(ln.period_end),
+                "quantity": None if ln.quantity is None else format_quantity(ln.quantity),
                 "amount": format_money(ln.amount, inv.currency),
             }
             for ln in inv.lines
         ],
         "total": format_money(inv.total, inv.currency),
     }
+
+
+def invoice_to_contract_dict(inv: Invoice) -> dict[str, Any]:
+    """What `streambill rate` prints (the rating contract, version 2): the version-1 shape
+    with `reason`, `finalized_at`, `credit_applied` and `amount_due`; quantities exactly as
+    computed (the digits of the input, not normalized) and null for flat, proration and
+    discount lines."""
+    d = invoice_to_dict(inv)
+    for line, ln in zip(d["lines"], inv.lines, strict=True):
+        line["quantity"] = None if ln.kind in _NO_QUANTITY else _exact(ln.quantity)
+    d["reason"] = inv.reason
+    d["finalized_at"] = format_timestamp(inv.finalized_at or inv.issued_at)
+    d["credit_applied"] = format_money(inv.credit_applied, inv.currency)
+    d["amount_due"] = format_money(inv.due, inv.currency)
+    return d
+
+
+def _when(t: datetime | None) -> str | None:
+    return None if t is None else format_timestamp(t)
+
+
+def _exact(q: Decimal | None) -> str | None:
+    if q is None:
+        return None
+    return f"{q.copy_abs() if q.is_zero() else q:f}"  # never "-0"
 
 
 def invoice_from_dict(d: dict[str, Any], reason: str = "") -> Invoice:
@@ -138,3 +205,31 @@ def invoice_from_dict(d: dict[str, Any], reason: str = "") -> Invoice:
         total=parse_decimal(d["total"], allow_negative=True),
         reason=reason,
     )
+
+
+# --- line builders shared by the state machines ------------------------------------------
+
+
+def flat_lines(plan: Plan, start: datetime, end: datetime) -> list[InvoiceLine]:
+    """Every flat charge of the plan for [start, end), in full."""
+    return [
+        InvoiceLine(c.charge_id, KIND_FLAT, start, end, ONE, round_money(c.amount, plan.currency))
+        for c in plan.flat_charges
+    ]
+
+
+def proration_lines(
+    plan: Plan, kind: str, t: datetime, start: datetime, end: datetime
+) -> list[InvoiceLine]:
+    """A credit (KIND_PRORATION_CREDIT, negative) or a charge of each flat charge for
+    (end - t)/(end - start) of the period [start, end), as lines over [t, end)."""
+    lines = []
+    for c in plan.flat_charges:
+        exact = prorate(c.amount, t, start, end)
+        # half-even is symmetric, so rounding the negated value equals negating
+        # the rounded one: a credit and a charge of the same amount cancel out
+        amount = round_money(
+            CTX.minus(exact) if kind == KIND_PRORATION_CREDIT else exact, plan.currency
+        )
+        lines.append(InvoiceLine(c.charge_id, kind, t, end, ONE, amount))
+    return lines

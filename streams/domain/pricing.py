@@ -11,6 +11,7 @@ from decimal import Decimal
 from streams.domain.catalog import (
     GraduatedCharge,
     PackageCharge,
+    PercentageCharge,
     PerUnitCharge,
     Tier,
     UsageCharge,
@@ -64,7 +65,8 @@ def packages(quantity: Decimal, package_size: Decimal) -> Decimal:
     return whole
 
 
-def price_usage(charge: UsageCharge, quantity: Decimal) -> Decimal:
+def price_usage(charge: UsageCharge, quantity: Decimal, events: Decimal = ZERO) -> Decimal:
+    """The exact price of `quantity` (and, for a percentage, of `events` counted events)."""
     if isinstance(charge, PerUnitCharge):
         return CTX.multiply(quantity, charge.unit_amount)
     if isinstance(charge, GraduatedCharge):
@@ -73,6 +75,10 @@ def price_usage(charge: UsageCharge, quantity: Decimal) -> Decimal:
         return price_volume(charge.tiers, quantity)
     if isinstance(charge, PackageCharge):
         return CTX.multiply(packages(quantity, charge.package_size), charge.package_amount)
+    if isinstance(charge, PercentageCharge):
+        return CTX.add(
+            CTX.multiply(quantity, charge.rate), CTX.multiply(events, charge.fixed_amount)
+        )
     raise TypeError(f"not a usage charge: {charge!r}")
 
 

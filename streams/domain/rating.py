@@ -27,7 +27,6 @@ from streams.domain.events import (
     UsageRecord,
 )
 from streams.domain.invoice import (
-    KIND_FLAT,
     KIND_PRORATION_CHARGE,
     KIND_PRORATION_CREDIT,
     KIND_USAGE,
@@ -37,11 +36,13 @@ from streams.domain.invoice import (
     REASON_PLAN_CHANGED,
     Invoice,
     InvoiceLine,
+    flat_lines,
     make_invoice,
+    proration_lines,
 )
 from streams.domain.money import CTX, ONE, ZERO, round_money
 from streams.domain.periods import Interval, period_start
-from streams.domain.pricing import price_usage, prorate
+from streams.domain.pricing import price_usage
 from streams.domain.timestamps import require_utc, to_micros
 
 STATUS_ACTIVE = "active"
@@ -200,27 +201,6 @@ def _usage_lines(
     return lines
 
 
-def _flat_lines(plan: Plan, start: datetime, end: datetime) -> list[InvoiceLine]:
-    return [
-        InvoiceLine(c.charge_id, KIND_FLAT, start, end, ONE, round_money(c.amount, plan.currency))
-        for c in plan.flat_charges
-    ]
-
-
-def _proration_lines(
-    plan: Plan, kind: str, t: datetime, start: datetime, end: datetime
-) -> list[InvoiceLine]:
-    sign = -1 if kind == KIND_PRORATION_CREDIT else 1
-    lines = []
-    for c in plan.flat_charges:
-        exact = prorate(c.amount, t, start, end)
-        # half-even is symmetric, so rounding the negated value equals negating
-        # the rounded one: a credit and a charge of the same amount cancel out
-        amount = round_money(exact if sign > 0 else CTX.minus(exact), plan.currency)
-        lines.append(InvoiceLine(c.charge_id, kind, t, end, ONE, amount))
-    return lines
-
-
 def _start_segment(state: SubscriptionState, t: datetime) -> None:
     state.segment_start = t
     state.usage = {}
@@ -246,7 +226,7 @@ def close_periods(
             state.status = STATUS_ENDED  # last invoice: no new flat charge
         else:
             next_end = state._period_start(state.period_index + 2)
-            lines += _flat_lines(plan, end, next_end)
+            lines += flat_lines(plan, end, next_end)
         invoices.append(_invoice(state, end, REASON_PERIOD_END, lines))
         state.period_index += 1
         _start_segment(state, end)
@@ -323,7 +303,7 @@ def _create(
         payment_method=event.payment_method,
     )
     start, end = state.period_bounds()
-    return state, [_invoice(state, t, REASON_CREATED, _flat_lines(plan, start, end))], []
+    return state, [_invoice(state, t, REASON_CREATED, flat_lines(plan, start, end))], []
 
 
 def _add_usage(state: SubscriptionState, event: Usage, plan: Plan) -> None:
@@ -445,8 +425,8 @@ def _change_plan(
     old = catalog.plan(state.plan_id)
     start, end = state.period_bounds()
     lines = _usage_lines(old, state, state.segment_start, t)
-    lines += _proration_lines(old, KIND_PRORATION_CREDIT, t, start, end)
-    lines += _proration_lines(new, KIND_PRORATION_CHARGE, t, start, end)
+    lines += proration_lines(old, KIND_PRORATION_CREDIT, t, start, end)
+    lines += proration_lines(new, KIND_PRORATION_CHARGE, t, start, end)
     n = state.changes_at_segment_start + 1 if t == state.segment_start else 1
     key = f"{REASON_PLAN_CHANGED}:{new.plan_id}" + (f"#{n}" if n > 1 else "")
     invoices.append(_invoice(state, t, REASON_PLAN_CHANGED, lines, key))
@@ -460,7 +440,7 @@ def _cancel_now(state: SubscriptionState, t: datetime, catalog: Catalog) -> Invo
     plan = catalog.plan(state.plan_id)
     start, end = state.period_bounds()
     lines = _usage_lines(plan, state, state.segment_start, t)
-    lines += _proration_lines(plan, KIND_PRORATION_CREDIT, t, start, end)
+    lines += proration_lines(plan, KIND_PRORATION_CREDIT, t, start, end)
     state.status = STATUS_ENDED
     invoice = _invoice(state, t, REASON_CANCELLED, lines)
     _start_segment(state, t)

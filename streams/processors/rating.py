@@ -36,8 +36,14 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from streams.codec import DecodeError, codec
 from streams.config import Settings
-from streams.domain.catalog import Catalog
-from streams.domain.events import Event, InvalidEvent, SubscriptionCreated, UsageRecord, parse_event
+from streams.domain.catalog import Catalog, CatalogError
+from streams.domain.events import (
+    Event,
+    InvalidEvent,
+    SubscriptionCreated,
+    UsageRecord,
+    parse_v1_event,
+)
 from streams.domain.invoice import Invoice
 from streams.domain.rating import (
     STATUS_ENDED,
@@ -91,7 +97,7 @@ def decode_input(
             rec["type"] = "usage"
         else:
             rec = codec(SUBSCRIPTIONS.schema).decode(value)
-        event = parse_event(rec)
+        event = parse_v1_event(rec)
     except DecodeError as exc:
         return None, None, (exc.reason, exc.detail)
     except InvalidEvent as exc:
@@ -217,6 +223,13 @@ class RatingProcessor:
         restore state from the changelog with (``make_rating`` builds them all).
         usage_tally: how plain usage is added up (None: every record through
         apply_input, the general path the fast one is held against)."""
+        if not catalog.uses_only_v1():
+            # trials, percentage, latest, unique_count and tax are rated offline only (yet):
+            # refused here rather than rated as something else
+            raise CatalogError(
+                "the streaming rater takes a version-1 catalog only (no trial_days, "
+                "percentage, latest, unique_count or tax_rates) until it rates contract v2"
+            )
         self.catalog = catalog
         self.usage_tally = usage_tally
         self.clock = clock

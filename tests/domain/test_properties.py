@@ -7,11 +7,15 @@ from hypothesis import strategies as st
 
 from streams.domain.catalog import Catalog
 from streams.domain.events import Cancelled, PlanChanged, SubscriptionCreated, Usage
-from streams.domain.invoice import KIND_PRORATION_CHARGE, KIND_PRORATION_CREDIT, invoice_to_dict
+from streams.domain.invoice import (
+    KIND_PRORATION_CHARGE,
+    KIND_PRORATION_CREDIT,
+    invoice_to_dict,
+    proration_lines,
+)
 from streams.domain.money import minor_units
 from streams.domain.rating import (
     SubscriptionState,
-    _proration_lines,
     apply_event,
     close_periods,
 )
@@ -244,8 +248,8 @@ def test_proration_credit_and_charge_of_same_plan_cancel(plan_id, us):
     plan = PROP.plan(plan_id)
     start, end = T0, ts("2024-02-29T10:00:00")
     t = start + timedelta(microseconds=us)
-    credit = _proration_lines(plan, KIND_PRORATION_CREDIT, t, start, end)
-    charge = _proration_lines(plan, KIND_PRORATION_CHARGE, t, start, end)
+    credit = proration_lines(plan, KIND_PRORATION_CREDIT, t, start, end)
+    charge = proration_lines(plan, KIND_PRORATION_CHARGE, t, start, end)
     assert sum(ln.amount for ln in credit + charge) == 0
     for c, p in zip(credit, charge, strict=True):
         assert c.amount == -p.amount
