@@ -539,3 +539,66 @@ def test_random_histories_bill_every_segment_exactly_and_account_for_every_event
             for charge in seg.plan.usage_charges:
                 key = (sub.subscription_id, seg.start, seg.end, charge.charge_id)
                 assert billed[key] == seg.price(charge)[1], key
+
+
+# --- the order of what is due -------------------------------------------------------------
+
+
+def test_a_version_published_at_a_period_end_moves_subscriptions_one_period_later() -> None:
+    published = {"plan_id": "team", "currency": "EUR", "interval": "month",
+                 "charges": [{"charge_id": "fee", "model": "flat", "amount": "40.00"}]}  # fmt: skip
+    invoices, _ = rated([
+        created("2026-03-01T00:00:00Z"),
+        # at the instant of the period end: the period end is processed first
+        ev("plan.published", "2026-04-01T00:00:00Z", plan=published, existing="next_period"),
+    ], until="2026-05-01T00:00:00Z")  # fmt: skip
+    assert [i["total"] for i in invoices] == ["30.00", "30.00", "40.00"]
+
+
+def test_invoices_due_at_one_instant_take_the_credit_in_subscription_order() -> None:
+    invoices, _ = rated([
+        ev("credit.granted", "2026-02-01T00:00:00Z", credit_id="g", account_id="a",
+           currency="EUR", amount="75.00"),
+        created("2026-03-01T00:00:00Z") | {"subscription_id": "b"},
+        created("2026-03-01T00:00:00Z") | {"subscription_id": "a"},
+    ], until="2026-04-01T00:00:00Z")  # fmt: skip
+    credit = {(i["subscription_id"], i["reason"]): i["credit_applied"] for i in invoices}
+    # creations in arrival order (b first), then the period ends at Apr 1 by subscription id
+    assert credit == {("b", "created"): "30.00", ("a", "created"): "30.00",
+                      ("a", "period_end"): "15.00", ("b", "period_end"): "0.00"}  # fmt: skip
+
+
+def test_a_held_invoice_is_finalized_before_an_event_arriving_at_that_instant() -> None:
+    invoices, _ = rated([
+        ev("customer.updated", "2026-02-01T00:00:00Z", account_id="a", grace_hours=10),
+        created("2026-03-01T00:00:00Z"),
+        # the finalization is due at Apr 1 10:00: this arrives at that instant, so it is late
+        use("2026-03-31T00:00:00Z", "10", "edge", received="2026-04-01T10:00:00Z"),
+        ev("customer.updated", "2026-04-01T10:00:00Z", account_id="a", country="NL"),
+        use("2026-03-31T00:00:00Z", "20", "inside", received="2026-04-01T09:59:59Z"),
+    ], until="2026-04-02T00:00:00Z", tax_rates=[{"country": "NL", "rate": "0.5"}])  # fmt: skip
+    period_end = next(i for i in invoices if i["reason"] == "period_end")
+    assert period_end["finalized_at"] == "2026-04-01T10:00:00Z"
+    # the usage inside the grace counts on it; no tax: the country came after it
+    assert [(ln["kind"], ln["quantity"], ln["amount"]) for ln in period_end["lines"]] == [
+        ("usage", "20", "2.00"), ("flat", None, "30.00")]  # fmt: skip
+
+
+def test_a_plan_change_in_a_grace_period_carries_the_late_usage_of_the_segment_before() -> None:
+    invoices, _ = rated([
+        ev("customer.updated", "2026-02-01T00:00:00Z", account_id="a", grace_hours=48),
+        created("2026-03-01T00:00:00Z"),
+        ev("subscription.plan_changed", "2026-03-20T00:00:00Z", plan_id="pro"),
+        ev("subscription.plan_changed", "2026-03-25T00:00:00Z", plan_id="team"),
+        # in the segment [Mar 1, Mar 20), billed when the plan changed: late
+        use("2026-03-10T00:00:00Z", "10", "late", received="2026-04-01T12:00:00Z"),
+        # in [Mar 25, Apr 1), whose period_end invoice waits until Apr 3: not late
+        use("2026-03-30T00:00:00Z", "7", "held", received="2026-04-02T00:00:00Z"),
+    ], until="2026-04-04T00:00:00Z")  # fmt: skip
+    period_end = next(i for i in invoices if i["reason"] == "period_end")
+    assert [(ln["kind"], ln["period_start"][:10], ln["quantity"], ln["amount"])
+            for ln in period_end["lines"]] == [
+        ("usage", "2026-03-25", "7", "0.70"),
+        ("flat", "2026-04-01", None, "30.00"),
+        ("usage_adjustment", "2026-03-01", "10", "1.00"),
+    ]  # fmt: skip
