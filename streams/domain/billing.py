@@ -133,6 +133,9 @@ class PlanBook:
             raise Rejected(f"plan {plan_id!r} is already retired")
         self.retired.add(plan_id)
 
+    def version(self, plan_id: str, version: int) -> Plan:
+        return self.versions[plan_id][version - 1]
+
     def move_target(self, plan: Plan) -> Plan | None:
         """The version a subscription on `plan` moves to at its next boundary, if any."""
         target = self.next_period.get(plan.plan_id)
@@ -368,7 +371,7 @@ class ContractRun:
             if generation != sub.generation:
                 continue  # the subscription changed since: a newer entry stands for it
             self._do_due(sub, at)
-            self._touch(sub)
+            self.schedule(sub)
 
     def apply(self, event: AnyEvent, arrival: datetime) -> None:
         """Apply one event (after `advance(arrival)`); Rejected is its dead letter."""
@@ -399,7 +402,7 @@ class ContractRun:
             if handler is None:
                 raise TypeError(f"not an event: {event!r}")
             handler(self, sub, event)
-            self._touch(sub)
+            self.schedule(sub)
 
     def _sub(self, subscription_id: str) -> Subscription:
         sub = self.subs.get(subscription_id)
@@ -407,7 +410,8 @@ class ContractRun:
             raise Rejected("unknown subscription")
         return sub
 
-    def _touch(self, sub: Subscription) -> None:
+    def schedule(self, sub: Subscription) -> None:
+        """(Re)schedule the subscription's next due item; an older entry becomes stale."""
         sub.generation += 1
         nxt = sub.next_due()
         if nxt is not None:
@@ -594,7 +598,7 @@ class ContractRun:
             sub.segment = Segment(t, 0, plan)
             start, end = sub.period_bounds(0)
             self._issue(sub, REASON_CREATED, t, None, flat_lines(plan, start, end))
-        self._touch(sub)
+        self.schedule(sub)
 
     def _usage(self, sub: Subscription, event: Usage, arrival: datetime) -> None:
         ts = event.timestamp
@@ -624,7 +628,7 @@ class ContractRun:
             seg.late.add(event.metric)
             if sub.status == ENDED and sub.adjustment_due is None:
                 sub.adjustment_due = arrival + ADJUSTMENT_DELAY
-                self._touch(sub)
+                self.schedule(sub)
 
     def _change_plan(self, sub: Subscription, event: PlanChanged) -> None:
         if sub.status == PAUSED:

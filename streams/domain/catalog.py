@@ -415,3 +415,34 @@ def _parse_tiers(raw: Any, path: str) -> tuple[Tier, ...]:
         flat = _dec(t, "flat_amount", tpath) if "flat_amount" in t else Decimal(0)
         tiers.append(Tier(up_to, unit, flat))
     return tuple(tiers)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The catalog JSON of a plan: parse_plan's inverse (decimals as exact strings)."""
+    charges = []
+    for c in plan.charges:
+        d: dict[str, Any] = {"charge_id": c.charge_id, "model": c.model}
+        if isinstance(c, FlatCharge):
+            d["amount"] = str(c.amount)
+        else:
+            d["metric"], d["aggregation"] = c.metric, c.aggregation.value
+            if c.unique_field is not None:
+                d["field"] = c.unique_field
+            if isinstance(c, PerUnitCharge):
+                d["unit_amount"] = str(c.unit_amount)
+            elif isinstance(c, PackageCharge):
+                d["package_size"], d["package_amount"] = str(c.package_size), str(c.package_amount)
+            elif isinstance(c, PercentageCharge):
+                d["rate"], d["fixed_amount"] = str(c.rate), str(c.fixed_amount)
+            else:
+                d["tiers"] = [
+                    {"up_to": None if t.up_to is None else str(t.up_to),
+                     "unit_amount": str(t.unit_amount), "flat_amount": str(t.flat_amount)}
+                    for t in c.tiers
+                ]  # fmt: skip
+        charges.append(d)
+    out: dict[str, Any] = {"plan_id": plan.plan_id, "currency": plan.currency,
+                           "interval": plan.interval.value, "charges": charges}  # fmt: skip
+    if plan.trial_days:
+        out["trial_days"] = plan.trial_days
+    return out
