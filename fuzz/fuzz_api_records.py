@@ -25,7 +25,7 @@ with atheris.instrument_imports(include=["streams", "orjson"]):
     from streams.api import records
     from streams.codec import codec
     from streams.domain.cancellations import cancellation_problem
-    from streams.processors.rating import decode_input
+    from streams.rating_records import decode_input
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)

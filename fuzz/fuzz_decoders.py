@@ -17,12 +17,13 @@ from __future__ import annotations
 import atheris
 
 with atheris.instrument_imports(include=["streams", "fastavro"]):
+    from streams import rating_records as rating
     from streams.codec import DecodeError, codec
     from streams.config import SCHEMAS_DIR
     from streams.domain import validation
     from streams.domain.cancellations import cancellation_problem
     from streams.kafka.topics import SUBSCRIPTIONS, USAGE
-    from streams.processors import payments, rating
+    from streams.processors import payments
 
 SCHEMAS = sorted(p.stem for p in SCHEMAS_DIR.glob("*.avsc"))
 INPUT_TOPICS = (SUBSCRIPTIONS.name, USAGE.name)

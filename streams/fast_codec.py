@@ -2,7 +2,7 @@
 adapter beside ``streams.codec`` (fastavro), which they match byte for byte.
 
 - ``UsageReader``: a billing.usage record of the current writer schema, read and validated
-  into a plain tuple (``usage_event`` makes of it the ``Usage`` that ``rating.decode_input``
+  into a plain tuple (``usage_event`` makes of it the ``Usage`` that ``rating_records.decode_input``
   gives through fastavro and ``parse_event``). It takes only what is plainly valid and
   answers None for anything else, which then goes through the general path: it never
   decides a dead letter.

@@ -47,13 +47,9 @@ from streams.kafka.topics import (
 )
 from streams.offline import rate_events
 from streams.processors import payments, rating, sink
-from streams.processors.rating import (
-    DEAD_LETTER_REASONS,
-    RatingProcessor,
-    decode_bill_run,
-    decode_input,
-)
+from streams.processors.rating import RatingProcessor
 from streams.processors.sink import COLUMNS, LANDERS, Sink
+from streams.rating_records import DEAD_LETTER_REASONS, decode_bill_run, decode_input
 from streams.runtime.loop import StreamLoop
 from streams.testbed.demo import DEMO_CATALOG
 from tests import hostile
@@ -522,7 +518,7 @@ def test_a_bad_bill_run_is_a_dead_letter_and_is_committed(tmp_path: Path) -> Non
     proc.close()
     dead, _ = produced(proc)
     assert [d["reason"] for d in dead] == ["invalid_avro", "invalid_bill_run"]
-    assert "after the run was issued" in dead[1]["detail"] and proc.jobs == {}
+    assert "after the run was issued" in dead[1]["detail"] and proc.jobs.running == {}
     assert proc.producer.offsets == [{(CONTROL.name, 0): 2}]
 
 

@@ -25,7 +25,7 @@ from streams.domain.validation import EARLIEST_US, MAX_FUTURE_MS, QUANTITY_LIMIT
 from streams.fast_codec import InvoiceWriter, UsageReader, usage_event
 from streams.invoice_record import invoice_record
 from streams.kafka.topics import INVOICES, USAGE
-from streams.processors.rating import decode_input, invoice_writer, usage_reader
+from streams.rating_records import decode_input, invoice_writer, usage_reader
 from streams.testbed.demo import DEMO_CATALOG
 from tests.hostile import (
     Msg,

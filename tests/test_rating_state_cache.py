@@ -129,7 +129,7 @@ def test_transactions_aborted_and_cached_states_give_the_domains_invoices(
         {"run_id": "r", "until": UNTIL, "accounts": None, "barrier": {}, "issued_at": UNTIL}
     )
     proc.transaction([Msg(CONTROL.name, run, None, 0, 0, PUBLISHED_MS)])
-    while proc.jobs:
+    while proc.jobs.running:
         proc.transaction([])
     committed = proc.producer.produced
     invoices = [codec(INVOICES.schema).decode(v) for t, _, v in committed if t == INVOICES.name]

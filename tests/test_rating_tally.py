@@ -242,7 +242,7 @@ def rate(msgs: list[Msg], cuts: list[int], fast: bool, tally_class: type = Usage
             {"run_id": "r", "until": END, "accounts": None, "barrier": {}, "issued_at": END}
         )
         proc.transaction([Msg(CONTROL.name, run, None, 0, 0, micros(END) // 1000)])
-        while proc.jobs:
+        while proc.jobs.running:
             proc.transaction([])
         proc.close()
     out = []

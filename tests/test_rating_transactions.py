@@ -185,7 +185,7 @@ def test_no_second_poll_while_a_bill_run_is_open(tmp_path: Path) -> None:
         "issued_at": T0,
     })  # fmt: skip
     proc.transaction([Msg(CONTROL.name, run, None, 0, 0, PUBLISHED_MS)])
-    assert list(proc.jobs) == [0] and proc.consumer.paused == {(CONTROL.name, 0)}
+    assert list(proc.jobs.running) == [0] and proc.consumer.paused == {(CONTROL.name, 0)}
     plain, _ = usage([0, 1], 0)
     proc.consumer.hand_out([usage([2], 2)[0]])
     assert proc.transaction(plain) == plain

@@ -464,3 +464,22 @@ def _invoice(
         lines=lines,
         reason_key=reason_key,
     )
+
+
+def apply_input(
+    state: SubscriptionState | None, event: Event, account_id: str | None, catalog: Catalog
+) -> tuple[SubscriptionState | None, list[Invoice], list[str]]:
+    """``apply_event`` plus what only a record from Kafka needs checking: the account it
+    names must own the subscription (usage, a plan change or a cancellation under another
+    account's key is refused, not billed to that other account). Returns the new state, the
+    invoices, and the reasons of the rejections (one dead letter "rejected" each)."""
+    if (
+        state is not None
+        and account_id is not None
+        and account_id != state.account_id
+        and not isinstance(event, SubscriptionCreated)
+    ):
+        sub = event.subscription_id
+        return state, [], [f"subscription {sub!r} belongs to another account than {account_id!r}"]
+    new_state, invoices, rejections = apply_event(state, event, catalog)
+    return new_state, invoices, [r.reason for r in rejections]

@@ -24,7 +24,6 @@ Periods close
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,36 +31,32 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
-from streams.codec import DecodeError, codec
+from streams.codec import DecodeError
 from streams.config import Settings
 from streams.domain.catalog import Catalog, CatalogError
 from streams.domain.events import (
-    Event,
-    InvalidEvent,
-    SubscriptionCreated,
     UsageRecord,
-    parse_v1_event,
 )
 from streams.domain.invoice import Invoice
 from streams.domain.rating import (
     STATUS_ENDED,
     SubscriptionState,
     UsageTally,
-    apply_event,
+    apply_input,
     close_periods,
     next_period_end,
 )
 from streams.domain.timestamps import to_micros
-from streams.domain.validation import MAX_FUTURE_MS, MAX_FUTURE_TEXT, timestamp_problem
-from streams.fast_codec import InvoiceWriter, UsageReader, usage_event
-from streams.invoice_record import invoice_record
+from streams.fast_codec import usage_event
 from streams.kafka import clients
 from streams.kafka.topics import CONTROL, INVOICES, RATING_CHANGELOG, SUBSCRIPTIONS, USAGE, group_id
 from streams.metrics import INVOICES_EMITTED
+from streams.rating_records import decode_bill_run, decode_input, invoice_writer, usage_reader
 from streams.runtime.alignment import Alignment
 from streams.runtime.deadletter import produce_dead_letter
+from streams.runtime.jobs import Job, Jobs
 from streams.runtime.loop import StreamLoop, published_ms
 from streams.runtime.process import limit_malloc_arenas, transactional_id, tune_gc
 from streams.runtime.state import PartitionStates, StateChanges
@@ -75,90 +70,6 @@ NAME = "rating"
 # arena they share, which large buffers fragmented. A 1M-subscription bench billrun peaked
 # at 1,752 MB per worker with 10 MiB fetches, 1,074 MB with these, as fast.
 FETCH_SIZES = {"max.partition.fetch.bytes": 262_144, "fetch.max.bytes": 1_310_720}
-# what this processor dead-letters, by reason: the codec's (empty_value, invalid_avro,
-# unknown_schema); invalid_event (decoded, but not a valid event); rejected (a valid event
-# the subscription's state refuses: unknown subscription, duplicate creation, late event,
-# another account's subscription, ...); invalid_bill_run (a bill-run command it cannot run)
-DEAD_LETTER_REASONS = frozenset({
-    "empty_value", "invalid_avro", "unknown_schema", "invalid_event", "rejected",
-    "invalid_bill_run",
-})  # fmt: skip
-
-
-def decode_input(
-    value: bytes | None, usage: bool, published_ms: int | None = None
-) -> tuple[Event | None, str | None, tuple[str, str] | None]:
-    """One record of billing.usage (usage=True) or billing.subscriptions, decoded and
-    validated: (event, the record's account_id, None), or (None, None, (reason, detail))
-    for the dead letters. Pure; never raises."""
-    try:
-        if usage:
-            rec = codec(USAGE.schema).decode(value)
-            rec["type"] = "usage"
-        else:
-            rec = codec(SUBSCRIPTIONS.schema).decode(value)
-        event = parse_v1_event(rec)
-    except DecodeError as exc:
-        return None, None, (exc.reason, exc.detail)
-    except InvalidEvent as exc:
-        return None, None, ("invalid_event", exc.reason)
-    problem = timestamp_problem(event.timestamp, published_ms)
-    if problem:
-        return None, None, ("invalid_event", f"{problem}: {event.timestamp.isoformat()}")
-    return event, rec["account_id"], None
-
-
-@functools.cache
-def usage_reader() -> UsageReader:
-    """decode_input's fast path for ordinary usage records (None: take decode_input)."""
-    return UsageReader(USAGE.schema)
-
-
-@functools.cache
-def invoice_writer() -> InvoiceWriter:
-    """An invoice's Avro value: the bytes codec(INVOICES.schema) writes for invoice_record."""
-    encode = codec(INVOICES.schema).encode
-    return InvoiceWriter(INVOICES.schema, lambda *args: encode(invoice_record(*args)))
-
-
-def apply_input(
-    state: SubscriptionState | None, event: Event, account_id: str | None, catalog: Catalog
-) -> tuple[SubscriptionState | None, list[Invoice], list[str]]:
-    """``apply_event`` plus what only a record from Kafka needs checking: the account it
-    names must own the subscription (usage, a plan change or a cancellation under another
-    account's key is refused, not billed to that other account). Returns the new state, the
-    invoices, and the reasons of the rejections (one dead letter "rejected" each)."""
-    if (
-        state is not None
-        and account_id is not None
-        and account_id != state.account_id
-        and not isinstance(event, SubscriptionCreated)
-    ):
-        sub = event.subscription_id
-        return state, [], [f"subscription {sub!r} belongs to another account than {account_id!r}"]
-    new_state, invoices, rejections = apply_event(state, event, catalog)
-    return new_state, invoices, [r.reason for r in rejections]
-
-
-def decode_bill_run(
-    value: bytes | None, input_topics: tuple[str, ...], published_ms: int | None = None
-) -> dict[str, Any]:
-    """A bill-run command, decoded and checked; raises DecodeError (reason
-    invalid_bill_run for a record that decodes but cannot be run: a barrier on a topic this
-    processor does not consume would never be reached, and an `until` more than MAX_FUTURE
-    after the run was published would invoice periods, up to years of them, in advance)."""
-    rec = codec(CONTROL.schema).decode(value)
-    unknown = sorted(set(rec["barrier"]) - set(input_topics))
-    if unknown:
-        raise DecodeError("invalid_bill_run", f"barrier on topics not rated: {unknown}")
-    if any(offset < 0 for offset in rec["barrier"].values()):
-        raise DecodeError("invalid_bill_run", f"negative barrier offset in {rec['barrier']}")
-    until_ms = to_micros(rec["until"]) // 1000
-    issued_ms = published_ms if published_ms is not None else to_micros(rec["issued_at"]) // 1000
-    if until_ms > issued_ms + MAX_FUTURE_MS:
-        raise DecodeError("invalid_bill_run", f"until {rec['until'].isoformat()} is more than "
-                          f"{MAX_FUTURE_TEXT} after the run was issued")  # fmt: skip
-    return rec
 
 
 def period_end_us(state: SubscriptionState) -> int | None:
@@ -179,19 +90,6 @@ class Pending:
     # a usage record the fast reader took; its event is made only if the general path
     # needs it (_apply_ready)
     record: UsageRecord | None = None
-
-
-@dataclass
-class CloseJob:
-    """A bill run in progress on one partition."""
-
-    control_offset: int
-    run_id: str
-    until: datetime
-    accounts: frozenset[str] | None
-    barrier: dict[str, int]  # input topic -> offset this worker must have consumed first
-    cursor: bytes = b""  # last due key handled: the scan resumes after it
-    done: bool = False
 
 
 @dataclass
@@ -258,8 +156,7 @@ class RatingProcessor:
             state_cache_entries or settings.rating_state_cache, restorer,
             SubscriptionState.from_bytes, period_end_us,
         )  # fmt: skip
-        self.jobs: dict[int, CloseJob] = {}
-        self.jobs_running: set[int] = set()  # partitions whose bill run closed periods last turn
+        self.jobs = Jobs(self.consumer, self.control_topic, self.alignment)  # bill runs
         self.invoices_emitted = 0
 
     # --- partition lifecycle ---------------------------------------------------------
@@ -273,7 +170,7 @@ class RatingProcessor:
         revoked = sorted({tp.partition for tp in partitions})
         self.states.revoke(revoked)
         for p in revoked:
-            self.jobs.pop(p, None)
+            self.jobs.drop(p)
             self.alignment.revoke(p)
         log.info("revoked", partitions=revoked)
 
@@ -302,12 +199,12 @@ class RatingProcessor:
     def turn(self) -> None:
         """One turn of the loop: a poll and, if there is work, one transaction."""
         # a bill run closing periods has work without input: no waiting for records
-        timeout = 0.0 if self.jobs_running & set(self.jobs) else 0.1
+        timeout = 0.0 if self.jobs.busy() else 0.1
         msgs = self.stream.poll(self.batch_size, timeout)
         # records held back for event-time order are looked at again without new input:
         # it may have ended, and what they wait for is then the other topic found caught
         # up, or max_idle passed while the broker cannot say
-        if msgs or self.jobs or self.clock == "wall" or self.alignment.waiting:
+        if msgs or self.jobs.running or self.clock == "wall" or self.alignment.waiting:
             started = time.perf_counter()
             msgs = self.transaction(msgs)
             if msgs:
@@ -329,7 +226,7 @@ class RatingProcessor:
         with self.transactions.open() as positions:
             subscriptions: set[str] = set()
             plain = self._read(msgs, batch, positions, touched_jobs, subscriptions)
-            if plain and not self.jobs:  # a bill run's transactions stay one poll
+            if plain and not self.jobs.running:  # a bill run's transactions stay one poll
                 msgs = list(msgs)
                 limit, states = self.usage_batch_size, self.states.cache_entries
                 while plain and len(msgs) < limit and len(subscriptions) < states:
@@ -342,21 +239,19 @@ class RatingProcessor:
                     plain = self._read(more, batch, positions, touched_jobs, subscriptions)
             self.alignment.drain(positions, lambda ready, p: self._apply_ready(ready, batch, p))
             self.alignment.backpressure()
-            self.jobs_running = self._run_jobs(batch)
-            touched_jobs |= self.jobs_running
+            touched_jobs |= self.jobs.step(
+                set(self.states.stores),
+                lambda p, job: self._close_due(batch, p, job.until, job.accounts, job.cursor),
+            )
             if self.clock == "wall":
                 now = datetime.now(UTC)
                 for p in list(self.states.stores):
                     self._close_due(batch, p, now, None, b"")
             self.states.produce(self.producer, batch, self.transactions.on_delivery)
-            # a bill run's record stays uncommitted until the run is complete (a run started
-            # after an invalid record of the batch decides the partition's control offset)
-            for p, job in self.jobs.items():
-                if p in touched_jobs:
-                    positions[(self.control_topic, p)] = job.control_offset + job.done
+            self.jobs.commit_positions(positions, touched_jobs)
         # committed: the local state may now follow the changelog
         self.states.apply(batch)
-        self._finish_jobs()
+        self.jobs.finish()
         self.invoices_emitted += batch.invoices
         INVOICES_EMITTED.inc(batch.invoices)
         return msgs
@@ -393,7 +288,7 @@ class RatingProcessor:
             elif topic == self.control_topic:
                 plain = False
                 p = msg.partition()
-                if p not in self.jobs:  # one run at a time: the partition is paused meanwhile
+                if p not in self.jobs.running:  # one at a time: the partition is paused meanwhile
                     if self._start_job(msg, batch):
                         touched_jobs.add(p)
                     else:  # dead-lettered: done with it
@@ -516,42 +411,10 @@ class RatingProcessor:
             log.error("bad control record dead-lettered", error=str(exc), offset=msg.offset())
             self._dead_letter(batch, msg, exc.reason, exc.detail)
             return False
-        self.jobs[p] = CloseJob(
-            control_offset=msg.offset(),
-            run_id=rec["run_id"],
-            until=rec["until"],
-            accounts=frozenset(rec["accounts"]) if rec["accounts"] is not None else None,
-            barrier=rec["barrier"],
-        )
-        self.consumer.pause([TopicPartition(self.control_topic, p)])
-        log.info("bill run started on partition", run_id=rec["run_id"], partition=p,
-                 until=rec["until"].isoformat(), barrier=rec["barrier"])  # fmt: skip
+        accounts = frozenset(rec["accounts"]) if rec["accounts"] is not None else None
+        job = Job(msg.offset(), rec["run_id"], rec["until"], accounts, rec["barrier"])
+        self.jobs.start(p, job)
         return True
-
-    def _barrier_reached(self, p: int, barrier: dict[str, int]) -> bool:
-        """Has partition p applied every input record published before the run?"""
-        if not barrier:
-            return True
-        try:
-            positions = self.alignment.positions(list(barrier), p)
-        except KafkaException:
-            return False
-        if any(positions[t] < end for t, end in barrier.items()):
-            log.debug("bill run waits for its barrier", partition=p, barrier=barrier,
-                      positions=positions)  # fmt: skip
-            return False
-        # ... fetched, and applied: nothing before the barrier still waits in a buffer
-        return not self.alignment.holds_before(p, barrier)
-
-    def _run_jobs(self, batch: Batch) -> set[int]:
-        ran = set()
-        for p, job in self.jobs.items():
-            if p in self.states.stores and self._barrier_reached(p, job.barrier):
-                job.cursor, job.done = self._close_due(
-                    batch, p, job.until, job.accounts, job.cursor
-                )
-                ran.add(p)
-        return ran
 
     def _close_due(
         self,
@@ -590,15 +453,6 @@ class RatingProcessor:
         batch.states[p][sub] = new_state
         batch.due_unchanged.get(p, set()).discard(sub)
         self._emit(batch, p, new_state, invoices)
-
-    def _finish_jobs(self) -> None:
-        for p, job in list(self.jobs.items()):
-            if job.done:
-                del self.jobs[p]
-                control = TopicPartition(self.control_topic, p, job.control_offset + 1)
-                self.consumer.seek(control)
-                self.consumer.resume([control])
-                log.info("bill run done on partition", run_id=job.run_id, partition=p)
 
 
 def make_rating(

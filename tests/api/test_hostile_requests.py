@@ -19,7 +19,7 @@ from streams.api import records
 from streams.codec import codec
 from streams.domain.cancellations import cancellation_problem
 from streams.domain.validation import MAX_FUTURE
-from streams.processors.rating import decode_input
+from streams.rating_records import decode_input
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, 250_000, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)  # when the API publishes what it accepted

@@ -19,7 +19,7 @@ from streams.api.reads import (
 from streams.domain.cancellations import Subscription, cancellation_refusal
 from streams.domain.catalog import Catalog
 from streams.domain.events import SubscriptionCreated, Usage
-from streams.processors.rating import apply_input
+from streams.domain.rating import apply_input
 from streams.testbed.demo import DEMO_CATALOG
 
 

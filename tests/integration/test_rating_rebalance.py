@@ -105,7 +105,7 @@ def test_a_bill_run_interrupted_by_rebalances_completes_after_them(
         "the subscriptions",
     )
     offsets = issue_bill_run(settings, kafka_bootstrap, DEFAULT_UNTIL)
-    turn_until(worker, lambda: set(worker.jobs) == partitions, 60, "the bill run to start")
+    turn_until(worker, lambda: set(worker.jobs.running) == partitions, 60, "the bill run to start")
 
     # a second member joins: every partition is revoked, half of them come back
     other = clients.consumer(
