@@ -237,3 +237,47 @@ def test_a_poll_keeps_the_records_and_raises_only_fatal_errors() -> None:
     fatal = _Polled(_Error(KafkaError._FATAL, True))
     with pytest.raises(KafkaException):  # a fatal error stops the processor
         poll_batch(Consumer([records[0], fatal]), 10, 0)
+
+
+def test_a_plan_dropped_from_the_catalog_stops_nothing(tmp_path: Path) -> None:
+    """Subscriptions running on a plan the catalog file no longer has (a restart with an
+    edited file): their events are dead letters with the reason, their periods stay open
+    (the bill run completes without them), and the rater goes on; with the plan back, the
+    same bill run closes them."""
+    from streams.domain.catalog import Catalog as Cat
+    from streams.kafka.topics import DEAD_LETTER, INVOICES
+
+    proc = processor(tmp_path, 100, 1000, 1000)
+    created(proc)
+    without = Cat({pid: p for pid, p in CATALOG.plans.items() if pid != "starter-eur"})
+    proc.catalog = without  # what a restart with the edited file gives it
+    plain, _ = usage([0, 1], 100)
+    until = T0 + timedelta(days=40)
+
+    def bill_run(offset: int) -> Msg:
+        run = codec(CONTROL.schema).encode(
+            {"run_id": f"run{offset}", "until": until, "accounts": None, "barrier": {},
+             "issued_at": T0}
+        )  # fmt: skip
+        return Msg(CONTROL.name, run, None, 0, offset, PUBLISHED_MS)
+
+    before = len(proc.producer.produced)
+    proc.transaction([*plain, bill_run(0)])
+    while proc.jobs.running:
+        proc.transaction([])
+    new = proc.producer.produced[before:]
+    dead = [codec(DEAD_LETTER.schema).decode(v) for t, _, v in new if t == DEAD_LETTER.name]
+    assert [d["detail"] for d in dead] == [
+        "the subscription's plan 'starter-eur' is not in the catalog"
+    ] * 2
+    assert not [v for t, _, v in new if t == INVOICES.name]
+
+    proc.catalog = CATALOG  # the plan is back
+    before = len(proc.producer.produced)
+    proc.transaction([bill_run(1)])
+    while proc.jobs.running:
+        proc.transaction([])
+    invoices = [codec(INVOICES.schema).decode(v) for t, _, v in proc.producer.produced[before:]
+                if t == INVOICES.name]  # fmt: skip
+    assert sorted(i["subscription_id"] for i in invoices) == [f"s{i}" for i in range(SUBS)]
+    proc.close()

@@ -180,6 +180,13 @@ _INTERVALS: dict[str, Interval] = {i.value: i for i in Interval}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def plan_missing(state: SubscriptionState, catalog: Catalog) -> bool:
+    """A running subscription whose plan the catalog no longer has (a catalog file that
+    dropped it before a restart): its events are refused and its periods stay open until
+    the plan is back, rather than stopping the rater."""
+    return state.status != STATUS_ENDED and state.plan_id not in catalog
+
+
 def next_period_end(state: SubscriptionState) -> datetime | None:
     """When close_periods next has work to do; None once the subscription ended."""
     if state.status == STATUS_ENDED:
@@ -213,9 +220,12 @@ def close_periods(
     state: SubscriptionState, until: datetime, catalog: Catalog
 ) -> tuple[SubscriptionState, list[Invoice]]:
     """Issue the invoice of every period end <= until (usage in arrears for the
-    ended period, flat charges in advance for the next one)."""
+    ended period, flat charges in advance for the next one). A subscription whose plan
+    is no longer in the catalog cannot be priced: nothing closes (see plan_missing)."""
     until = min(require_utc(until), HORIZON)
     invoices: list[Invoice] = []
+    if plan_missing(state, catalog):
+        return state, invoices
     while state.status != STATUS_ENDED:
         end = state._period_start(state.period_index + 1)
         if end > until:
@@ -251,6 +261,9 @@ def apply_event(
         return None, [], [Rejection("unknown subscription", event)]
     if state.subscription_id != event.subscription_id:
         raise ValueError("event is for another subscription than the state")
+    if plan_missing(state, catalog):
+        return state, [], [Rejection(f"the subscription's plan {state.plan_id!r} is not in "
+                                     "the catalog", event)]  # fmt: skip
 
     due = next_period_end(state)
     if due is not None and due <= t:

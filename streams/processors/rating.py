@@ -47,6 +47,7 @@ from streams.domain.rating import (
     apply_input,
     close_periods,
     next_period_end,
+    plan_missing,
 )
 from streams.domain.timestamps import to_micros
 from streams.fast_codec import usage_event
@@ -158,6 +159,7 @@ class RatingProcessor:
         )  # fmt: skip
         self.jobs = Jobs(self.consumer, self.control_topic, self.alignment)  # bill runs
         self.invoices_emitted = 0
+        self.blocked: set[str] = set()  # subscriptions whose plan the catalog lacks (logged)
 
     # --- partition lifecycle ---------------------------------------------------------
 
@@ -352,6 +354,8 @@ class RatingProcessor:
         batch.states[p][sub] = state  # touched: its state goes to the changelog
         if state is None or state.status == STATUS_ENDED or self.usage_tally is None:
             return None
+        if plan_missing(state, self.catalog):
+            return None  # the general path refuses its events
         if first_touch:
             batch.due_unchanged.setdefault(p, set()).add(sub)
         return self.usage_tally(state, self.catalog.plan(state.plan_id))
@@ -447,6 +451,14 @@ class RatingProcessor:
         due = end is not None and end <= until
         if not due or (accounts is not None and state.account_id not in accounts):
             if sub not in batch.states[p]:  # untouched: the committed version, as it was
+                self.states.put_back(batch, p, sub, state)
+            return
+        if plan_missing(state, self.catalog):
+            if sub not in self.blocked:  # once per subscription: a clock retries it often
+                self.blocked.add(sub)
+                log.error("period cannot close: the plan is not in the catalog",
+                          subscription_id=sub, plan_id=state.plan_id, partition=p)  # fmt: skip
+            if sub not in batch.states[p]:
                 self.states.put_back(batch, p, sub, state)
             return
         new_state, invoices = close_periods(state, until, self.catalog)

@@ -11,6 +11,7 @@ from streams.domain.rating import (
     apply_event,
     close_periods,
     next_period_end,
+    plan_missing,
 )
 
 from .helpers import D, cancel, catalog, change, created, lines, run, ts, usage
@@ -394,3 +395,21 @@ def test_invoice_ids_are_the_uuid5_of_their_name(name: str) -> None:
             uuid5_text(name)
         return
     assert uuid5_text(name) == expected
+
+
+def test_a_plan_the_catalog_no_longer_has_refuses_events_and_closes_nothing():
+    cat = catalog()
+    states, _, _ = run([created("2026-01-15T10:00:00")], cat=cat)
+    state = states["s1"]
+    without = Catalog({pid: p for pid, p in cat.plans.items() if pid != "basic"})
+    assert plan_missing(state, without) and not plan_missing(state, cat)
+    for event in (usage("2026-01-20T00:00:00", "5", "u1"), cancel("2026-01-21T00:00:00"),
+                  change("2026-01-22T00:00:00", "pro")):  # fmt: skip
+        same, invoices, rejections = apply_event(state, event, without)
+        assert same is state and invoices == []
+        assert [r.reason for r in rejections] == [
+            "the subscription's plan 'basic' is not in the catalog"
+        ]
+    assert close_periods(state, ts("2026-06-01T00:00:00"), without) == (state, [])
+    _, invoices = close_periods(state, ts("2026-03-01T00:00:00"), cat)  # the plan is back
+    assert [i.issued_at for i in invoices] == [ts("2026-02-15T10:00:00")]
