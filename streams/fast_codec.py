@@ -43,19 +43,18 @@ _MAX_UNSCALED = QUANTITY_LIMIT * 10**9  # the quantity rule, in 10^-9 units
 def schema_layout(fields: list[dict[str, Any]]) -> tuple:
     """(name, type) of each field, logical types as (type, logicalType, precision,
     scale), records and arrays unfolded: what a hand-written codec depends on."""
-    out = []
-    for f in fields:
-        t = f["type"]
+
+    def layout(t: Any) -> Any:
         if isinstance(t, dict):
             if t["type"] == "array":
-                t = ("array", schema_layout(t["items"]["fields"]))
-            else:
-                t = (t["type"], t.get("logicalType"),
-                     *(t[k] for k in ("precision", "scale") if k in t))  # fmt: skip
-        elif isinstance(t, list):
-            t = tuple(t)
-        out.append((f["name"], t))
-    return tuple(out)
+                return ("array", schema_layout(t["items"]["fields"]))
+            return (t["type"], t.get("logicalType"),
+                    *(t[k] for k in ("precision", "scale") if k in t))  # fmt: skip
+        if isinstance(t, list):
+            return tuple(layout(branch) for branch in t)
+        return t
+
+    return tuple((f["name"], layout(f["type"])) for f in fields)
 
 
 class UsageReader:
@@ -169,6 +168,9 @@ class InvoiceWriter:
         ("lines", ("array", LINE)),
         ("total", ("bytes", "decimal", 38, _SCALE)),
         ("payment_method", ("null", "string")),
+        ("finalized_at", ("null", ("long", "timestamp-micros"))),
+        ("credit_applied", ("null", ("bytes", "decimal", 38, _SCALE))),
+        ("amount_due", ("null", ("bytes", "decimal", 38, _SCALE))),
     )
 
     def __init__(self, schema: str, fallback: Callable[[Invoice, str, str | None], bytes]) -> None:
@@ -214,4 +216,11 @@ class InvoiceWriter:
             put(string(payment_method))
         else:
             raise LeftToFastavro
+        # never null when written now (null stands for records written before they existed)
+        put(b"\x02")
+        put(avro_timestamp_micros(inv.finalized_at or inv.issued_at))
+        put(b"\x02")
+        put(decimal(inv.credit_applied))
+        put(b"\x02")
+        put(decimal(inv.due))
         return b"".join(out)

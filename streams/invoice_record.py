@@ -17,7 +17,8 @@ from typing import Any
 from streams.domain.invoice import Invoice
 
 INVOICE_FIELDS = ("invoice_id", "account_id", "subscription_id", "plan_id", "currency",
-                  "issued_at", "reason", "lines", "total", "payment_method")  # fmt: skip
+                  "issued_at", "reason", "lines", "total", "payment_method",
+                  "finalized_at", "credit_applied", "amount_due")  # fmt: skip
 LINE_FIELDS = ("charge_id", "kind", "period_start", "period_end", "quantity", "amount")
 # on the topic and in the warehouse, not in the public JSON: the plan and payment method
 # are the subscription's (the rating processor adds them), the reason is internal
@@ -46,4 +47,7 @@ def invoice_record(inv: Invoice, plan_id: str, payment_method: str | None) -> di
         ],
         "total": inv.total,
         "payment_method": payment_method,
+        "finalized_at": inv.finalized_at or inv.issued_at,
+        "credit_applied": inv.credit_applied,
+        "amount_due": inv.due,
     }

@@ -322,8 +322,9 @@ def landed_invoices(settings: Settings) -> list[Invoice]:
     FINAL: a row landed twice must be the same row, not two versions of which FINAL
     would keep one."""
     head = query(settings, "SELECT invoice_id, account_id, subscription_id, currency, reason, "
-                 "toUnixTimestamp64Micro(issued_at), toString(total), line_count "
-                 "FROM invoices")["rows"]  # fmt: skip
+                 "toUnixTimestamp64Micro(issued_at), toString(total), line_count, "
+                 "toUnixTimestamp64Micro(finalized_at), toString(credit_applied), "
+                 "toString(amount_due) FROM invoices")["rows"]  # fmt: skip
     body = query(settings, "SELECT invoice_id, line_no, charge_id, kind, "
                  "toUnixTimestamp64Micro(period_start), toUnixTimestamp64Micro(period_end), "
                  "toString(quantity), toString(amount) FROM invoice_lines")["rows"]  # fmt: skip
@@ -338,7 +339,10 @@ def landed_invoices(settings: Settings) -> list[Invoice]:
         copies = lines.get(invoice_id, {})
         if len(versions) > 1 or any(len(v) > 1 for v in copies.values()):
             raise ReplayError(f"invoice {invoice_id} landed with different contents")
-        _, account, sub, currency, reason, issued_us, total, line_count = next(iter(versions))
+        _, account, sub, currency, reason, issued_us, total, line_count, *settled = next(
+            iter(versions)
+        )
+        finalized_us, credit, due = settled
         if sorted(copies) != list(range(int(line_count))):
             raise ReplayError(f"invoice {invoice_id}: lines {sorted(copies)} of {line_count}")
         invoice_lines = []
@@ -350,7 +354,9 @@ def landed_invoices(settings: Settings) -> list[Invoice]:
             ))  # fmt: skip
         invoices.append(Invoice(invoice_id, account, sub, currency, from_micros(int(issued_us)),
                                 tuple(invoice_lines), _money(total, currency, invoice_id),
-                                reason))  # fmt: skip
+                                reason, from_micros(int(finalized_us)),
+                                _money(credit, currency, invoice_id),
+                                _money(due, currency, invoice_id)))  # fmt: skip
     orphans = sorted(set(lines) - set(heads))
     if orphans:
         raise ReplayError(f"invoice lines without their invoice: {orphans[:5]}")

@@ -91,3 +91,35 @@ def test_the_public_json_is_the_record_less_its_private_fields() -> None:
     assert tuple(public) == tuple(f for f in INVOICE_FIELDS if f not in PRIVATE_FIELDS)
     assert all(tuple(line) == LINE_FIELDS for line in public["lines"])
     assert public["total"] == "51.35" and public["lines"][1]["quantity"] == "1234.5"
+
+
+def test_a_record_written_before_the_credit_fields_lands_as_it_meant() -> None:
+    """A billing.invoices record of the first schema (schemas/history/invoice.1.avsc: no
+    finalized_at, credit_applied, amount_due) is read with them null and lands finalized
+    when issued, with no credit and the total when positive due; payments collects that."""
+    import io
+
+    import fastavro
+
+    from streams.codec import MAGIC, SCHEMAS_DIR, load_schema_json, schema_fingerprint
+    from streams.processors import payments
+
+    old = fastavro.parse_schema(load_schema_json(SCHEMAS_DIR / "history" / "invoice.1.avsc"))
+    for total, due in ((Decimal("51.35"), Decimal("51.35")), (Decimal("-3.00"), Decimal(0))):
+        record = {k: v for k, v in RECORD.items() if k in {f["name"] for f in old["fields"]}}
+        record["total"] = total
+        buf = io.BytesIO()
+        buf.write(MAGIC + schema_fingerprint(old))
+        fastavro.schemaless_writer(buf, old, record)
+        read = codec(INVOICES.schema).decode(buf.getvalue())
+        assert (read["finalized_at"], read["credit_applied"], read["amount_due"]) == (None,) * 3
+        rows: dict[str, list] = {t: [] for t in COLUMNS}
+        LANDERS[INVOICES.base](read, 0, 0, rows)
+        landed = dict(zip(COLUMNS["invoices"], rows["invoices"][0], strict=True))
+        assert (landed["finalized_at"], landed["credit_applied"], landed["amount_due"]) == (
+            INVOICE.issued_at,
+            Decimal(0),
+            due,
+        )
+        request = payments.request_for_invoice(buf.getvalue(), ("m-1",), T1)
+        assert (request and request["amount"]) == (due or None)

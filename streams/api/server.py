@@ -565,8 +565,9 @@ class Api:
         where = f"invoice_id = '{invoice_id}'"
         head, lines = await self._warehouse(
             "SELECT invoice_id, account_id, subscription_id, "
-            "currency, toUnixTimestamp64Micro(issued_at), toString(total) "
-            f"FROM invoices FINAL WHERE {where}",
+            "currency, toUnixTimestamp64Micro(issued_at), toString(total), "
+            "toUnixTimestamp64Micro(finalized_at), toString(credit_applied), "
+            f"toString(amount_due) FROM invoices FINAL WHERE {where}",
             "SELECT charge_id, kind, toUnixTimestamp64Micro(period_start), "
             "toUnixTimestamp64Micro(period_end), toString(quantity), "
             f"toString(amount) FROM invoice_lines FINAL WHERE {where} ORDER BY line_no",
@@ -574,12 +575,14 @@ class Api:
         # another tenant's invoice is not found, as if it did not exist
         if not head or not tenant.owns(head[0][1]):
             raise ApiError(404, "not_found", "no such invoice")
-        inv_id, account, sub, currency, issued, total = head[0]
+        inv_id, account, sub, currency, issued, total, finalized, credit, due = head[0]
         invoice = Invoice(
             inv_id, account, sub, currency, from_micros(int(issued)),
             tuple(InvoiceLine(c, k, from_micros(int(ps)), from_micros(int(pe)), Decimal(q),
                               Decimal(a)) for c, k, ps, pe, q, a in lines),
             Decimal(total), reason="",  # not part of the public shape
+            finalized_at=from_micros(int(finalized)), credit_applied=Decimal(credit),
+            amount_due=Decimal(due),
         )  # fmt: skip
         return json_response(200, invoice_to_dict(invoice))
 

@@ -134,8 +134,8 @@ def make_invoice(
 
 
 def invoice_to_dict(inv: Invoice) -> dict[str, Any]:
-    """The public JSON shape of version 1; every number is a string (amounts with exactly
-    the currency's minor-unit digits, quantities normalized). `reason` is internal."""
+    """The public JSON shape; every number is a string (amounts with exactly the
+    currency's minor-unit digits, quantities normalized). `reason` is internal."""
     return {
         "invoice_id": inv.invoice_id,
         "account_id": inv.account_id,
@@ -154,21 +154,20 @@ def invoice_to_dict(inv: Invoice) -> dict[str, Any]:
             for ln in inv.lines
         ],
         "total": format_money(inv.total, inv.currency),
+        "finalized_at": format_timestamp(inv.finalized_at or inv.issued_at),
+        "credit_applied": format_money(inv.credit_applied, inv.currency),
+        "amount_due": format_money(inv.due, inv.currency),
     }
 
 
 def invoice_to_contract_dict(inv: Invoice) -> dict[str, Any]:
-    """What `streambill rate` prints (the rating contract, version 2): the version-1 shape
-    with `reason`, `finalized_at`, `credit_applied` and `amount_due`; quantities exactly as
-    computed (the digits of the input, not normalized) and null for flat, proration and
-    discount lines."""
+    """What `streambill rate` prints (the rating contract, version 2): the public shape
+    with `reason`; quantities exactly as computed (the digits of the input, not
+    normalized) and null for flat, proration and discount lines."""
     d = invoice_to_dict(inv)
     for line, ln in zip(d["lines"], inv.lines, strict=True):
         line["quantity"] = None if ln.kind in _NO_QUANTITY else _exact(ln.quantity)
     d["reason"] = inv.reason
-    d["finalized_at"] = format_timestamp(inv.finalized_at or inv.issued_at)
-    d["credit_applied"] = format_money(inv.credit_applied, inv.currency)
-    d["amount_due"] = format_money(inv.due, inv.currency)
     return d
 
 
@@ -204,6 +203,9 @@ def invoice_from_dict(d: dict[str, Any], reason: str = "") -> Invoice:
         lines=lines,
         total=parse_decimal(d["total"], allow_negative=True),
         reason=reason,
+        finalized_at=parse_timestamp(d["finalized_at"]) if d.get("finalized_at") else None,
+        credit_applied=parse_decimal(d.get("credit_applied", "0")),
+        amount_due=parse_decimal(d["amount_due"]) if d.get("amount_due") is not None else None,
     )
 
 

@@ -27,7 +27,7 @@ def payment_run_progress(settings: Settings, until: datetime) -> tuple[int, int]
             count()
         FROM (
             SELECT invoice_id FROM invoices FINAL
-            WHERE total > 0 AND payment_method IS NOT NULL AND issued_at <= until
+            WHERE amount_due > 0 AND payment_method IS NOT NULL AND issued_at <= until
         ) AS i
         LEFT JOIN (
             SELECT invoice_id, count() AS attempts, max(attempt) AS last_attempt,

@@ -8,7 +8,7 @@ Listed as differences:
   amount or currency that differs between them, a result missing from (or different
   in) the warehouse;
 - a charge or result for another amount or currency than the invoice's amount due (its
-  total, as landed in ClickHouse), or a charge of another card than the invoice's;
+  amount due, as landed in ClickHouse), or a charge of another card than the invoice's;
 - refunds beyond what was charged, per charge and per invoice;
 - a gateway answer the card token does not give: the simulator declines by token and
   merchant account (``decline_code_for``), so every decline and success is predictable;
@@ -33,7 +33,7 @@ class Sources(NamedTuple):
     ledger: list[dict[str, Any]]  # the gateway's charges and refunds
     results: list[dict[str, Any]]  # every committed record of billing.payment-results
     warehouse: list[dict[str, Any]]  # the payment attempts in ClickHouse
-    invoices: list[dict[str, Any]]  # invoice_id, total, currency, payment_method
+    invoices: list[dict[str, Any]]  # invoice_id, amount_due, currency, payment_method
     decline_rates: dict[str, float]  # merchant account -> the gateway's decline rate
 
 
@@ -175,10 +175,11 @@ def _check_amounts_due(
         if inv is None:
             diff.append({"kind": "unknown_invoice", what: ref, "invoice_id": row["invoice_id"]})
             continue
-        if Decimal(row["amount"]) != Decimal(inv["total"]) or row["currency"] != inv["currency"]:
+        due_amount, currency = inv["amount_due"], inv["currency"]
+        if Decimal(row["amount"]) != Decimal(due_amount) or row["currency"] != currency:
             diff.append({"kind": "amount_not_due", what: ref,
                          "asked": f"{row['amount']} {row['currency']}",
-                         "due": f"{inv['total']} {inv['currency']}"})  # fmt: skip
+                         "due": f"{due_amount} {currency}"})  # fmt: skip
         if what == "charge" and row.get("payment_method") != inv["payment_method"]:
             diff.append({"kind": "charged_another_card", "charge": ref})
 
@@ -300,11 +301,11 @@ def collect(settings: Any, bootstrap: str, gateway_url: str | None = None) -> So
     ]  # fmt: skip
     rows = query(
         settings,
-        "SELECT invoice_id, toString(total), currency, payment_method FROM invoices FINAL "
+        "SELECT invoice_id, toString(amount_due), currency, payment_method FROM invoices FINAL "
         "WHERE invoice_id IN (SELECT invoice_id FROM payment_attempts)",
     )["rows"]
     invoices = [
-        dict(zip(("invoice_id", "total", "currency", "payment_method"), r, strict=True))
+        dict(zip(("invoice_id", "amount_due", "currency", "payment_method"), r, strict=True))
         for r in rows
     ]
     rates = {name: float(a["decline_rate"]) for name, a in accounts.items()}

@@ -120,10 +120,13 @@ def request_for_invoice(
     value: bytes | None, merchant_accounts: tuple[str, ...], now: datetime
 ) -> dict[str, Any] | None:
     """A record of billing.invoices -> the request of its first attempt, or None when
-    there is nothing to collect (a credit, zero, no payment method); raises DecodeError
-    (reason invalid_invoice for one that decodes but cannot be charged)."""
+    there is nothing to collect (a credit, zero, paid by credit, no payment method); raises
+    DecodeError (reason invalid_invoice for one that decodes but cannot be charged). It
+    collects the amount due: the total less the credit applied (a record written before
+    amount_due existed: its total)."""
     inv = codec(INVOICES.schema).decode(value)
-    if not payable(inv["total"], inv["payment_method"]):
+    due = inv["total"] if inv["amount_due"] is None else inv["amount_due"]
+    if not payable(due, inv["payment_method"]):
         return None
     request = {
         "payment_id": payment_id(inv["invoice_id"], 1),
@@ -131,7 +134,7 @@ def request_for_invoice(
         "invoice_id": inv["invoice_id"],
         "account_id": inv["account_id"],
         "attempt": 1,
-        "amount": inv["total"],
+        "amount": due,
         "currency": inv["currency"],
         "payment_method": inv["payment_method"],
         "gateway_account": route(inv["account_id"], merchant_accounts),

@@ -59,7 +59,7 @@ COLUMNS: dict[str, list[str]] = {
     "invoices": [
         "invoice_id", "account_id", "subscription_id", "plan_id", "currency", "issued_at",
         "reason", "total", "recurring_total", "usage_total", "line_count", "payment_method",
-        *COORDINATES,
+        "finalized_at", "credit_applied", "amount_due", *COORDINATES,
     ],
     "invoice_lines": [
         "invoice_id", "line_no", "account_id", "subscription_id", "currency", "issued_at",
@@ -108,7 +108,7 @@ _FITS = {
 }
 COLUMN_TYPES: dict[str, dict[str, str]] = {
     "invoices": {"total": "decimal", "recurring_total": "decimal", "usage_total": "decimal",
-                 "line_count": "UInt16"},
+                 "line_count": "UInt16", "credit_applied": "decimal", "amount_due": "decimal"},
     "invoice_lines": {"line_no": "UInt16", "quantity": "decimal", "amount": "decimal"},
     "usage_events": {"quantity": "decimal"},
     "payment_attempts": {"attempt": "UInt16", "amount": "decimal"},
@@ -146,10 +146,14 @@ def _invoice_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) 
             invoice_id, no, account, sub, currency, issued_at, line["charge_id"], line["kind"],
             line["period_start"], line["period_end"], line["quantity"], amount,
         ])  # fmt: skip
+    # null in records written before these fields existed: what those records meant
+    total, finalized, credit, due = (rec["total"], rec.get("finalized_at"),
+                                     rec.get("credit_applied"), rec.get("amount_due"))  # fmt: skip
     rows["invoices"].append([
         invoice_id, account, sub, rec["plan_id"], currency, issued_at, rec["reason"],
-        rec["total"], recurring, usage, len(rec["lines"]), rec["payment_method"],
-        partition, offset,
+        total, recurring, usage, len(rec["lines"]), rec["payment_method"],
+        issued_at if finalized is None else finalized, ZERO if credit is None else credit,
+        max(total, ZERO) if due is None else due, partition, offset,
     ])  # fmt: skip
 
 

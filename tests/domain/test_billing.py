@@ -354,9 +354,15 @@ def test_events_are_processed_in_arrival_order_and_after_until_are_not() -> None
 # --- properties -------------------------------------------------------------------------
 
 
-def _v1_view(invoices) -> list[dict]:
-    return sorted(({**invoice_to_dict(i), "reason": i.reason} for i in invoices),
-                  key=lambda d: d["invoice_id"])  # fmt: skip
+def _v1_view(invoices, *, credit: bool = True) -> list[dict]:
+    """The public JSON and reason, by invoice id; without the credit balance's fields when
+    compared with the version-1 state machine, which has none."""
+    drop = () if credit else ("credit_applied", "amount_due")
+    return sorted(
+        ({**{k: v for k, v in invoice_to_dict(i).items() if k not in drop}, "reason": i.reason}
+         for i in invoices),
+        key=lambda d: d["invoice_id"],
+    )  # fmt: skip
 
 
 @settings(max_examples=120, deadline=None)
@@ -364,7 +370,7 @@ def _v1_view(invoices) -> list[dict]:
 def test_version_1_inputs_rate_as_the_version_1_state_machine_does(evs) -> None:
     _, v1_invoices, v1_rejections = rate(evs)
     run, dead, _, _ = run_contract(PROP, [(e, n) for n, e in enumerate(evs)], UNTIL)
-    assert _v1_view(run.invoices) == _v1_view(v1_invoices)
+    assert _v1_view(run.invoices, credit=False) == _v1_view(v1_invoices, credit=False)
     assert len(dead) == len(v1_rejections)
 
 

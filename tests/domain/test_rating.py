@@ -39,6 +39,10 @@ def test_creation_invoice_charges_flats_in_advance():
             }
         ],
         "total": "10.00",
+        # no credit in the version-1 state machine: finalized when issued, the total due
+        "finalized_at": "2026-01-31T10:00:00Z",
+        "credit_applied": "0.00",
+        "amount_due": "10.00",
     }
     assert inv.reason == "created"
     assert next_period_end(states["s1"]) == ts("2026-02-28T10:00:00")

@@ -66,3 +66,14 @@ def run_bill_run(
 
 def scalar(settings: Settings, sql: str) -> Any:
     return query(settings, sql)["rows"][0][0]
+
+
+# The streaming rater carries no credit balance yet (rule 21 of the rating contract's
+# version 2): its invoices' amount due is the total when positive. Compared with
+# `streambill rate`, which carries a credit into the next invoices, they differ in these.
+NOT_STREAMED_YET = ("credit_applied", "amount_due")
+
+
+def as_streamed(invoice: dict[str, Any]) -> dict[str, Any]:
+    """An invoice's public JSON less what the streaming rater does not compute yet."""
+    return {k: v for k, v in invoice.items() if k not in NOT_STREAMED_YET}

@@ -40,7 +40,7 @@ def result(inv: str, attempt: int, status: str, amount: str | None = None) -> di
 
 
 def invoices() -> list[dict]:
-    return [{"invoice_id": i, "total": t, "currency": "EUR", "payment_method": TOKENS[i]}
+    return [{"invoice_id": i, "amount_due": t, "currency": "EUR", "payment_method": TOKENS[i]}
             for i, t in DUE.items()]  # fmt: skip
 
 
