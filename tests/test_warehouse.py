@@ -216,3 +216,28 @@ def test_query_opens_the_embedded_warehouse_itself_when_no_sink_runs(tmp_path: P
     ).stdout  # fmt: skip
     assert json.loads(out) == [{"n": 0, "views": 1}]
     assert (tmp_path / "home" / "warehouse").is_dir()
+
+
+def test_an_invoice_paid_by_credit_reads_as_paid_and_one_with_an_amount_due_as_open(
+    warehouse: Any,
+) -> None:
+    """The API's invoice status: nothing due (the credit balance took it all) is paid with
+    no charge; an amount due without a successful charge is open."""
+    from streams.api.reads import invoices_sql
+
+    migrate(warehouse)
+    warehouse.command(
+        "INSERT INTO streambill.invoices (invoice_id, account_id, subscription_id, plan_id, "
+        "currency, issued_at, reason, total, line_count, credit_applied, amount_due, "
+        "_partition, _offset) VALUES "
+        "('by-credit', 'acme-1', 's1', 'p', 'EUR', '2026-03-01 00:00:00', 'created', 30, 1, "
+        "30, 0, 0, 0), "
+        "('due', 'acme-1', 's2', 'p', 'EUR', '2026-03-02 00:00:00', 'created', 30, 1, 10, 20, "
+        "0, 1)"
+    )
+    rows = warehouse.query(
+        invoices_sql("acme-", None, None, None, None, None, 10)
+        .replace("FROM invoices", "FROM streambill.invoices")
+        .replace("FROM payment_attempts", "FROM streambill.payment_attempts")
+    ).result_rows
+    assert [(r[0], r[-1]) for r in rows] == [("by-credit", "paid"), ("due", "open")]

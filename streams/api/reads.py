@@ -33,10 +33,11 @@ DEFAULT_PAGE = 100
 
 # --- invoices --------------------------------------------------------------------------
 
-# paid: a charge succeeded, or nothing was owed (zero or a credit); uncollectible: dunning
-# gave up; open: neither, yet
+# paid: a charge succeeded, or nothing was due (zero, a credit, or all of it paid by the
+# account's credit balance); uncollectible: dunning gave up; open: neither, yet
 INVOICE_STATUS_SQL = (
-    "multiIf(p.succeeded > 0 OR i.total <= 0, 'paid', p.uncollectible > 0, 'uncollectible', 'open')"
+    "multiIf(p.succeeded > 0 OR i.amount_due <= 0, 'paid', p.uncollectible > 0, "
+    "'uncollectible', 'open')"
 )
 
 
@@ -89,8 +90,8 @@ def invoices_sql(
         "i.subscription_id AS subscription_id, i.currency AS currency, "
         "toUnixTimestamp64Micro(i.issued_at) AS issued_us, toString(i.total) AS total, "
         f"{INVOICE_STATUS_SQL} AS status "
-        "FROM (SELECT invoice_id, account_id, subscription_id, currency, issued_at, total "
-        f"FROM invoices FINAL WHERE {' AND '.join(where)}) AS i "
+        "FROM (SELECT invoice_id, account_id, subscription_id, currency, issued_at, total, "
+        f"amount_due FROM invoices FINAL WHERE {' AND '.join(where)}) AS i "
         "LEFT JOIN (SELECT invoice_id, countIf(status = 'succeeded') AS succeeded, "
         "countIf(status = 'uncollectible') AS uncollectible FROM payment_attempts FINAL "
         "GROUP BY invoice_id) AS p ON p.invoice_id = i.invoice_id) "

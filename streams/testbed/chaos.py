@@ -31,6 +31,7 @@ the partitions that lost the killed broker as their leader, the inserts that fai
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -909,7 +910,13 @@ def run_chaos(
         ) as run_settings,
     ):
         chaos = Chaos(run_settings, bootstrap, cluster_env, plan, seed, console)
-        outcomes = chaos.run(scenarios)
+        try:
+            outcomes = chaos.run(scenarios)
+        finally:
+            # its Kafka clients go before the cluster does: librdkafka aborted the process
+            # (an enq_once assertion) when an admin client outlived the brokers it talked to
+            del chaos
+            gc.collect()
         keep = run_settings.home
     print_table(console, outcomes)
     checked = sum(len(o.invariants) for o in outcomes)
