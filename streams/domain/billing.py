@@ -211,15 +211,20 @@ class Tally:
     latest_at: datetime | None = None
     uniques: dict[str, set[str]] = field(default_factory=dict)  # property -> values
 
-    def add(self, usage: Usage) -> None:
+    def add(self, usage: Usage, fields: tuple[str, ...] = ()) -> None:
+        """Count an event; distinct values are kept only of the properties in `fields`
+        (those a unique_count charge counts), so the state holds nothing else."""
         q = usage.quantity
         self.sum = q if self.sum is None else CTX.add(self.sum, q)
         self.max = q if self.max is None else max(self.max, q)
         self.count += 1
         if self.latest_at is None or usage.timestamp >= self.latest_at:  # ties: the later one
             self.latest, self.latest_at = q, usage.timestamp
-        for name, value in (usage.properties or {}).items():
-            self.uniques.setdefault(name, set()).add(value)
+        props = usage.properties
+        if props:
+            for name in fields:
+                if name in props:
+                    self.uniques.setdefault(name, set()).add(props[name])
 
     def value(self, key: str) -> Decimal:
         if key == "sum":
@@ -249,9 +254,11 @@ class Segment:
 
     def add(self, usage: Usage) -> bool:
         """Count an event; True if the segment's plan prices its metric."""
-        if usage.metric not in self.plan.aggregation_names():
+        keys = self.plan.aggregation_names().get(usage.metric)
+        if not keys:
             return False
-        self.tallies.setdefault(usage.metric, Tally()).add(usage)
+        fields = tuple(k.removeprefix("unique_count:") for k in keys if k.startswith("unique_"))
+        self.tallies.setdefault(usage.metric, Tally()).add(usage, fields)
         return True
 
     def price(self, charge) -> tuple[Decimal, Decimal]:

@@ -208,7 +208,7 @@ def test_percentage_unique_count_and_latest_charges() -> None:
          "unit_amount": "1"}]}]  # fmt: skip
     cat = Catalog.from_dict({"plans": plans})
     events = [created("2026-03-01T00:00:00Z", "m"),
-              use("2026-03-03T00:00:00Z", "7", "a", user="ann"),
+              use("2026-03-03T00:00:00Z", "7", "a", user="ann", page="p1"),
               use("2026-03-02T00:00:00Z", "5", "b", user="bob"),
               use("2026-03-03T00:00:00Z", "4", "c", user="ann"),  # same instant: the later one
               use("2026-03-01T00:00:00Z", "9", "d"),  # no user: adds nothing to the count
@@ -219,6 +219,9 @@ def test_percentage_unique_count_and_latest_charges() -> None:
     # take: 25 x 0.1 + 4 events x 0.25 = 3.50
     assert [(ln["charge_id"], ln["quantity"], ln["amount"]) for ln in lines] == [
         ("take", "25", "3.50"), ("users", "2", "2.00"), ("last", "4", "4.00")]  # fmt: skip
+    # only the counted property's values are kept in the state, not every property's
+    (seg,) = [s for s in result.run.subs["s"].closed if s.tallies]
+    assert set(seg.tallies["calls"].uniques) == {"user"}
 
 
 def test_customers_tax_exemption_and_grace_apply_to_invoices_finalized_after_them() -> None:
@@ -427,7 +430,7 @@ def test_unique_count_never_exceeds_count(events) -> None:
     t = parse_timestamp("2026-01-01T00:00:00Z")
     for n, (q, user) in enumerate(events):
         props = {"user": user} if user else None
-        tally.add(Usage(f"e{n}", t, "s", "m", Decimal(q), None, props))
+        tally.add(Usage(f"e{n}", t, "s", "m", Decimal(q), None, props), ("user",))
     assert tally.value("unique_count:user") <= tally.value("count")
     assert tally.value("unique_count:user") == len({u for _, u in events if u})
 
