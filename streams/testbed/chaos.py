@@ -580,9 +580,10 @@ class Chaos:
         self.console.print(f"  broker {node} is back")
 
     def warehouse_outage(self, outcome: Outcome, k: int) -> None:
-        """Down as the bill run is issued, the batch's usage just published: the sink has
-        rows to insert (the refund requests go first: they look for paid invoices in the
-        warehouse)."""
+        """Down from the moment the bill run is issued, the batch's usage just published,
+        and kept down for `outage_s` after the sink's first failed insert: the invoices of
+        the bill run are rows the sink must land, so the outage always meets them (the
+        refund requests go first: they look for paid invoices in the warehouse)."""
         outcome.events += self.publish_refunds(k)
         outcome.events += self.publish_batch(k, on_bill_run=partial(self._warehouse_down, outcome))
 
@@ -590,13 +591,21 @@ class Chaos:
         assert self.supervisor
         switch = outage_switch(self.settings)
         switch.parent.mkdir(parents=True, exist_ok=True)
-        at = self._await("rows for the sink to insert", self._sink_behind)
         pid = self.supervisor.pid("sink")
         failures = "streambill_warehouse_retries_total"
-        before = self._process_metric("sink", failures) or 0
+        before = self._process_metric("sink", failures, pid=pid) or 0
         switch.touch()
-        self.console.print(f"  warehouse down for {self.plan.outage_s:.0f} s")
+        self.console.print(f"  warehouse down, {self.plan.outage_s:.0f} s after the sink meets it")
         try:
+
+            def failing() -> dict[str, Any] | None:
+                # a pending insert waited on a consumer-lag gate before: the sink had
+                # often landed the usage already and the invoices' transactional offsets
+                # are not records, so the gate timed out though the sink was healthy
+                failed = (self._process_metric("sink", failures, pid=pid) or 0) - before
+                return {"insert_failures": int(failed)} if failed > 0 else None
+
+            at = self._await("the sink's inserts to fail", failing)
             self._sleep(self.plan.outage_s)
             after = self._process_metric("sink", failures, pid=pid)
         finally:
