@@ -17,6 +17,7 @@ from streams.api.cli import api as api_cmd
 from streams.api.cli import tenant_app
 from streams.config import DEFAULT_CATALOG, DEPLOY_DIR
 from streams.config import settings as load_settings
+from streams.customers import customer_app
 from streams.logging import configure as configure_logging
 from streams.logging import fatal_errors_as_json
 from streams.payments.cli import gateway_app
@@ -34,6 +35,7 @@ bench_app = typer.Typer(help="Benchmarks: start what they need, print figures, w
 app.add_typer(bench_app, name="bench")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(customer_app, name="customer")
 app.command("api")(api_cmd)
 console = Console(stderr=True)
 out = Console()

@@ -43,6 +43,9 @@ GC_PAUSE_SECONDS = Histogram("streambill_gc_pause_seconds",
                              "cyclic garbage collection pauses of the process",
                              ["generation"],
                              buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1))  # fmt: skip
+TABLE_RECORDS = Counter("streambill_table_records_total",
+                        "records of a compacted topic a processor keeps as a table",
+                        ["processor", "topic", "outcome"])  # fmt: skip
 INVOICES_EMITTED = Counter("streambill_invoices_total", "invoices emitted by the rating processor")
 PAYMENTS = Counter("streambill_payments_total", "payment attempts by outcome", ["status"])
 GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call latency",

@@ -638,6 +638,13 @@ class _FakeConsumer:
         self.paused += tps
 
 
+class _NoCustomers(dict):
+    """No account has a customer record (the payments processor's customer table)."""
+
+    def close(self) -> None:
+        pass
+
+
 class _Unanswered:
     """A gateway that never answers: an attempt started stays in flight."""
 
@@ -707,7 +714,7 @@ def test_payments_processor_handles_every_input(data: st.DataObject) -> None:
 
     async def handle() -> tuple[payments.PaymentsProcessor, list[payments.Attempt | None]]:
         stream = StreamLoop(payments.NAME, _FakeConsumer(), producer)
-        proc = payments.PaymentsProcessor(settings, stream, _Unanswered())
+        proc = payments.PaymentsProcessor(settings, stream, _Unanswered(), _NoCustomers())
         handled = [proc.handle(msg) for msg in msgs]
         await asyncio.sleep(0)  # the attempts started reach the gateway, and wait there
         held = sum(len(q) for q in proc.held.values())
@@ -938,6 +945,7 @@ def test_sink_lands_or_dead_letters_every_message(data: st.DataObject) -> None:
         "billing.refund-results": "refunds",
         "billing.entitlements": "entitlements",
         "billing.dead-letter": "dead_letters",
+        "billing.customers": "customers",
         "billing.alerts": "alerts",
     }[base]
     assert len(rows[main]) + bad == len(values)

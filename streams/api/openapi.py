@@ -123,6 +123,21 @@ REFUND = {
         "completed_at": TIMESTAMP,
     },
 }  # fmt: skip
+CUSTOMER = {
+    "type": "object",
+    "required": ["account_id", *reads.CUSTOMER_FIELDS, "updated_at"],
+    "properties": {
+        "account_id": {"type": "string"},
+        "name": {"type": ["string", "null"]},
+        "email": {"type": ["string", "null"]},
+        "address": {"type": ["string", "null"], "description": "lines separated by newlines"},
+        "country": {"type": ["string", "null"], "description": "ISO 3166-1 alpha-2"},
+        "tax_exempt": {"type": "boolean"},
+        "grace_hours": {"type": "integer", "minimum": 0},
+        "payment_method": {"type": ["string", "null"], "description": "a gateway token"},
+        "updated_at": TIMESTAMP,
+    },
+}  # fmt: skip
 EVENT_STATUS = {
     "type": "object",
     "required": ["event_id", "status", "copies"],
@@ -233,6 +248,9 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
     refund = records.body_schema(
         "refund_request", records.REFUND_RULES, server_fields=("requested_at",)
     )
+    customer = records.body_schema(
+        "customer", records.CUSTOMER_RULES, server_fields=("account_id", "timestamp")
+    )
 
     def write(summary: str, schema: str, ok: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -311,6 +329,41 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                 "refund_id",
                 "Refund",
             ),
+            "/v1/customers/{account_id}": {
+                "put": {
+                    "summary": "Replace the account's customer record (fields left out take "
+                    "their defaults); payments charge its payment_method from then on",
+                    "parameters": [
+                        {
+                            "name": "account_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": reads.ID_PATTERN.pattern},
+                        },
+                        IDEMPOTENCY,
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CustomerRecord"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(
+                            {"$ref": "#/components/schemas/CustomerAccepted"},
+                            "durable in Kafka (acks=all)",
+                        ),
+                        **_errors(*WRITE_ERRORS),
+                    },
+                },
+                **_read(
+                    "The account's current customer record, as the warehouse holds it",
+                    "account_id",
+                    "Customer",
+                ),
+            },
             "/v1/events/{event_id}": _read(
                 "Whether an accepted event was applied, ignored as a repeat or dead-lettered",
                 "event_id",
@@ -364,6 +417,27 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                 "Subscription": SUBSCRIPTION,
                 "Refund": REFUND,
                 "EventStatus": EVENT_STATUS,
+                "CustomerRecord": customer,
+                "Customer": CUSTOMER,
+                "CustomerAccepted": {
+                    "type": "object",
+                    "required": [
+                        "status",
+                        "account_id",
+                        "topic",
+                        "partition",
+                        "offset",
+                        "customer",
+                    ],
+                    "properties": {
+                        "status": {"const": "accepted"},
+                        "account_id": {"type": "string"},
+                        "topic": {"type": "string"},
+                        "partition": {"type": "integer"},
+                        "offset": {"type": "integer"},
+                        "customer": {"$ref": "#/components/schemas/Customer"},
+                    },
+                },
                 "Accepted": ACCEPTED,
                 "BatchResult": BATCH,
                 "Error": ERROR,

@@ -24,6 +24,9 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from typing import Any
+
+from streams.domain.timestamps import format_timestamp, from_micros
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 INVOICE_STATUSES = ("open", "paid", "uncollectible")
@@ -120,6 +123,36 @@ def refund_sql(refund_id: str) -> str:
         f"FROM refunds FINAL WHERE refund_id = '{refund_id}' "
         "ORDER BY _partition, _offset LIMIT 1"
     )
+
+
+# --- customers -------------------------------------------------------------------------
+
+CUSTOMER_FIELDS = (
+    "name", "email", "address", "country", "tax_exempt", "grace_hours", "payment_method",
+)  # fmt: skip
+
+
+def customer_sql(account_id: str) -> str:
+    """The account's current customer record: (timestamp µs, *CUSTOMER_FIELDS)."""
+    return (
+        "SELECT toUnixTimestamp64Micro(updated_at), name, email, address, country, tax_exempt, "
+        f"grace_hours, payment_method FROM customers_current WHERE account_id = '{account_id}'"
+    )
+
+
+def customer_record(account_id: str, row: list[Any]) -> dict[str, Any]:
+    """A row of customer_sql -> the customer record (as on billing.customers)."""
+    updated, name, email, address, country, tax_exempt, grace_hours, payment_method = row
+    return {"account_id": account_id, "timestamp": from_micros(int(updated)), "name": name,
+            "email": email, "address": address, "country": country,
+            "tax_exempt": bool(int(tax_exempt)), "grace_hours": int(grace_hours),
+            "payment_method": payment_method}  # fmt: skip
+
+
+def customer_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A customer record -> the API's shape."""
+    return {"account_id": record["account_id"], **{f: record[f] for f in CUSTOMER_FIELDS},
+            "updated_at": format_timestamp(record["timestamp"])}  # fmt: skip
 
 
 # --- events ----------------------------------------------------------------------------

@@ -30,6 +30,10 @@ RFC3339 = re.compile(
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
 )
 CURRENCY = re.compile(r"^[A-Z]{3}$")
+COUNTRY = re.compile(r"^[A-Z]{2}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # Avro int
+MAX_GRACE_HOURS = 24 * 90
 # a card number (PAN) is never accepted where a gateway token belongs
 CARD_NUMBER = re.compile(r"^[\d -]{12,23}$")
 
@@ -37,7 +41,7 @@ CARD_NUMBER = re.compile(r"^[\d -]{12,23}$")
 @dataclass(frozen=True)
 class Field:
     name: str
-    kind: str  # string | timestamp | decimal | boolean
+    kind: str  # string | timestamp | decimal | boolean | int
     nullable: bool
     required: bool
     scale: int = 0
@@ -56,6 +60,8 @@ class Field:
             base = {"type": "string", "format": "date-time"}
         elif self.kind == "decimal":
             base = {"type": "string", "pattern": self.pattern()}
+        elif self.kind == "int":
+            base = {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX}
         else:
             base = {"type": "boolean"}
         if self.nullable:
@@ -76,6 +82,8 @@ def _field(avro: Mapping[str, Any]) -> Field:
         return Field(name, "string", nullable, required, default=default)
     if t == "boolean":
         return Field(name, "boolean", nullable, required, default=default)
+    if t == "int":
+        return Field(name, "int", nullable, required, default=default)
     if isinstance(t, dict) and t.get("logicalType") == "timestamp-micros":
         return Field(name, "timestamp", nullable, required)
     if isinstance(t, dict) and t.get("logicalType") == "decimal":
@@ -165,6 +173,11 @@ def convert(
             if not isinstance(value, bool):
                 errors.append(f"{f.name}: must be true or false")
             record[f.name] = value
+        elif f.kind == "int":
+            # (a JSON true is a Python int: refused like any other non-integer)
+            if type(value) is not int or not INT_MIN <= value <= INT_MAX:
+                errors.append(f"{f.name}: must be an integer from {INT_MIN} to {INT_MAX}")
+            record[f.name] = value
         elif f.kind == "decimal":
             record[f.name] = _decimal(f, value, errors)
         else:
@@ -198,9 +211,7 @@ def subscription_rules(plan_exists: Callable[[str], bool]) -> Rules:
             errors.append(f"mode: one of {', '.join(CANCEL_MODES)} for a cancellation")
         if kind != "subscription.cancelled" and e["mode"] is not None:
             errors.append("mode: only for subscription.cancelled")
-        pm = e["payment_method"]
-        if pm is not None and CARD_NUMBER.fullmatch(pm):
-            errors.append("payment_method: card numbers are refused; send a gateway token")
+        errors.extend(_payment_method_problems(e["payment_method"]))
         return errors
 
     return Rules(enums={"type": SUBSCRIPTION_TYPES, "mode": CANCEL_MODES}, check=check)
@@ -220,7 +231,26 @@ def _refund_check(r: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _customer_check(c: dict[str, Any]) -> list[str]:
+    errors = []
+    if c["country"] is not None and not COUNTRY.fullmatch(c["country"]):
+        errors.append("country: an ISO 3166-1 alpha-2 code such as FR")
+    if c["email"] is not None and not EMAIL.fullmatch(c["email"]):
+        errors.append("email: not an email address")
+    if not 0 <= c["grace_hours"] <= MAX_GRACE_HOURS:
+        errors.append(f"grace_hours: from 0 to {MAX_GRACE_HOURS}")
+    errors.extend(_payment_method_problems(c["payment_method"]))
+    return errors
+
+
+def _payment_method_problems(token: str | None) -> list[str]:
+    if token is not None and CARD_NUMBER.fullmatch(token):
+        return ["payment_method: card numbers are refused; send a gateway token"]
+    return []
+
+
 USAGE_RULES = Rules(check=_usage_check)
+CUSTOMER_RULES = Rules(check=_customer_check)
 REFUND_RULES = Rules(check=_refund_check)
 
 

@@ -56,7 +56,14 @@ from streams.domain.timestamps import (
     to_micros,
 )
 from streams.kafka import clients
-from streams.kafka.topics import CANCELLATIONS, REFUNDS, SUBSCRIPTIONS, USAGE, TopicSpec
+from streams.kafka.topics import (
+    CANCELLATIONS,
+    CUSTOMERS,
+    REFUNDS,
+    SUBSCRIPTIONS,
+    USAGE,
+    TopicSpec,
+)
 from streams.metrics import (
     API_EVENTS,
     API_IN_FLIGHT,
@@ -533,6 +540,34 @@ class Api:
 
         return await self._idempotent(request, work)
 
+    async def put_customer(self, request: web.Request) -> web.Response:
+        """The account's whole customer record, replaced (fields left out take their
+        defaults: null, tax_exempt false, grace_hours 0): a record on billing.customers is
+        always a whole customer, so a compacted topic keeps everything and two writers
+        never merge halves of each other's records."""
+        tenant: Tenant = request["tenant"]
+        account = request.match_info["account_id"]
+        if not reads.ID_PATTERN.fullmatch(account):
+            raise ApiError(422, "invalid", "the account id is invalid",
+                           errors=["account_id: 1 to 128 letters, digits and ._:@-"])  # fmt: skip
+
+        async def work(body: Any) -> web.Response:
+            now = datetime.now(UTC)
+            record, errors = records.validate(
+                "customer", records.CUSTOMER_RULES, body, now,
+                server_fields={"account_id": account, "timestamp": now},
+            )  # fmt: skip
+            if record is None:
+                raise ApiError(422, "invalid", "the customer record is invalid", errors=errors)
+            self._own(tenant, account)
+            partition, offset = await self._send(CUSTOMERS, record)
+            return json_response(202, {
+                "status": "accepted", "account_id": account, "topic": CUSTOMERS.name,
+                "partition": partition, "offset": offset, "customer": reads.customer_json(record),
+            })  # fmt: skip
+
+        return await self._idempotent(request, work)
+
     # --- reads from the warehouse -------------------------------------------------------
 
     async def _warehouse(self, *sqls: str) -> list[list[list[Any]]]:
@@ -643,6 +678,14 @@ class Api:
             "cancelled_at": None if cancelled is None else _time(cancelled),
             "updated_at": _time(updated),
         })  # fmt: skip
+
+    async def get_customer(self, request: web.Request) -> web.Response:
+        tenant: Tenant = request["tenant"]
+        account = self._path_id(request, "account_id", "account")
+        (rows,) = await self._warehouse(reads.customer_sql(account))
+        if not rows or not tenant.owns(account):
+            raise ApiError(404, "not_found", "no such customer")
+        return json_response(200, reads.customer_json(reads.customer_record(account, rows[0])))
 
     async def get_refund(self, request: web.Request) -> web.Response:
         tenant: Tenant = request["tenant"]
@@ -787,6 +830,8 @@ class Api:
         app.router.add_get("/v1/invoices/{invoice_id}", self.get_invoice)
         app.router.add_get("/v1/subscriptions/{subscription_id}", self.get_subscription)
         app.router.add_get("/v1/refunds/{refund_id}", self.get_refund)
+        app.router.add_put("/v1/customers/{account_id}", self.put_customer)
+        app.router.add_get("/v1/customers/{account_id}", self.get_customer)
         app.router.add_get("/v1/events/{event_id}", self.get_event)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/readyz", self.ready)

@@ -60,6 +60,9 @@ ALERTS = TopicSpec("billing.alerts", "alert")
 CONTROL = TopicSpec("billing.control", "bill_run")
 PAYMENT_CONTROL = TopicSpec("billing.payment-control", "payment_run")
 RATING_CHANGELOG = TopicSpec("billing.rating-changelog", None, compacted=True)
+# the latest record of an account is its customer (every field given: nothing is lost
+# to compaction)
+CUSTOMERS = TopicSpec("billing.customers", "customer", compacted=True)
 # dunning: attempt n+1 waits in retry topic n. One topic per step, so each holds one
 # constant delay and its records come due in offset order: the dispatcher pauses a
 # partition at its first record not yet due, never skipping past it.
@@ -84,6 +87,7 @@ ALL_TOPICS = (
     CONTROL,
     PAYMENT_CONTROL,
     RATING_CHANGELOG,
+    CUSTOMERS,
     *PAYMENT_RETRIES,
 )
 

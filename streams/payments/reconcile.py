@@ -8,7 +8,9 @@ Listed as differences:
   amount or currency that differs between them, a result missing from (or different
   in) the warehouse;
 - a charge or result for another amount or currency than the invoice's amount due (its
-  amount due, as landed in ClickHouse), or a charge of another card than the invoice's;
+  amount due, as landed in ClickHouse); a charge of a card that is neither the invoice's
+  nor one its customer gave (billing.customers, as landed), or another card than its
+  result names;
 - refunds beyond what was charged, per charge and per invoice;
 - a gateway answer the card token does not give: the simulator declines by token and
   merchant account (``decline_code_for``), so every decline and success is predictable;
@@ -33,8 +35,10 @@ class Sources(NamedTuple):
     ledger: list[dict[str, Any]]  # the gateway's charges and refunds
     results: list[dict[str, Any]]  # every committed record of billing.payment-results
     warehouse: list[dict[str, Any]]  # the payment attempts in ClickHouse
-    invoices: list[dict[str, Any]]  # invoice_id, amount_due, currency, payment_method
+    invoices: list[dict[str, Any]]  # invoice_id, account_id, amount_due, currency, payment_method
     decline_rates: dict[str, float]  # merchant account -> the gateway's decline rate
+    # account -> every payment method its customer record has had
+    customer_cards: dict[str, set[str]] = {}  # noqa: RUF012 - a NamedTuple default, never mutated
 
 
 @dataclass
@@ -74,6 +78,7 @@ def reconcile(
     warehouse: list[dict[str, Any]],
     invoices: list[dict[str, Any]],
     decline_rates: dict[str, float],
+    customer_cards: dict[str, set[str]] | None = None,
     *,
     schedule: tuple[timedelta, ...],
 ) -> Report:
@@ -113,6 +118,8 @@ def reconcile(
         if charge is None:
             diff.append({"kind": "result_without_gateway_charge", "payment_id": r["payment_id"],
                          "status": r["status"]})  # fmt: skip
+        elif r.get("payment_method") not in (None, charge["payment_method"]):
+            diff.append({"kind": "result_names_another_card", "payment_id": r["payment_id"]})
         elif (
             Decimal(charge["amount"]) != Decimal(r["amount"]) or charge["currency"] != r["currency"]
         ):
@@ -128,7 +135,7 @@ def reconcile(
     for invoice_id, state in states.items():
         if state == "uncollectible" and succeeded_by_invoice.get(invoice_id):
             diff.append({"kind": "uncollectible_but_charged", "invoice_id": invoice_id})
-    _check_amounts_due(charges, published, invoices, diff)
+    _check_amounts_due(charges, published, invoices, customer_cards or {}, diff)
     _check_refunds(ledger, charges, diff)
     _check_gateway_answers(charges, decline_rates, diff)
     _check_dunning(charges, published, states, len(schedule) + 1, diff)
@@ -163,10 +170,11 @@ def _check_amounts_due(
     charges: list[dict[str, Any]],
     published: dict[str, dict[str, Any]],
     invoices: list[dict[str, Any]],
+    customer_cards: dict[str, set[str]],
     diff: list[dict[str, Any]],
 ) -> None:
     """Each charge (whatever its outcome) and each result asks for the invoice's amount
-    due, in its currency, of the invoice's card."""
+    due, in its currency, of the invoice's card or one its customer gave."""
     due = {i["invoice_id"]: i for i in invoices}
     asked = [("charge", e["id"], e) for e in charges]
     asked += [("payment_id", p, r) for p, r in published.items()]
@@ -180,7 +188,8 @@ def _check_amounts_due(
             diff.append({"kind": "amount_not_due", what: ref,
                          "asked": f"{row['amount']} {row['currency']}",
                          "due": f"{due_amount} {currency}"})  # fmt: skip
-        if what == "charge" and row.get("payment_method") != inv["payment_method"]:
+        cards = {inv["payment_method"], *customer_cards.get(inv.get("account_id", ""), ())}
+        if what == "charge" and row.get("payment_method") not in cards:
             diff.append({"kind": "charged_another_card", "charge": ref})
 
 
@@ -301,12 +310,16 @@ def collect(settings: Any, bootstrap: str, gateway_url: str | None = None) -> So
     ]  # fmt: skip
     rows = query(
         settings,
-        "SELECT invoice_id, toString(amount_due), currency, payment_method FROM invoices FINAL "
-        "WHERE invoice_id IN (SELECT invoice_id FROM payment_attempts)",
+        "SELECT invoice_id, account_id, toString(amount_due), currency, payment_method "
+        "FROM invoices FINAL WHERE invoice_id IN (SELECT invoice_id FROM payment_attempts)",
     )["rows"]
-    invoices = [
-        dict(zip(("invoice_id", "amount_due", "currency", "payment_method"), r, strict=True))
-        for r in rows
-    ]
+    columns = ("invoice_id", "account_id", "amount_due", "currency", "payment_method")
+    invoices = [dict(zip(columns, r, strict=True)) for r in rows]
+    rows = query(
+        settings,
+        "SELECT account_id, groupUniqArray(assumeNotNull(payment_method)) FROM customers FINAL "
+        "WHERE payment_method IS NOT NULL GROUP BY account_id",
+    )["rows"]
+    cards = {account: set(tokens) for account, tokens in rows}
     rates = {name: float(a["decline_rate"]) for name, a in accounts.items()}
-    return Sources(ledger, results, warehouse, invoices, rates)
+    return Sources(ledger, results, warehouse, invoices, rates, cards)

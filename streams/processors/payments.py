@@ -54,6 +54,7 @@ from streams.domain.payments import (
     payment_id,
 )
 from streams.kafka.topics import (
+    CUSTOMERS,
     INVOICES,
     PAYMENT_CONTROL,
     PAYMENT_REQUESTS,
@@ -74,6 +75,7 @@ from streams.runtime.deadletter import produce_dead_letter
 from streams.runtime.loop import StreamLoop
 from streams.runtime.offsets import TP
 from streams.runtime.process import StopFlag, tune_gc
+from streams.runtime.table import TopicTable
 from streams.runtime.tasks import TaskLoop
 
 log = structlog.get_logger(__name__)
@@ -172,16 +174,19 @@ class PaymentsProcessor:
         settings: Settings,
         stream: StreamLoop,
         gateway: Gateway,
+        customers: TopicTable[str | None],
         max_pending: int = 5_000,
     ) -> None:
         """stream: its consumer in the payments group and its producer (``make_payments``
-        builds them); gateway: see
-        ``streams.payments.gateway.make_gateway``; max_pending: attempts decoded and
-        waiting for a slot at most, a second or two at the gateways' pace (more only holds
-        memory and gives the collector more to walk: with 20,000 the loop stalled 100-200
-        ms in collections and its mean lag was 7-15 ms (5,000: 2-5 ms), and every ms of
-        lag is a slot left idle after its answer came)."""
+        builds them); gateway: see ``streams.payments.gateway.make_gateway``; customers:
+        each account's current payment method (``customer_payment_methods``), read up to
+        its end; max_pending: attempts decoded and waiting for a slot at most, a second or
+        two at the gateways' pace (more only holds memory and gives the collector more to
+        walk: with 20,000 the loop stalled 100-200 ms in collections and its mean lag was
+        7-15 ms (5,000: 2-5 ms), and every ms of lag is a slot left idle after its answer
+        came)."""
         self.gateway = gateway
+        self.customers = customers
         self.schedule = parse_schedule(settings.dunning)
         # a retry due later than this is refused (it would hold its partition up); roomy
         # enough for a schedule shortened while retries of the old one are waiting
@@ -234,8 +239,12 @@ class PaymentsProcessor:
         topics = [self.topics["invoices"], self.topics["requests"], self.topics["control"]]
         self.loop.subscribe(topics + self.topics["retries"], on_revoke=self._on_revoke)
         await self.loop.run(self._on_records, self._release_due_now_and_then,
-                            on_stop=self._on_stop, close=self.gateway.close)  # fmt: skip
+                            on_stop=self._on_stop, close=self._close)  # fmt: skip
         return self.completed
+
+    async def _close(self) -> None:
+        self.customers.close()
+        await self.gateway.close()
 
     def _on_records(self, msgs: list[Any]) -> None:
         for msg in msgs:
@@ -323,6 +332,10 @@ class PaymentsProcessor:
 
     async def _attempt(self, attempt: Attempt) -> None:
         req = attempt.request
+        # the customer's payment method now, if the account has one: a dunning retry after
+        # the customer gave a new card charges the new card. Fixed for the attempt (its
+        # transient retries resend the same request under the same idempotency key).
+        req["payment_method"] = self.customers.get(req["account_id"]) or req["payment_method"]
         throttle = self.throttles.get(req["gateway_account"])
         if throttle is None:  # a request routed to an account this dispatcher does not know
             throttle = self.throttles[route(req["account_id"], self.accounts)]
@@ -419,6 +432,7 @@ class PaymentsProcessor:
             "currency": req["currency"],
             "gateway_account": req["gateway_account"],
             "gateway_reference": outcome.reference,
+            "payment_method": req["payment_method"] if status != "uncollectible" else None,
             "decline_code": outcome.decline_code if status != "succeeded" else None,
             "latency_ms": round(latency_ms, 3),
             "completed_at": at,
@@ -436,5 +450,18 @@ class PaymentsProcessor:
 def make_payments(settings: Settings, bootstrap: str) -> PaymentsProcessor:
     """The processor with its clients built from the settings (the CLI's)."""
     # (the producer's default 20 ms linger: results are batched, half the broker's CPU of 5 ms)
+    customers = customer_payment_methods(settings, bootstrap, NAME)
     stream = StreamLoop.from_settings(NAME, settings, bootstrap, GROUP)
-    return PaymentsProcessor(settings, stream, make_gateway(settings))
+    return PaymentsProcessor(settings, stream, make_gateway(settings), customers)
+
+
+def customer_payment_methods(settings: Settings, bootstrap: str, name: str) -> TopicTable:
+    """account -> its customer's payment method (None: none given), billing.customers read
+    up to its end before it is returned."""
+
+    def payment_method(value: bytes) -> str | None:
+        return codec(CUSTOMERS.schema).decode(value)["payment_method"]
+
+    table = TopicTable(settings, bootstrap, CUSTOMERS.name, payment_method, name).start()
+    table.catch_up()
+    return table

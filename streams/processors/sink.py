@@ -27,6 +27,7 @@ from streams.config import Settings
 from streams.domain.catalog import Catalog, Interval
 from streams.kafka.topics import (
     ALERTS,
+    CUSTOMERS,
     DEAD_LETTER,
     ENTITLEMENTS,
     INVOICES,
@@ -75,8 +76,12 @@ COLUMNS: dict[str, list[str]] = {
     ],
     "payment_attempts": [
         "payment_id", "invoice_id", "account_id", "attempt", "status", "amount", "currency",
-        "gateway_account", "gateway_reference", "decline_code", "latency_ms", "completed_at",
-        *COORDINATES,
+        "gateway_account", "gateway_reference", "payment_method", "decline_code", "latency_ms",
+        "completed_at", *COORDINATES,
+    ],
+    "customers": [
+        "account_id", "timestamp", "name", "email", "address", "country", "tax_exempt",
+        "grace_hours", "payment_method", *COORDINATES,
     ],
     "refunds": [
         "refund_id", "invoice_id", "account_id", "status", "amount", "currency", "reason",
@@ -186,6 +191,7 @@ LANDERS: dict[str, Mapper] = {
     ENTITLEMENTS.base: _plain("entitlements"),
     DEAD_LETTER.base: _dead_letter_rows,
     ALERTS.base: _plain("alerts"),
+    CUSTOMERS.base: _plain("customers"),
 }
 
 

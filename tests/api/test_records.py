@@ -143,3 +143,36 @@ def test_the_document_and_the_validator_agree(
     by_document = Draft202012Validator(schema).is_valid(item)
     _, errors = records.convert(schema_name, item, NOW, server_fields=server)
     assert by_document == (errors == []), (item, errors)
+
+
+def validate_customer(item: object) -> tuple[dict | None, list[str]]:
+    server = {"account_id": "acme-1", "timestamp": NOW}
+    return records.validate("customer", records.CUSTOMER_RULES, item, NOW, server_fields=server)
+
+
+def test_a_customer_record_takes_the_defaults_of_the_fields_left_out() -> None:
+    record, errors = validate_customer({"country": "FR", "payment_method": "tok_new"})
+    assert errors == [] and record is not None
+    assert record == {"account_id": "acme-1", "timestamp": NOW, "name": None, "email": None,
+                      "address": None, "country": "FR", "tax_exempt": False, "grace_hours": 0,
+                      "payment_method": "tok_new"}  # fmt: skip
+    codec("customer").encode(record)
+
+
+def test_customer_records_are_refused_field_by_field() -> None:
+    _, errors = validate_customer({"country": "France", "email": "nobody", "grace_hours": -1,
+                                   "payment_method": "4242-4242-4242-4242"})  # fmt: skip
+    assert errors == [
+        "country: an ISO 3166-1 alpha-2 code such as FR",
+        "email: not an email address",
+        f"grace_hours: from 0 to {records.MAX_GRACE_HOURS}",
+        "payment_method: card numbers are refused; send a gateway token",
+    ]
+    # an integer field takes integers only: not a boolean, a float or a string
+    for bad in (True, 1.5, "24", 2**31):
+        assert validate_customer({"grace_hours": bad})[1] == [
+            f"grace_hours: must be an integer from {records.INT_MIN} to {records.INT_MAX}"
+        ]
+    # the account and the time are the server's (the path and the clock)
+    assert validate_customer({"account_id": "other"})[1] == ["account_id: unknown field"]
+    assert validate_customer({"tax_exempt": "yes"})[1] == ["tax_exempt: must be true or false"]

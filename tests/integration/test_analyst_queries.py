@@ -25,7 +25,7 @@ from streams.domain.catalog import Interval
 from streams.domain.invoice import Invoice
 from streams.domain.periods import period_bounds
 from streams.kafka import clients
-from streams.kafka.topics import PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
+from streams.kafka.topics import CUSTOMERS, PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
 from streams.offline import rate_events, record_to_json_line
 from streams.publish import publish, publish_in_time_order
 from streams.testbed.generator import DEFAULT_UNTIL, Dataset, subscription_events, usage_events
@@ -68,6 +68,7 @@ class Truth:
     usage: list[dict]
     rating_rejections: int
     payments: list[dict] = field(default_factory=list)
+    customers: list[dict] = field(default_factory=list)  # billing.customers, in order
 
 
 def plan_timeline(subs: list[dict], changes: list[dict]) -> dict[str, list[tuple]]:
@@ -116,6 +117,26 @@ def synthetic_payments(invoices: list[Invoice], today: date) -> list[dict]:
     return out
 
 
+def synthetic_customers(accounts: list[str]) -> list[dict]:
+    """A customer record for 3 accounts in 4 (countries in turn, 1 in 5 tax exempt, 1 in 3
+    without a payment method); every 7th gives a second record later, moving it to CH
+    with a new card."""
+    out = []
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    for i, account in enumerate(accounts):
+        if i % 4 == 3:
+            continue
+        out.append({"account_id": account, "timestamp": at, "name": f"Customer {i}",
+                    "email": None, "address": None,
+                    "country": ("FR", "DE", "US", None)[i % 4 if i % 8 else 3],
+                    "tax_exempt": i % 5 == 0, "grace_hours": 24 * (i % 3),
+                    "payment_method": None if i % 3 == 0 else f"tok_ok_{i}"})  # fmt: skip
+        if i % 7 == 0:
+            out.append({**out[-1], "timestamp": at + timedelta(days=2), "country": "CH",
+                        "payment_method": f"tok_ok_{i}_new"})  # fmt: skip
+    return out
+
+
 @pytest.fixture(scope="module")
 def demo(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     """The demo data set through the whole pipeline, once for every query."""
@@ -161,6 +182,7 @@ def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
         usage=usage,
         rating_rejections=len(reference.dead_letters),
         payments=synthetic_payments(reference.invoices, datetime.now(UTC).date()),
+        customers=synthetic_customers(sorted({e["account_id"] for e in subs})),
     )
 
     sink = procs.add(start_sink(settings, bootstrap))
@@ -172,6 +194,7 @@ def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
     producer.flush()
     run_bill_run(settings, bootstrap, DEFAULT_UNTIL, [sink, rating])
     publish(producer, PAYMENT_RESULTS, truth.payments)
+    publish(producer, CUSTOMERS, truth.customers)
 
     landed = {
         "invoices": len(truth.invoices),
@@ -179,6 +202,7 @@ def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
         "usage_events": len(usage),
         "subscription_events": len(subs) + len(changes),
         "dead_letters": truth.rating_rejections + 2 * BAD_USAGE,
+        "customers": len(truth.customers),
     }
     for table, n in landed.items():
         sql = f"SELECT count() FROM {table} FINAL"
@@ -391,6 +415,25 @@ def check_arpa_february(rows: list, t: Truth) -> None:
     for r in rows:
         key = (r[0], r[1])
         assert abs(D(r[2]) - total[key] / len(accounts[key])) <= Decimal("0.005")
+
+
+def check_customers_by_country(rows: list, t: Truth) -> None:
+    current = {c["account_id"]: c for c in t.customers}  # the latest record wins
+    per: dict[str, Counter] = defaultdict(Counter)
+    for c in current.values():
+        if c["country"] is not None:
+            has_card = c["payment_method"] is not None
+            per[c["country"]].update(customers=1, tax_exempt=c["tax_exempt"],
+                                     with_payment_method=has_card)  # fmt: skip
+    assert [r[0] for r in rows] == sorted(per)
+    assert "CH" in per and len(per) == 4  # every country, the moves to CH included
+    for country, customers, exempt, with_pm in rows:
+        want = per[country]
+        assert (int(customers), int(exempt), int(with_pm)) == (
+            want["customers"],
+            want["tax_exempt"],
+            want["with_payment_method"],
+        )
 
 
 CHECKS: dict[str, Callable[[list, Truth], None]] = {

@@ -20,6 +20,7 @@ from streams.invoice_record import INVOICE_FIELDS, LINE_FIELDS, PRIVATE_FIELDS
 from streams.kafka import clients
 from streams.kafka.topics import (
     CANCELLATIONS,
+    CUSTOMERS,
     PAYMENT_RESULTS,
     REFUND_RESULTS,
     REFUNDS,
@@ -385,3 +386,53 @@ def test_the_api_process_stops_gracefully(pipeline_env: Settings, kafka_bootstra
     write_tenants(pipeline_env)
     proc, _ = start_api(pipeline_env, kafka_bootstrap)
     assert isinstance(proc, ProcessorProcess) and proc.stop() == 0
+
+
+def test_a_customer_record_is_replaced_by_put_and_read_back_per_tenant(
+    api: Client, pipeline_env: Settings, kafka_bootstrap: str, procs: Procs
+) -> None:
+    procs.add(start_sink(pipeline_env, kafka_bootstrap))
+    path = "/v1/customers/acme-7"
+    headers = {"Authorization": f"Bearer {ACME}"}
+    put = api.session.put(api.base + path, json={"country": "DE", "grace_hours": 48,
+                          "payment_method": "tok_ok_7", "email": "billing@acme.test"},
+                          headers=headers, timeout=10)  # fmt: skip
+    assert put.status_code == 202, put.text
+    assert put.json()["topic"] == CUSTOMERS.name
+    assert put.json()["customer"]["grace_hours"] == 48
+    # PUT replaces: the fields left out take their defaults
+    put = api.session.put(api.base + path, json={"payment_method": "tok_ok_8"},
+                          headers=headers, timeout=10)  # fmt: skip
+    assert put.status_code == 202
+    refused = api.session.put(api.base + path, json={"payment_method": "4242424242424242",
+                              "country": "Deutschland"}, headers=headers, timeout=10)  # fmt: skip
+    assert refused.status_code == 422
+    assert refused.json()["errors"] == [
+        "country: an ISO 3166-1 alpha-2 code such as FR",
+        "payment_method: card numbers are refused; send a gateway token",
+    ]
+    foreign = api.session.put(api.base + "/v1/customers/globex-1", json={},
+                              headers=headers, timeout=10)  # fmt: skip
+    assert foreign.status_code == 403
+    on_topic = [r for r in read_topic(pipeline_env, kafka_bootstrap, CUSTOMERS)]
+    assert [(r["account_id"], r["payment_method"], r["country"]) for r in on_topic] == [
+        ("acme-7", "tok_ok_7", "DE"), ("acme-7", "tok_ok_8", None),
+    ]  # fmt: skip
+
+    def landed() -> bool:
+        return api.get(path).status_code == 200 and api.get(path).json()["payment_method"] == \
+            "tok_ok_8"  # fmt: skip
+
+    wait_until(landed, 60, "the customer read back")
+    got = api.get(path).json()
+    assert got | {"updated_at": None} == {
+        "account_id": "acme-7", "name": None, "email": None, "address": None,
+        "country": None,
+        "tax_exempt": False, "grace_hours": 0, "payment_method": "tok_ok_8", "updated_at": None,
+    }  # fmt: skip
+    assert api.get(path, key=GLOBEX).status_code == 404  # another tenant's customer
+    assert api.get("/v1/customers/acme-unknown").status_code == 404
+    # the warehouse keeps every version
+    assert (
+        scalar(pipeline_env, "SELECT count() FROM customers FINAL WHERE account_id = 'acme-7'") == 2
+    )

@@ -6,6 +6,7 @@ payment run, and reconciliation of the ledger, the results topic and ClickHouse.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -182,3 +183,63 @@ def payment_run(days_ahead: int) -> None:
     run = subprocess.run([sys.executable, "-m", "streams.cli", "payment-run", "--until", until,
                           "--timeout", "60"], capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("simulator", [0.0], indirect=True)
+def test_a_dunning_retry_charges_the_card_the_customer_gave_since(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, simulator: Any
+) -> None:
+    """Four invoices declined on their first attempt; two customers then give a new card
+    (`streambill customer set`): their retries charge it and succeed, the two others are
+    declined again on the card of the invoice. Results, warehouse and ledger name the card
+    charged, and reconcile accepts a card the customer gave (and nothing else)."""
+    settings = pipeline_env
+    sink = procs.add(start_sink(settings, kafka_bootstrap))
+    payer = procs.add(start_payments(settings, kafka_bootstrap, simulator.url, "1d,3d"))
+    publish_invoices(settings, kafka_bootstrap, [invoice(i, f"tok_decline_{i}") for i in range(4)])
+    wait_until(lambda: statuses(settings)[("declined", 1)] == 4, 60, "first attempts",
+               [sink, payer])  # fmt: skip
+
+    for i in (0, 1):
+        run = subprocess.run([sys.executable, "-m", "streams.cli", "customer", "set",
+                              f"acct-{i:05d}", "--country", "FR",
+                              "--payment-method", f"tok_ok_new_{i}"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert json.loads(run.stdout)["payment_method"] == f"tok_ok_new_{i}"
+    shown = subprocess.run([sys.executable, "-m", "streams.cli", "customer", "show", "acct-00000"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert json.loads(shown.stdout)["country"] == "FR"
+    # a change keeps the other fields of the record
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "customer", "set", "acct-00000",
+                          "--grace-hours", "24"], capture_output=True, text=True)  # fmt: skip
+    assert json.loads(run.stdout) | {"updated_at": None} == {
+        "account_id": "acct-00000", "name": None, "email": None, "address": None,
+        "country": "FR",
+        "tax_exempt": False, "grace_hours": 24, "payment_method": "tok_ok_new_0",
+        "updated_at": None,
+    }  # fmt: skip
+
+    payment_run(days_ahead=2)
+    rows = scalar(settings, "SELECT groupArray((invoice_id, status, payment_method)) "
+                            "FROM payment_attempts FINAL WHERE attempt = 2")  # fmt: skip
+    assert sorted(map(tuple, rows)) == [
+        ("inv-00000", "succeeded", "tok_ok_new_0"),
+        ("inv-00001", "succeeded", "tok_ok_new_1"),
+        ("inv-00002", "declined", "tok_decline_2"),
+        ("inv-00003", "declined", "tok_decline_3"),
+    ]
+    ledger = asyncio.run(fetch_ledger(simulator.url))
+    paid = {e["invoice_id"]: e["payment_method"] for e in ledger
+            if e["kind"] == "charge" and e["status"] == "succeeded"}  # fmt: skip
+    assert paid == {"inv-00000": "tok_ok_new_0", "inv-00001": "tok_ok_new_1"}
+    wait_until(lambda: scalar(settings, "SELECT count() FROM customers FINAL") == 3, 30,
+               "the customer records landed", [sink])  # fmt: skip
+    sources = collect(settings, kafka_bootstrap, simulator.url)
+    report = reconcile(*sources, schedule=parse_schedule("1d,3d"))
+    assert report.reconciled, report.differences[:10]
+    # a card nobody gave is still another card
+    forged = sources._replace(customer_cards={})
+    kinds = {d["kind"] for d in reconcile(*forged, schedule=parse_schedule("1d,3d")).differences}
+    assert kinds == {"charged_another_card"}
+    assert payer.alive
