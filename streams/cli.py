@@ -36,6 +36,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(customer_app, name="customer")
+invoice_app = typer.Typer(help="Invoices: their documents.")
+app.add_typer(invoice_app, name="invoice")
 app.command("api")(api_cmd)
 console = Console(stderr=True)
 out = Console()
@@ -740,6 +742,53 @@ def query(
         for row in result["rows"]:
             table.add_row(*("NULL" if v is None else as_text(v) for v in row))
         out.print(table)
+
+
+class DocumentFormat(StrEnum):
+    html = "html"
+    pdf = "pdf"
+
+
+@invoice_app.command("render")
+def invoice_render(
+    invoice_id: str = typer.Argument(..., help="the invoice's id"),
+    fmt: DocumentFormat = typer.Option(DocumentFormat.html, "--format"),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="the file to write (default: HTML to stdout, PDF to ID.pdf)"
+    ),
+    catalog: Path = _catalog_option(),
+) -> None:
+    """An invoice's document, as the warehouse holds the invoice and its customer: issuer,
+    customer, lines with their periods, discount, tax per rate, credit, amount due."""
+    from streams.api import reads
+    from streams.documents import Issuer, invoice_document, render
+    from streams.domain.catalog import Catalog
+    from streams.warehouse import QueryError, WarehouseUnavailable
+    from streams.warehouse import query as run
+
+    if not reads.ID_PATTERN.fullmatch(invoice_id):
+        raise typer.BadParameter("an invoice id: letters, digits and ._:@-")
+    settings = load_settings()
+    try:
+        head, lines = (run(settings, sql)["rows"] for sql in reads.invoice_sql(invoice_id))
+        if not head:
+            console.print(f"[red]no invoice {invoice_id!r} in the warehouse[/]")
+            raise typer.Exit(1)
+        invoice = reads.invoice_from_rows(head[0], lines)
+        rows = run(settings, reads.customer_sql(invoice.account_id))["rows"]
+    except (QueryError, WarehouseUnavailable) as exc:
+        sys.stderr.write(f"query failed: {exc}\n")
+        raise typer.Exit(1) from None
+    customer = reads.customer_record(invoice.account_id, rows[0]) if rows else None
+    tax_rates = dict(Catalog.from_dict(json.loads(catalog.read_text())).tax_rates)
+    body = render(invoice_document(invoice, customer, Issuer.from_settings(settings), tax_rates),
+                  fmt.value)  # fmt: skip
+    if out_file is None and fmt is DocumentFormat.html:
+        sys.stdout.write(body.decode())
+        return
+    target = out_file or Path(f"{invoice_id}.{fmt.value}")
+    target.write_bytes(body)
+    console.print(f"wrote {target} ({len(body):,} bytes)")
 
 
 @kafka_app.command("start")

@@ -159,6 +159,14 @@ class Settings:
         default_factory=lambda: int(_env("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "100000"))
     )
 
+    # who issues the invoices: printed on every invoice document
+    issuer_name: str = field(default_factory=lambda: _env("STREAMBILL_ISSUER_NAME", "streambill"))
+    issuer_address: str = field(
+        default_factory=lambda: _env("STREAMBILL_ISSUER_ADDRESS", "").replace("\\n", "\n")
+    )  # lines separated by newlines (or a literal \n in the variable)
+    issuer_tax_id: str = field(default_factory=lambda: _env("STREAMBILL_ISSUER_TAX_ID", ""))
+    issuer_email: str = field(default_factory=lambda: _env("STREAMBILL_ISSUER_EMAIL", ""))
+
     # every processor logs a progress line this often (records, invoices, charges, lag); 0: never
     progress_seconds: float = field(
         default_factory=lambda: float(_env("STREAMBILL_PROGRESS_SECONDS", "10"))

@@ -197,6 +197,18 @@ def _read(summary: str, param: str, schema: str, description: str = "") -> dict[
     return {"get": op}
 
 
+def _invoice_read() -> dict[str, Any]:
+    """GET /v1/invoices/{id}: JSON, or the invoice's document as HTML or PDF."""
+    path = _read("An invoice with its lines, as landed in the warehouse", "invoice_id", "Invoice",
+                 "JSON by default; the document the customer receives as HTML or PDF with a "
+                 "`.html` or `.pdf` suffix on the id, or `Accept: text/html` or "
+                 "`application/pdf`.")  # fmt: skip
+    content = path["get"]["responses"]["200"]["content"]
+    content["text/html"] = {"schema": {"type": "string"}}
+    content["application/pdf"] = {"schema": {"type": "string", "format": "binary"}}
+    return path
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     meaning = {
         400: "the body is not JSON",
@@ -318,9 +330,7 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                     },
                 }
             },
-            "/v1/invoices/{invoice_id}": _read(
-                "An invoice with its lines, as landed in the warehouse", "invoice_id", "Invoice"
-            ),
+            "/v1/invoices/{invoice_id}": _invoice_read(),
             "/v1/subscriptions/{subscription_id}": _read(
                 "A subscription as the warehouse holds it", "subscription_id", "Subscription"
             ),

@@ -24,8 +24,10 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
+from streams.domain.invoice import Invoice, InvoiceLine
 from streams.domain.timestamps import format_timestamp, from_micros
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -123,6 +125,47 @@ def refund_sql(refund_id: str) -> str:
         f"FROM refunds FINAL WHERE refund_id = '{refund_id}' "
         "ORDER BY _partition, _offset LIMIT 1"
     )
+
+
+def invoice_sql(invoice_id: str) -> tuple[str, str]:
+    """The invoice's head and its lines (invoice_from_rows reads them)."""
+    where = f"invoice_id = '{invoice_id}'"
+    return (
+        "SELECT invoice_id, account_id, subscription_id, currency, "
+        "toUnixTimestamp64Micro(issued_at), toString(total), "
+        "toUnixTimestamp64Micro(finalized_at), toString(credit_applied), "
+        f"toString(amount_due), reason FROM invoices FINAL WHERE {where}",
+        "SELECT charge_id, kind, toUnixTimestamp64Micro(period_start), "
+        "toUnixTimestamp64Micro(period_end), toString(quantity), "
+        f"toString(amount) FROM invoice_lines FINAL WHERE {where} ORDER BY line_no",
+    )
+
+
+def invoice_from_rows(head: list[Any], lines: list[list[Any]]) -> Invoice:
+    inv_id, account, sub, currency, issued, total, finalized, credit, due, reason = head
+    return Invoice(
+        inv_id, account, sub, currency, from_micros(int(issued)),
+        tuple(InvoiceLine(c, k, from_micros(int(ps)), from_micros(int(pe)),
+                          None if q is None else Decimal(q), Decimal(a))
+              for c, k, ps, pe, q, a in lines),
+        Decimal(total), reason=reason, finalized_at=from_micros(int(finalized)),
+        credit_applied=Decimal(credit), amount_due=Decimal(due),
+    )  # fmt: skip
+
+
+def document_format(path_id: str, accept: str | None) -> tuple[str, str]:
+    """(invoice id, json | html | pdf) of GET /v1/invoices/{id}: a `.html` or `.pdf`
+    suffix, else the first of JSON, HTML or PDF the Accept header lists (JSON for none,
+    or only */*)."""
+    for fmt in ("html", "pdf"):
+        if path_id.endswith(f".{fmt}"):
+            return path_id.removesuffix(f".{fmt}"), fmt
+    wanted = {"application/json": "json", "text/html": "html", "application/pdf": "pdf"}
+    for item in (accept or "").split(","):
+        fmt = wanted.get(item.split(";", 1)[0].strip().lower())
+        if fmt:
+            return path_id, fmt
+    return path_id, "json"
 
 
 # --- customers -------------------------------------------------------------------------

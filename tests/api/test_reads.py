@@ -82,3 +82,17 @@ def test_the_reasons_of_a_foreign_account_and_an_unknown_subscription_are_told_a
     assert lane_foreign is not None and lane_unknown is not None
     assert is_foreign_account(*lane_foreign) and not is_unknown_subscription(*lane_foreign)
     assert is_unknown_subscription(*lane_unknown) and not is_foreign_account(*lane_unknown)
+
+
+def test_an_invoice_document_is_asked_for_by_suffix_or_accept_header() -> None:
+    from streams.api.reads import document_format
+
+    assert document_format("inv-1", None) == ("inv-1", "json")
+    assert document_format("inv-1", "*/*") == ("inv-1", "json")
+    assert document_format("inv-1.pdf", "application/json") == ("inv-1", "pdf")
+    assert document_format("inv-1.html", None) == ("inv-1", "html")
+    # a browser's header: the first of the three it lists
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    assert document_format("inv-1", browser) == ("inv-1", "html")
+    assert document_format("inv-1", "Application/PDF; q=1, text/html") == ("inv-1", "pdf")
+    assert document_format("inv-1", "application/json, application/pdf") == ("inv-1", "json")

@@ -4,6 +4,8 @@ down, and an invoice read back from the warehouse."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -172,6 +174,31 @@ def test_an_invoice_reads_back_for_its_tenant_only(
     assert foreign.status_code == 404 and "acme" not in foreign.text
     unknown = api.get("/v1/invoices/inv-unknown")
     assert (unknown.status_code, unknown.json()) == (404, foreign.json())
+
+    # its document: HTML (suffix, or Accept), PDF; the customer record on it once given
+    put = api.session.put(api.base + "/v1/customers/acme-1", json={
+        "name": "Acme Ltd", "address": "1 Main Street\nSpringfield", "country": "DE",
+    }, headers={"Authorization": f"Bearer {ACME}"}, timeout=10)  # fmt: skip
+    assert put.status_code == 202
+    wait_until(lambda: api.get("/v1/customers/acme-1").status_code == 200, 60, "the customer")
+    total_de = f"{stored:.2f}".replace(".", ",") + "\xa0$"  # de_DE: 12,50 $
+    html = api.get(f"/v1/invoices/{invoice_id}.html")
+    assert html.status_code == 200 and html.headers["Content-Type"].startswith("text/html")
+    assert "Acme Ltd" in html.text and "Springfield" in html.text and total_de in html.text
+    by_accept = api.session.get(api.base + f"/v1/invoices/{invoice_id}", timeout=30, headers={
+        "Authorization": f"Bearer {ACME}", "Accept": "application/pdf"})  # fmt: skip
+    assert by_accept.headers["Content-Type"] == "application/pdf"
+    assert by_accept.content.startswith(b"%PDF-")
+    text = subprocess.run(["pdftotext", "-layout", "-", "-"], input=by_accept.content, check=True,
+                          capture_output=True).stdout.decode()  # fmt: skip
+    # (pdftotext gives the no-break space as a space)
+    assert "Acme Ltd" in text and invoice_id in text and total_de.replace("\xa0", " ") in text
+    assert api.get(f"/v1/invoices/{invoice_id}.pdf", key=GLOBEX).status_code == 404
+    # the same document from the command line
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "invoice", "render", invoice_id],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Acme Ltd" in run.stdout and total_de in run.stdout
 
 
 def usage_event(event_id: str, account: str = "acme-1", sub: str = "acme-1-s1",
