@@ -551,11 +551,52 @@ def status(
         raise typer.Exit(1)
 
 
+def _run_watch(kind: str, run: str, deadline: datetime | None) -> Any:
+    """observe(done, total) -> the progress bar's text, with the run's rate, ETA and
+    margin to its deadline also on this process's metrics endpoint (the alert rule
+    run_deadline_at_risk reads the margin) and logged when the verdict changes."""
+    import math
+
+    import structlog
+
+    from streams import metrics
+    from streams.ops.deadline import Forecast
+
+    log = structlog.get_logger("streams.run")
+    metrics.serve(load_settings(), kind)
+    forecast = Forecast(deadline)
+    eta, margin = metrics.RUN_ETA.labels(kind, run), metrics.RUN_MARGIN.labels(kind, run)
+    late: list[bool] = []
+
+    def observe(done: int, total: int) -> str:
+        estimate = forecast.observe(datetime.now(UTC), done, total)
+        if estimate.eta_s is not None:
+            eta.set(estimate.eta_s)
+        if estimate.margin_s is not None:
+            margin.set(estimate.margin_s)
+            missing = estimate.margin_s < 0
+            if late[-1:] != [missing]:
+                late.append(missing)
+                (log.warning if missing else log.info)(
+                    "run will miss its deadline" if missing else "run on time for its deadline",
+                    kind=kind, run=run, done=done, total=total,
+                    deadline=deadline.isoformat() if deadline else None,
+                    eta_s=None if not math.isfinite(estimate.eta_s or 0) else estimate.eta_s,
+                    margin_s=estimate.margin_s if math.isfinite(estimate.margin_s) else None,
+                )  # fmt: skip
+        return estimate.describe()
+
+    return observe
+
+
 @app.command("payment-run")
 def payment_run(
     until: str = typer.Option(..., help="collect every payment due at or before this instant"),
     wait: bool = typer.Option(True, help="wait until everything due has an outcome"),
     timeout: float = typer.Option(3600, help="seconds to wait at most"),
+    deadline: str | None = typer.Option(
+        None, help="when the run must be done: ETA and margin shown, alerted on if at risk"
+    ),
 ) -> None:
     """Collect now, in parallel, every payment due up to a date (dunning retries included)."""
     import time
@@ -567,21 +608,23 @@ def payment_run(
 
     settings = load_settings()
     at = _parse_ts(until)
+    must_end = _parse_ts(deadline) if deadline else None
     run_id = issue_payment_run(settings, bootstrap_servers(settings), at)
     console.print(f"payment run {run_id} issued (due up to {at.isoformat()})")
     if not wait:
         return
-    deadline = time.monotonic() + timeout
+    watch = _run_watch("payment-run", run_id, must_end)
+    give_up = time.monotonic() + timeout
     with progress_bar(console) as progress:
         task = None
         while True:
             done, due = payment_run_progress(settings, at)
             if task is None:
                 task = progress.add_task("payments with an outcome", total=due)
-            progress.update(task, completed=done, total=due)
+            progress.update(task, completed=done, total=due, eta=watch(done, due))
             if done >= due:
                 break
-            if time.monotonic() > deadline:
+            if time.monotonic() > give_up:
                 console.print("[red]timed out[/] (is the payments processor running?)")
                 raise typer.Exit(1)
             time.sleep(0.5)
@@ -669,6 +712,9 @@ def bill_run(
     accounts: str | None = typer.Option(None, help="comma-separated account ids (default all)"),
     wait: bool = typer.Option(True, help="wait until every partition has completed the run"),
     timeout: float = typer.Option(3600, help="seconds to wait at most"),
+    deadline: str | None = typer.Option(
+        None, help="when the run must be done: ETA and margin shown, alerted on if at risk"
+    ),
 ) -> None:
     """Catch-up bill run: close now, in parallel across partitions, the chosen periods."""
     import time
@@ -687,20 +733,22 @@ def bill_run(
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     chosen = [a for a in accounts.split(",") if a] if accounts else None
+    must_end = _parse_ts(deadline) if deadline else None
     offsets = issue_bill_run(settings, bootstrap, when, chosen)
     console.print(f"bill run issued to {len(offsets)} partitions")
     if not wait:
         return
-    deadline = time.monotonic() + timeout
+    watch = _run_watch("bill-run", f"until {when.isoformat()}", must_end)
+    give_up = time.monotonic() + timeout
     with progress_bar(console) as progress:
         task = progress.add_task("partitions done", total=len(offsets))
         while (done := bill_run_done(settings, bootstrap, offsets)) < len(offsets):
-            progress.update(task, completed=done)
-            if time.monotonic() > deadline:
+            progress.update(task, completed=done, eta=watch(done, len(offsets)))
+            if time.monotonic() > give_up:
                 console.print("[red]timed out[/] (is the rating processor running?)")
                 raise typer.Exit(1)
             time.sleep(0.5)
-        progress.update(task, completed=done)
+        progress.update(task, completed=done, eta=watch(done, len(offsets)))
 
 
 class Format(StrEnum):

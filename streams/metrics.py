@@ -46,6 +46,12 @@ GC_PAUSE_SECONDS = Histogram("streambill_gc_pause_seconds",
 TABLE_RECORDS = Counter("streambill_table_records_total",
                         "records of a compacted topic a processor keeps as a table",
                         ["processor", "topic", "outcome"])  # fmt: skip
+RUN_ETA = Gauge("streambill_run_eta_seconds",
+                "a bill run's or payment run's time to go at its rate of the last minutes",
+                ["kind", "run"])  # fmt: skip
+RUN_MARGIN = Gauge("streambill_run_deadline_margin_seconds",
+                   "a run's deadline less its projected finish (negative: it will miss it)",
+                   ["kind", "run"])  # fmt: skip
 INVOICES_EMITTED = Counter("streambill_invoices_total", "invoices emitted by the rating processor")
 PAYMENTS = Counter("streambill_payments_total", "payment attempts by outcome", ["status"])
 GATEWAY_SECONDS = Histogram("streambill_gateway_call_seconds", "gateway call latency",

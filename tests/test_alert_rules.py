@@ -37,7 +37,8 @@ def test_every_builtin_rule_is_one_prometheus_alert_with_its_threshold_and_sever
     generated = yaml.safe_load(render())["groups"][0]["rules"]
     assert len(generated) == len(builtin) == len({r["alert"] for r in generated})
     for rule, alert in zip(builtin, generated, strict=True):
-        assert alert["expr"].endswith(f" > {rule.threshold:g}"), rule.name
+        sign = "<" if rule.below else ">"
+        assert alert["expr"].endswith(f" {sign} {rule.threshold:g}"), rule.name
         assert alert["labels"] == {"severity": rule.severity}
         assert alert["annotations"] == {"summary": rule.summary}
 

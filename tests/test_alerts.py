@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +39,10 @@ def test_the_shipped_rules_load_and_cover_every_condition() -> None:
     names = {r.name for r in ruleset.rules}
     assert names == {"payment_failure_rate", "api_5xx_rate", "tenant_api_failures",
                      "consumer_lag", "dead_letter_growth", "gateway_circuit_open",
-                     "refund_p99", "api_kafka_unavailable", "warehouse_unavailable"}  # fmt: skip
+                     "refund_p99", "api_kafka_unavailable", "warehouse_unavailable",
+                     "run_deadline_at_risk"}  # fmt: skip
+    at_risk = next(r for r in ruleset.rules if r.name == "run_deadline_at_risk")
+    assert (at_risk.below, at_risk.threshold, at_risk.agg) == (True, 0, "min")
     assert ruleset.every_s == 15 and ruleset.webhooks[-1].format == "slack"
 
 
@@ -50,6 +54,19 @@ def test_bad_rules_are_refused(tmp_path: Path) -> None:
     path.write_text("rules: [{name: a, source: dice, above: 1}]")
     with pytest.raises(RulesError, match="source"):
         load_rules(path)
+
+
+def test_a_below_rule_breaches_under_its_threshold_and_one_threshold_is_given() -> None:
+    rule = Rule.from_dict({"name": "b", "source": "metrics", "metric": "m", "agg": "min",
+                           "below": 0})  # fmt: skip
+    state = RuleState()
+    assert step(rule, state, 5, 0) is None and step(rule, state, 0, 10) is None
+    assert step(rule, state, -1, 20) == "firing"
+    assert step(rule, state, -math.inf, 30) is None
+    assert step(rule, state, 0.5, 40) == "resolved"
+    for both_or_none in ({"above": 1, "below": 0}, {}):
+        with pytest.raises(RulesError, match="exactly one of above or below"):
+            Rule.from_dict({"name": "b", "source": "metrics", "metric": "m", **both_or_none})
 
 
 def test_fires_after_for_and_resolves_once() -> None:
@@ -149,6 +166,9 @@ def test_a_metrics_rule_filters_labels_and_aggregates_by_one() -> None:
     assert sources(samples=samples).measure(prefix) == 0  # the whole label value must match
     absent = Rule(name="m", source="metrics", threshold=1, metric="streambill_nothing")
     assert sources(samples=samples).measure(absent) == 0
+    lowest = Rule(name="m", source="metrics", threshold=1, metric="streambill_dead_letters",
+                  agg="min")  # fmt: skip
+    assert sources(samples=samples).measure(lowest) == 3
 
 
 def test_a_rate_rule_needs_two_evaluations_and_a_reset_is_no_increase() -> None:

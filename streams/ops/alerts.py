@@ -49,6 +49,9 @@ _ALERT_NS = uuid.UUID("0b7a4f4e-2f8e-4d36-9a57-6a3c1f0e8d21")
 SOURCES = ("warehouse", "metrics", "lag")
 
 
+AGGREGATIONS = ("max", "min", "sum", "rate")
+
+
 class RulesError(ValueError):
     pass
 
@@ -64,15 +67,22 @@ class Rule:
     query: str | None = None  # warehouse
     metric: str | None = None  # metrics
     labels: tuple[tuple[str, str], ...] = ()
-    agg: str = "max"  # max | sum | rate
+    agg: str = "max"  # max | min | sum | rate
     by: str | None = None
     group: str | None = None  # lag
+    below: bool = False  # breaching under the threshold (given as `below`, not `above`)
+
+    def breached(self, value: float) -> bool:
+        return value < self.threshold if self.below else value > self.threshold
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Rule:
+        if ("above" in d) == ("below" in d):
+            raise RulesError(f"rule {d.get('name')!r}: exactly one of above or below")
         try:
             rule = cls(
-                name=str(d["name"]), source=str(d["source"]), threshold=float(d["above"]),
+                name=str(d["name"]), source=str(d["source"]),
+                threshold=float(d["above"] if "above" in d else d["below"]), below="below" in d,
                 for_s=_seconds(d.get("for", 0)), severity=str(d.get("severity", "page")),
                 summary=str(d.get("summary", "")), query=d.get("query"), metric=d.get("metric"),
                 labels=tuple(sorted((str(k), str(v)) for k, v in d.get("labels", {}).items())),
@@ -84,8 +94,9 @@ class Rule:
             raise RulesError(f"rule {rule.name}: source must be one of {', '.join(SOURCES)}")
         if rule.source == "warehouse" and not rule.query:
             raise RulesError(f"rule {rule.name}: a warehouse rule needs a query")
-        if rule.source == "metrics" and (not rule.metric or rule.agg not in ("max", "sum", "rate")):
-            raise RulesError(f"rule {rule.name}: a metric and agg max|sum|rate are needed")
+        if rule.source == "metrics" and (not rule.metric or rule.agg not in AGGREGATIONS):
+            wanted = "|".join(AGGREGATIONS)
+            raise RulesError(f"rule {rule.name}: a metric and agg {wanted} are needed")
         return rule
 
 
@@ -146,7 +157,7 @@ def step(rule: Rule, state: RuleState, value: float | None, now: float) -> str |
     notification is due, else None. An unknown value (source down) changes nothing."""
     if value is None:
         return None
-    if value > rule.threshold:
+    if rule.breached(value):
         if state.breaching_since is None:
             state.breaching_since = now
         if state.firing_since is None and now - state.breaching_since >= rule.for_s:
@@ -252,6 +263,7 @@ class Sources:
         wanted = [(k, re.compile(v)) for k, v in rule.labels]
         totals: dict[str, float] = defaultdict(float)
         peaks: dict[str, float] = {}
+        lows: dict[str, float] = {}
         found = False
         for s in self.samples():
             if s.name not in (rule.metric, f"{rule.metric}_total"):
@@ -262,8 +274,11 @@ class Sources:
             key = s.labels.get(rule.by, "") if rule.by else ""
             totals[key] += s.value
             peaks[key] = max(peaks.get(key, s.value), s.value)
+            lows[key] = min(lows.get(key, s.value), s.value)
         if rule.agg == "max":
             return max(peaks.values()) if found else 0.0
+        if rule.agg == "min":  # (no sample: 0, as for the others)
+            return min(lows.values()) if found else 0.0
         if rule.agg == "sum":
             return max(totals.values()) if found else 0.0
         # rate: per-second increase since the last evaluation (a reset counts as zero)

@@ -65,7 +65,8 @@ def prometheus_rule(raw: dict[str, Any]) -> dict[str, Any]:
         measure = target["expr"].strip()
     else:
         raise RulesError(f"rule {name}: a {raw['source']} rule needs prometheus.expr")
-    rule: dict[str, Any] = {"alert": target["alert"], "expr": f"{measure} > {raw['above']}"}
+    comparison = f"> {raw['above']}" if "above" in raw else f"< {raw['below']}"
+    rule: dict[str, Any] = {"alert": target["alert"], "expr": f"{measure} {comparison}"}
     if "for" in raw:
         rule["for"] = raw["for"]
     rule["labels"] = {"severity": raw.get("severity", "page")}

@@ -111,3 +111,67 @@ def test_a_lag_fault_fires_once_and_resolves_once(
     # nothing is notified twice: a few more evaluations change nothing
     wait_until(lambda: scalar(settings, "SELECT count() FROM invoices") == 61, 60, "rated")
     assert len(receiver.received["/json"]) == 2
+
+
+def test_a_payment_run_that_will_miss_its_deadline_alerts_while_in_flight(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, receiver: Receiver,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """400 invoices held until a payment run, a gateway slowed to about 20 charges a
+    second, and a deadline 8 s after the run is issued: the run's measured pace projects
+    a finish past the deadline, so the shipped rule run_deadline_at_risk fires while the
+    run is still in flight (its webhook arrives once, the receiver's first try failing),
+    and resolves once the run is over."""
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    import yaml
+
+    from streams.config import DEPLOY_DIR
+    from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+    from tests.integration.test_payments import invoice, publish_invoices, start_payments
+
+    settings = pipeline_env
+    shipped = yaml.safe_load((DEPLOY_DIR / "alerts" / "rules.yaml").read_text())["rules"]
+    (rule,) = [r for r in shipped if r["name"] == "run_deadline_at_risk"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"evaluate_every": "1s", "rules": [rule]}))
+    slow = AccountConfig(max_concurrency=2, latency_median_ms=200, latency_p99_ms=300,
+                         decline_rate=0.0)  # fmt: skip
+    sim = SimulatorProcess.start(SimulatorConfig(accounts={"merchant-1": slow, "merchant-2": slow},
+                                                 seed=1), settings.home / "logs")  # fmt: skip
+    try:
+        sink = procs.add(start_sink(settings, kafka_bootstrap))
+        payer = procs.add(start_payments(settings, kafka_bootstrap, sim.url, "1d"))
+        alerts = procs.add(ProcessorProcess(settings, kafka_bootstrap, "alerts", "--rules",
+                                            str(rules), "--webhooks",
+                                            f"json:http://127.0.0.1:{receiver.port}/json"
+                                            ).start())  # fmt: skip
+        tomorrow = datetime.now(UTC) + timedelta(days=1)  # held until the payment run
+        publish_invoices(
+            settings,
+            kafka_bootstrap,
+            [{**invoice(i, f"tok_ok_{i}"), "issued_at": tomorrow} for i in range(400)],
+        )
+        wait_until(lambda: scalar(settings, "SELECT count() FROM invoices FINAL") == 400, 60,
+                   "the invoices landed", [sink, payer])  # fmt: skip
+        until = (tomorrow + timedelta(hours=1)).isoformat()
+        deadline = (datetime.now(UTC) + timedelta(seconds=8)).isoformat()
+        log = (tmp_path / "run.out").open("w+")
+        run = subprocess.Popen([sys.executable, "-m", "streams.cli", "payment-run", "--until",
+                                until, "--deadline", deadline, "--timeout", "120"],
+                               stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        wait_until(lambda: receiver.received["/json"], 60, "the firing notification", [alerts])
+        assert run.poll() is None, "the alert came after the run ended"
+        (fired,) = receiver.received["/json"]
+        assert fired["rule"] == "run_deadline_at_risk" and fired["state"] == "firing"
+        assert fired["value"] is None or fired["value"] < 0  # (None: -inf, no progress yet)
+        assert run.wait(timeout=120) == 0, (tmp_path / "run.out").read_text()
+        assert "will miss its deadline" in (tmp_path / "run.out").read_text()  # its own log
+        wait_until(lambda: len(receiver.received["/json"]) == 2, 30, "the resolution", [alerts])
+        assert [n["state"] for n in receiver.received["/json"]] == ["firing", "resolved"]
+        assert receiver.failed == {"/json"}  # the first try failed: retried, arrived once
+        assert payer.alive and alerts.alive
+    finally:
+        sim.stop()
