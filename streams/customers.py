@@ -53,14 +53,20 @@ def merged(current: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str,
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _bootstrap() -> tuple[Settings, str]:
+def _current(account: str) -> tuple[Settings, str, dict[str, Any] | None]:
+    """(settings, the cluster, the account's customer record now): the local broker is
+    started if none is configured."""
     from streams.kafka.local import bootstrap_servers
     from streams.kafka.topics import ensure_topics
 
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     ensure_topics(clients.admin(settings, bootstrap), settings)
-    return settings, bootstrap
+    table = customer_table(settings, bootstrap, "cli")
+    try:
+        return settings, bootstrap, table.get(account)
+    finally:
+        table.close()
 
 
 @customer_app.command("set")
@@ -81,15 +87,10 @@ def customer_set(
         raise typer.BadParameter(f"no such field {unknown}; one of {reads.CUSTOMER_FIELDS}")
     if not reads.ID_PATTERN.fullmatch(account):
         raise typer.BadParameter("an account id: letters, digits and ._:@-")
-    settings, bootstrap = _bootstrap()
-    table = customer_table(settings, bootstrap, "cli")
-    try:
-        current = table.get(account)
-    finally:
-        table.close()
+    settings, bootstrap, current = _current(account)
     given = {"name": name, "email": email, "address": address, "country": country,
-             "tax_exempt": tax_exempt,
-             "grace_hours": grace_hours, "payment_method": payment_method}  # fmt: skip
+             "tax_exempt": tax_exempt, "grace_hours": grace_hours,
+             "payment_method": payment_method}  # fmt: skip
     changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     changes.update(dict.fromkeys(clear))
     now = datetime.now(UTC)
@@ -108,12 +109,7 @@ def customer_set(
 @customer_app.command("show")
 def customer_show(account: str = typer.Argument(..., help="the account id")) -> None:
     """An account's current customer record, from billing.customers."""
-    settings, bootstrap = _bootstrap()
-    table = customer_table(settings, bootstrap, "cli")
-    try:
-        current = table.get(account)
-    finally:
-        table.close()
+    _settings, _bootstrap_servers, current = _current(account)
     if current is None:
         console.print(f"[red]no customer record for account {account!r}[/]")
         raise typer.Exit(1)
