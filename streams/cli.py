@@ -792,6 +792,49 @@ def query(
         out.print(table)
 
 
+class Bucket(StrEnum):
+    hour = "hour"
+    day = "day"
+
+
+@app.command()
+def calendar(
+    days: int = typer.Option(60, min=1, max=731, help="how far ahead"),
+    by: Bucket = typer.Option(Bucket.day, "--by"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the rows here"),
+) -> None:
+    """The load calendar: invoices the current subscriptions will be issued and payments
+    that will fall due (their first attempts and the dunning retries scheduled), per hour
+    or day and currency, for the coming days: the peaks to plan capacity for."""
+    from rich.table import Table
+
+    from streams.payments.progress import calendar_sql
+    from streams.warehouse import QueryError, WarehouseUnavailable, as_text
+    from streams.warehouse import query as run
+
+    settings = load_settings()
+    try:
+        rows = run(settings, calendar_sql(settings, days, by.value))["rows"]
+    except (QueryError, WarehouseUnavailable) as exc:
+        sys.stderr.write(f"query failed: {exc}\n")
+        raise typer.Exit(1) from None
+    names = ("bucket", "currency", "invoices", "recurring_amount", "payments", "retries")
+    entries = [dict(zip(names, (as_text(v) for v in row), strict=True)) for row in rows]
+    _write_json(json_out, {"days": days, "by": by.value, "rows": entries})
+    table = Table(title=f"load calendar: the next {days} days, per {by.value}")
+    for name, justify in zip(names, ("left", "left", "right", "right", "right", "right"),
+                             strict=True):  # fmt: skip
+        table.add_column(name.replace("_", " "), justify=justify)  # type: ignore[arg-type]
+    for e in entries:
+        table.add_row(*(e[n] for n in names))
+    out.print(table)
+    if entries:
+        peak = max(entries, key=lambda e: int(e["invoices"]) + int(e["payments"]))
+        out.print(f"peak: {peak['bucket']} {peak['currency']}: {peak['invoices']} invoices, "
+                  f"{peak['payments']} payments ({peak['retries']} of them dunning "
+                  "retries)")  # fmt: skip
+
+
 class DocumentFormat(StrEnum):
     html = "html"
     pdf = "pdf"

@@ -1,4 +1,4 @@
-"""How far a payment run is, from the warehouse."""
+"""How far a payment run is, and what the coming days hold, from the warehouse."""
 
 from __future__ import annotations
 
@@ -38,3 +38,39 @@ def payment_run_progress(settings: Settings, until: datetime) -> tuple[int, int]
     """
     done, due = query(settings, sql)["rows"][0]
     return int(done), int(due)
+
+
+def calendar_sql(settings: Settings, days: int, by: str) -> str:
+    """(bucket, currency, invoices, recurring amount, payments, of which dunning retries)
+    for the next `days` days per `by` (hour | day): the invoices of upcoming_invoices, a
+    payment for each with a recurring amount and a payment method (its usage is not known
+    yet: the amount is the least it will ask), and each declined invoice's next attempt
+    by today's dunning schedule (STREAMBILL_DUNNING)."""
+    if by not in ("hour", "day"):
+        raise ValueError(f"by hour or day, not {by!r}")
+    delays = ", ".join(str(int(d.total_seconds())) for d in parse_schedule(settings.dunning))
+    bucket = "toStartOfHour" if by == "hour" else "toStartOfDay"
+    return f"""
+        WITH [{delays}] AS delays, now64(6, 'UTC') AS t0, t0 + INTERVAL {int(days)} DAY AS t1
+        SELECT bucket, currency, sum(invoices), sum(recurring), sum(payments), sum(retries)
+        FROM (
+            SELECT {bucket}(due_at) AS bucket, currency, 1 AS invoices,
+                   recurring_amount AS recurring,
+                   toUInt64(recurring_amount > 0 AND has_payment_method) AS payments,
+                   toUInt64(0) AS retries
+            FROM upcoming_invoices WHERE due_at <= t1
+            UNION ALL
+            SELECT {bucket}(next_at), currency, 0, toDecimal128(0, 9), 1, 1
+            FROM (
+                SELECT any(currency) AS currency, max(attempt) AS last_attempt,
+                       argMax(status, (attempt, status = 'uncollectible')) AS last_status,
+                       argMax(completed_at, attempt) AS last_completed,
+                       last_completed + toIntervalSecond(delays[last_attempt]) AS next_at
+                FROM payment_attempts FINAL GROUP BY invoice_id
+            )
+            WHERE last_status IN ('declined', 'failed') AND last_attempt <= length(delays)
+              AND next_at > t0 AND next_at <= t1
+        )
+        GROUP BY bucket, currency
+        ORDER BY bucket, currency
+    """

@@ -23,7 +23,7 @@ import pytest
 from streams.config import REPO_ROOT, Settings
 from streams.domain.catalog import Interval
 from streams.domain.invoice import Invoice
-from streams.domain.periods import period_bounds
+from streams.domain.periods import period_bounds, period_index_at
 from streams.kafka import clients
 from streams.kafka.topics import CUSTOMERS, PAYMENT_RESULTS, SUBSCRIPTIONS, USAGE, ensure_topics
 from streams.offline import rate_events, record_to_json_line
@@ -436,6 +436,45 @@ def check_customers_by_country(rows: list, t: Truth) -> None:
         )
 
 
+def check_invoices_next_60_days(rows: list, t: Truth) -> None:
+    """Every period end of the live subscriptions in the next 60 days, by the domain's
+    period arithmetic (anchored at creation, month ends clamped)."""
+    now = datetime.now(UTC)
+    horizon = now + timedelta(days=60)
+    plan = {e["subscription_id"]: e["plan_id"] for e in t.subs}
+    anchor = {e["subscription_id"]: e["timestamp"] for e in t.subs}
+    ended: dict[str, datetime | None] = {}  # -> the end of its last period, if any
+    for e in sorted(t.changes, key=lambda e: e["timestamp"]):
+        sub = e["subscription_id"]
+        if e["type"] == "subscription.plan_changed":
+            plan[sub] = e["plan_id"]
+        elif e["mode"] == "immediate":
+            ended[sub] = None
+        else:  # at the end of the period it was asked in: one invoice left, no recurring
+            p = CATALOG.plans[plan[sub]]
+            k = period_index_at(anchor[sub], p.interval, e["timestamp"])
+            ended[sub] = period_bounds(anchor[sub], p.interval, k)[1]
+    want: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0)])
+    for sub, plan_id in plan.items():
+        p = CATALOG.plans[plan_id]
+        if sub in ended:
+            last = ended[sub]
+            if last is not None and now < last <= horizon:
+                want[(last.date().isoformat(), p.currency)][0] += 1
+            continue
+        k = 0
+        while (end := period_bounds(anchor[sub], p.interval, k)[1]) <= horizon:
+            if end > now:
+                cell = want[(end.date().isoformat(), p.currency)]
+                cell[0] += 1
+                cell[1] += sum((c.amount for c in p.flat_charges), Decimal(0))
+            k += 1
+    assert len(want) > 20  # a day per anchor day of the month, in two currencies
+    assert [(r[0], r[1]) for r in rows] == sorted(want)
+    for day, currency, invoices, recurring in rows:
+        assert (int(invoices), D(recurring)) == tuple(want[(day, currency)])
+
+
 CHECKS: dict[str, Callable[[list, Truth], None]] = {
     name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
 }
@@ -479,3 +518,44 @@ def test_query_formats(demo: tuple[Settings, Truth]) -> None:
     table = run("table")
     for reason, n in want:
         assert re.search(rf"{reason}\s*│\s*{n}\b", table), table
+
+
+def test_the_load_calendar_counts_invoices_first_attempts_and_retries(
+    demo: tuple[Settings, Truth], tmp_path: Path
+) -> None:
+    """`streambill calendar --days 60`: per day and currency, the upcoming invoices (as the
+    checked query above), a payment for each with a recurring amount (every subscription
+    of the data set has a payment method), and the dunning retries the default schedule
+    (1d,3d,7d) sets after the synthetic declines and failures."""
+    import json
+    import subprocess
+    import sys
+
+    settings, truth = demo
+    out = tmp_path / "calendar.json"
+    run = subprocess.run([sys.executable, "-m", "streams.cli", "calendar", "--days", "60",
+                          "--json", str(out)], capture_output=True, text=True,
+                         env=os.environ | {"COLUMNS": "200"})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "peak:" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    upcoming = query(
+        settings,
+        "SELECT count(), countIf(recurring_amount > 0) FROM "
+        "upcoming_invoices WHERE due_at <= now() + INTERVAL 60 DAY",
+    )["rows"]
+    ((invoices, payable),) = upcoming
+    assert sum(int(r["invoices"]) for r in rows) == int(invoices) > 0
+    now = datetime.now(UTC)
+    delays = [timedelta(days=d) for d in (1, 3, 7)]
+    last: dict[str, dict] = {}
+    for p in sorted(truth.payments, key=lambda p: p["attempt"]):
+        last[p["invoice_id"]] = p
+    retries = sum(
+        1 for p in last.values()
+        if p["status"] in ("declined", "failed") and p["attempt"] <= len(delays)
+        and now < p["completed_at"] + delays[p["attempt"] - 1] <= now + timedelta(days=60)
+    )  # fmt: skip
+    assert retries > 0
+    assert sum(int(r["retries"]) for r in rows) == retries
+    assert sum(int(r["payments"]) for r in rows) == int(payable) + retries
