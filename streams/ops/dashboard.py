@@ -30,6 +30,7 @@ STATIC = Path(__file__).parent / "static"
 HISTORY_HOURS = 24
 RANGES_MINUTES = (15, 60, 360, 1440)  # the page's time ranges (the longest: HISTORY_HOURS)
 SAMPLE_EVERY_S = 5.0
+CALENDAR_DAYS = 30  # the load calendar's panel: the coming days
 
 
 # --- warehouse figures ------------------------------------------------------------------
@@ -76,6 +77,7 @@ WAREHOUSE_SQL = {
 
 
 def warehouse_figures(settings: Settings, minutes: int) -> dict[str, Any]:
+    from streams.payments.progress import calendar_sql
     from streams.warehouse import query
 
     def rows(name: str) -> list[list[Any]]:
@@ -83,7 +85,18 @@ def warehouse_figures(settings: Settings, minutes: int) -> dict[str, Any]:
         return [[_number(v) for v in r] for r in query(settings, sql, open_here=False)["rows"]]
 
     invoices, payments, succeeded, refunds, p50, p99, dead = rows("totals")[0]
+    calendar = query(settings, calendar_sql(settings, CALENDAR_DAYS, "day"), open_here=False)
     return {
+        "calendar": [
+            {
+                "day": str(day)[:10],
+                "currency": currency,
+                "invoices": int(n),
+                "payments": int(payments),
+                "retries": int(retries),
+            }
+            for day, currency, n, _recurring, payments, retries in calendar["rows"]
+        ],
         "invoices_per_minute": rows("invoices_per_minute"),
         "payments_per_minute": rows("payments_per_minute"),
         "refund_latency": rows("refund_latency"),

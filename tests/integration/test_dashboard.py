@@ -142,6 +142,11 @@ def test_the_dashboard_shows_what_the_warehouse_and_kafka_say(
     assert re.findall(r'<details data-group="([^"]+)" data-lag="(\d+)"', dom) == [
         (g, "0") for g in groups
     ]
+    # the load calendar: the 6 subscriptions' next period end (a month after their
+    # creation, 10 days ago), a payment each
+    next_end = scalar(settings, "SELECT toString(toDate(min(due_at))) FROM upcoming_invoices")
+    assert re.search(rf"<tr><td>{next_end}</td><td>USD</td><td class=\"n\">6</td>"
+                     r"<td class=\"n\">6</td><td class=\"n\">0</td></tr>", dom), dom  # fmt: skip
     # a range chosen in the address is the one shown
     shown = rendered(f"http://127.0.0.1:{port}/#minutes=1440", tmp_path / "profile-24h")
     assert shown["range"] == "24 h" and shown["invoices"] == f"{int(expect['invoices']):,}"

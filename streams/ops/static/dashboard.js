@@ -106,6 +106,8 @@ async function refresh() {
   document.getElementById("lag").innerHTML = lagHtml(lag);
   document.getElementById("dead-letters").innerHTML = rowsHtml(
     (f.dead_letters || []).map((d) => [[d.processor], [d.reason], [d.count, true]]));
+  document.getElementById("calendar").innerHTML = rowsHtml((f.calendar || []).map((c) =>
+    [[c.day], [c.currency], [c.invoices, true], [c.payments, true], [c.retries, true]]));
   document.getElementById("errors").textContent =
     [f.warehouse_error, f.kafka_error].filter(Boolean).join(" · ");
   chart("chart-invoices", f.invoices_per_minute || [], [["invoices", "#2962ff"]]);
