@@ -589,6 +589,21 @@ def _run_watch(kind: str, run: str, deadline: datetime | None) -> Any:
     return observe
 
 
+def _record_payment_run(settings: Any, payments: int, seconds: float) -> None:
+    """The run's measured pace, for `streambill capacity`, with the workers it had."""
+    from streams.kafka import clients
+    from streams.kafka.lag import group_members
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import group_id
+    from streams.ops.capacity import record_run
+    from streams.processors.payments import GROUP
+
+    if payments:
+        admin = clients.admin(settings, bootstrap_servers(settings))
+        workers = len(group_members(admin, group_id(GROUP)))
+        record_run(settings, "payment-run", payments, seconds, max(workers, 1))
+
+
 @app.command("payment-run")
 def payment_run(
     until: str = typer.Option(..., help="collect every payment due at or before this instant"),
@@ -614,7 +629,8 @@ def payment_run(
     if not wait:
         return
     watch = _run_watch("payment-run", run_id, must_end)
-    give_up = time.monotonic() + timeout
+    started = time.monotonic()
+    give_up = started + timeout
     with progress_bar(console) as progress:
         task = None
         while True:
@@ -623,6 +639,7 @@ def payment_run(
                 task = progress.add_task("payments with an outcome", total=due)
             progress.update(task, completed=done, total=due, eta=watch(done, due))
             if done >= due:
+                _record_payment_run(settings, due, time.monotonic() - started)
                 break
             if time.monotonic() > give_up:
                 console.print("[red]timed out[/] (is the payments processor running?)")
@@ -833,6 +850,68 @@ def calendar(
         out.print(f"peak: {peak['bucket']} {peak['currency']}: {peak['invoices']} invoices, "
                   f"{peak['payments']} payments ({peak['retries']} of them dunning "
                   "retries)")  # fmt: skip
+
+
+@app.command()
+def capacity(
+    payments: int | None = typer.Option(None, min=1, help="payments to collect"),
+    invoices: int | None = typer.Option(None, min=1, help="invoices to issue (a bill run)"),
+    signups: int | None = typer.Option(None, min=1, help="signups through the API"),
+    per_second: float | None = typer.Option(None, min=0.001, help="signups: their arrival rate"),
+    window: str = typer.Option("5h", help="the time the work must fit in (s, m, h, d)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the answer here"),
+) -> None:
+    """Can this work fit its window? From the rates measured here (the latest recorded
+    run, else the benchmarks): the time it takes with today's workers, the workers (and
+    partitions, hosts, gateway concurrency) it needs, and the bound that limits it."""
+    from streams.domain.payments import parse_schedule
+    from streams.kafka.lag import group_members
+    from streams.kafka.local import bootstrap_servers
+    from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, group_id
+    from streams.ops.capacity import answer, host_cores, latest_measurement
+
+    asked = {k: v for k, v in (("payments", payments), ("invoices", invoices),
+                               ("signups", signups)) if v}  # fmt: skip
+    if len(asked) != 1:
+        raise typer.BadParameter("give exactly one of --payments, --invoices, --signups")
+    ((kind, items),) = asked.items()
+    try:
+        window_s = parse_schedule(window)[0].total_seconds()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--window") from None
+    if kind == "signups" and per_second:
+        window_s = items / per_second  # they arrive at that rate: the API must keep up
+    settings = load_settings()
+    measured = latest_measurement(settings, kind)
+    if measured is None:
+        console.print(f"[red]no measured rate for {kind}: run it once, or a benchmark[/]")
+        raise typer.Exit(1)
+    partitions, workers_now = 10**6, measured.workers  # the API: processes, not partitions
+    if kind != "signups":
+        from streams.kafka import clients
+
+        bootstrap = bootstrap_servers(settings)
+        admin = clients.admin(settings, bootstrap)
+        topic = INVOICES.name if kind == "payments" else SUBSCRIPTIONS.name
+        # (topics not created yet: as many partitions as they will be created with)
+        found = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = len(found) or settings.partitions
+        group = group_id("streambill-payments" if kind == "payments" else "streambill-rating")
+        workers_now = len(group_members(admin, group))
+    if workers_now == 0:
+        out.print("no worker runs now: counted as one")
+        workers_now = 1
+    result = answer(measured, items, window_s, workers_now, partitions, host_cores())
+    _write_json(json_out, result.to_json())
+    verdict = "[green]fits[/]" if result.fits_now else "[red]does not fit[/]"
+    from streams.ops.deadline import duration
+
+    out.print(f"{items:,} {kind} in {duration(window_s)}: {verdict} with today's "
+              f"{workers_now} worker(s): {duration(result.seconds_now)} at "
+              f"{result.rate_now_per_s:,.1f}/s")  # fmt: skip
+    out.print(f"measured: {measured.per_worker_per_s:,.1f}/s per worker ({measured.source})")
+    out.print(f"to fit: {result.needed_per_s:,.1f}/s, {result.workers_needed} worker(s); "
+              f"bound: {result.bound}: {result.advice}")  # fmt: skip
 
 
 class DocumentFormat(StrEnum):

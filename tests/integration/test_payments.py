@@ -243,3 +243,50 @@ def test_a_dunning_retry_charges_the_card_the_customer_gave_since(
     kinds = {d["kind"] for d in reconcile(*forged, schedule=parse_schedule("1d,3d")).differences}
     assert kinds == {"charged_another_card"}
     assert payer.alive
+
+
+def test_a_capacity_answer_predicts_a_measured_payment_run_within_a_quarter(
+    pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, tmp_path: Any
+) -> None:
+    """A gateway slowed to about 40 charges a second: a first payment run of 400 is
+    recorded; `streambill capacity --payments 1200` then predicts the next run from it,
+    and a run of 1200 takes the predicted time within 25 %."""
+    from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
+
+    settings = pipeline_env
+    slow = AccountConfig(max_concurrency=2, latency_median_ms=100, latency_p99_ms=150,
+                         decline_rate=0.0)  # fmt: skip
+    sim = SimulatorProcess.start(SimulatorConfig(accounts={"merchant-1": slow, "merchant-2": slow},
+                                                 seed=2), settings.home / "logs")  # fmt: skip
+    try:
+        sink = procs.add(start_sink(settings, kafka_bootstrap))
+        payer = procs.add(start_payments(settings, kafka_bootstrap, sim.url, "1d"))
+        tomorrow = datetime.now(UTC) + timedelta(days=1)  # held until a payment run
+        first = [{**invoice(i, f"tok_ok_{i}"), "issued_at": tomorrow} for i in range(400)]
+        publish_invoices(settings, kafka_bootstrap, first)
+        wait_until(lambda: scalar(settings, "SELECT count() FROM invoices FINAL") == 400, 60,
+                   "the first invoices landed", [sink, payer])  # fmt: skip
+        payment_run(days_ahead=2)
+        (recorded,) = (settings.home / "runs").glob("payment-run-*.json")
+        assert json.loads(recorded.read_text())["items"] == 400
+
+        later = tomorrow + timedelta(days=2)
+        second = [{**invoice(i, f"tok_ok_{i}"), "issued_at": later} for i in range(400, 1600)]
+        publish_invoices(settings, kafka_bootstrap, second)
+        wait_until(lambda: scalar(settings, "SELECT count() FROM invoices FINAL") == 1600, 60,
+                   "the second invoices landed", [sink, payer])  # fmt: skip
+        out = tmp_path / "capacity.json"
+        run = subprocess.run([sys.executable, "-m", "streams.cli", "capacity", "--payments",
+                              "1200", "--window", "1h", "--json", str(out)],
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        predicted = json.loads(out.read_text())
+        assert predicted["workers_now"] == 1 and predicted["fits_now"]
+        assert predicted["measured"]["source"].startswith("run recorded")
+        started = time.monotonic()
+        payment_run(days_ahead=4)
+        measured = time.monotonic() - started
+        assert abs(predicted["seconds_now"] - measured) <= 0.25 * measured, (predicted, measured)
+        assert payer.alive
+    finally:
+        sim.stop()
