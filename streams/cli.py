@@ -835,18 +835,27 @@ def calendar(
     except (QueryError, WarehouseUnavailable) as exc:
         sys.stderr.write(f"query failed: {exc}\n")
         raise typer.Exit(1) from None
+    from decimal import Decimal
+
+    from streams.domain.money import format_money
+
     names = ("bucket", "currency", "invoices", "recurring_amount", "payments", "retries")
-    entries = [dict(zip(names, (as_text(v) for v in row), strict=True)) for row in rows]
+    entries = [
+        {"bucket": str(bucket)[: 10 if by is Bucket.day else 16], "currency": currency,
+         "invoices": int(n), "recurring_amount": format_money(Decimal(as_text(amount)), currency),
+         "payments": int(payments), "retries": int(retries)}
+        for bucket, currency, n, amount, payments, retries in rows
+    ]  # fmt: skip
     _write_json(json_out, {"days": days, "by": by.value, "rows": entries})
     table = Table(title=f"load calendar: the next {days} days, per {by.value}")
     for name, justify in zip(names, ("left", "left", "right", "right", "right", "right"),
                              strict=True):  # fmt: skip
         table.add_column(name.replace("_", " "), justify=justify)  # type: ignore[arg-type]
     for e in entries:
-        table.add_row(*(e[n] for n in names))
+        table.add_row(*(str(e[n]) for n in names))
     out.print(table)
     if entries:
-        peak = max(entries, key=lambda e: int(e["invoices"]) + int(e["payments"]))
+        peak = max(entries, key=lambda e: e["invoices"] + e["payments"])
         out.print(f"peak: {peak['bucket']} {peak['currency']}: {peak['invoices']} invoices, "
                   f"{peak['payments']} payments ({peak['retries']} of them dunning "
                   "retries)")  # fmt: skip

@@ -57,9 +57,15 @@ def real_counts() -> dict[str, tuple[int, str]]:
     }  # fmt: skip
 
 
+TRANSCRIPT = re.compile(r"```console\n\s*\$ streambill .*?```", re.S)
+
+
 def outside_table(text: str) -> str:
+    """The README less its generated figures table and its command transcripts (a
+    ```console block starting with `$ streambill`: what a command printed once, shown as
+    it printed, not a figure the README claims)."""
     before, _, rest = text.partition(TABLE_BEGIN)
-    return before + rest.partition(TABLE_END)[2]
+    return TRANSCRIPT.sub("", before + rest.partition(TABLE_END)[2])
 
 
 def test_benchmark_pages_are_what_the_result_files_render() -> None:
