@@ -551,6 +551,23 @@ def status(
         raise typer.Exit(1)
 
 
+def _run_deadline(text: str | None, settings: Any) -> datetime | None:
+    """--deadline: an instant, or a time from now such as 5h; without it, the configured
+    one (STREAMBILL_RUN_DEADLINE, a time from the run's issue), if any."""
+    from datetime import timedelta
+
+    from streams.domain.payments import parse_schedule
+
+    text = text or settings.run_deadline or None
+    if text is None:
+        return None
+    try:
+        (within,) = parse_schedule(text)
+    except ValueError:
+        return _parse_ts(text)
+    return datetime.now(UTC) + timedelta(seconds=within.total_seconds())
+
+
 def _run_watch(kind: str, run: str, deadline: datetime | None) -> Any:
     """observe(done, total) -> the progress bar's text, with the run's rate, ETA and
     margin to its deadline also on this process's metrics endpoint (the alert rule
@@ -610,7 +627,9 @@ def payment_run(
     wait: bool = typer.Option(True, help="wait until everything due has an outcome"),
     timeout: float = typer.Option(3600, help="seconds to wait at most"),
     deadline: str | None = typer.Option(
-        None, help="when the run must be done: ETA and margin shown, alerted on if at risk"
+        None,
+        help="when the run must be done: an instant, or a time from now (5h); default "
+        "STREAMBILL_RUN_DEADLINE. ETA and margin shown, alerted on if at risk",
     ),
 ) -> None:
     """Collect now, in parallel, every payment due up to a date (dunning retries included)."""
@@ -623,7 +642,7 @@ def payment_run(
 
     settings = load_settings()
     at = _parse_ts(until)
-    must_end = _parse_ts(deadline) if deadline else None
+    must_end = _run_deadline(deadline, settings)
     run_id = issue_payment_run(settings, bootstrap_servers(settings), at)
     console.print(f"payment run {run_id} issued (due up to {at.isoformat()})")
     if not wait:
@@ -730,7 +749,9 @@ def bill_run(
     wait: bool = typer.Option(True, help="wait until every partition has completed the run"),
     timeout: float = typer.Option(3600, help="seconds to wait at most"),
     deadline: str | None = typer.Option(
-        None, help="when the run must be done: ETA and margin shown, alerted on if at risk"
+        None,
+        help="when the run must be done: an instant, or a time from now (5h); default "
+        "STREAMBILL_RUN_DEADLINE. ETA and margin shown, alerted on if at risk",
     ),
 ) -> None:
     """Catch-up bill run: close now, in parallel across partitions, the chosen periods."""
@@ -750,7 +771,7 @@ def bill_run(
     settings = load_settings()
     bootstrap = bootstrap_servers(settings)
     chosen = [a for a in accounts.split(",") if a] if accounts else None
-    must_end = _parse_ts(deadline) if deadline else None
+    must_end = _run_deadline(deadline, settings)
     offsets = issue_bill_run(settings, bootstrap, when, chosen)
     console.print(f"bill run issued to {len(offsets)} partitions")
     if not wait:
@@ -867,6 +888,7 @@ def capacity(
     invoices: int | None = typer.Option(None, min=1, help="invoices to issue (a bill run)"),
     signups: int | None = typer.Option(None, min=1, help="signups through the API"),
     per_second: float | None = typer.Option(None, min=0.001, help="signups: their arrival rate"),
+    tenant: str | None = typer.Option(None, help="signups: the API tenant (its rate limit)"),
     window: str = typer.Option("5h", help="the time the work must fit in (s, m, h, d)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the answer here"),
 ) -> None:
@@ -910,7 +932,16 @@ def capacity(
     if workers_now == 0:
         out.print("no worker runs now: counted as one")
         workers_now = 1
-    result = answer(measured, items, window_s, workers_now, partitions, host_cores())
+    api_limit = None
+    if tenant:
+        from streams.api.server import tenants_path
+        from streams.api.tenants import load
+
+        known = load(tenants_path(settings))
+        if tenant not in known:
+            raise typer.BadParameter(f"no tenant {tenant!r}", param_hint="--tenant")
+        api_limit = known[tenant].rate_per_s
+    result = answer(measured, items, window_s, workers_now, partitions, host_cores(), api_limit)
     _write_json(json_out, result.to_json())
     verdict = "[green]fits[/]" if result.fits_now else "[red]does not fit[/]"
     from streams.ops.deadline import duration

@@ -159,6 +159,9 @@ class Settings:
         default_factory=lambda: int(_env("STREAMBILL_RATING_USAGE_TRANSACTION_RECORDS", "100000"))
     )
 
+    # every bill run and payment run must be done within this of its issue (5h; empty:
+    # no deadline unless the command gives one): its ETA and margin are watched, alerted on
+    run_deadline: str = field(default_factory=lambda: _env("STREAMBILL_RUN_DEADLINE", ""))
     # who issues the invoices: printed on every invoice document
     issuer_name: str = field(default_factory=lambda: _env("STREAMBILL_ISSUER_NAME", "streambill"))
     issuer_address: str = field(

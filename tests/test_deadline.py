@@ -83,3 +83,18 @@ def test_the_rate_is_the_progress_over_the_retained_samples(
 def test_durations_read_as_a_person_says_them() -> None:
     assert [duration(s) for s in (5, 90, 3_720, math.inf)] == [
         "5s", "1m30s", "1h02m", "never (no progress)"]  # fmt: skip
+
+
+def test_a_deadline_is_an_instant_a_time_from_now_or_the_configured_one() -> None:
+    from types import SimpleNamespace
+
+    from streams.cli import _run_deadline
+
+    none, five_h = SimpleNamespace(run_deadline=""), SimpleNamespace(run_deadline="5h")
+    assert _run_deadline(None, none) is None
+    assert _run_deadline("2026-12-08T06:00:00Z", five_h) == datetime(2026, 12, 8, 6, tzinfo=UTC)
+    soon = _run_deadline("90m", none)
+    assert soon is not None and abs((soon - datetime.now(UTC)).total_seconds() - 5_400) < 5
+    configured = _run_deadline(None, five_h)
+    assert configured is not None
+    assert abs((configured - datetime.now(UTC)).total_seconds() - 18_000) < 5

@@ -11,6 +11,7 @@ endpoints, sampled every few seconds into an in-memory history (kept for
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import defaultdict, deque
 from datetime import UTC, datetime
@@ -126,6 +127,26 @@ def _number(v: Any) -> Any:
     return v
 
 
+# --- runs in flight, from their own metrics endpoints ----------------------------------
+
+
+def runs_in_flight(settings: Settings) -> list[dict[str, Any]]:
+    """Each bill run and payment run waiting in a `streambill` command now: its ETA and
+    its margin to its deadline (None: not measured yet, or no deadline)."""
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind in ("payment-run", "bill-run"):
+        for s in scrape(settings, kind):
+            field = {"streambill_run_eta_seconds": "eta_s",
+                     "streambill_run_deadline_margin_seconds": "margin_s"}.get(s.name)  # fmt: skip
+            if field is None:
+                continue
+            key = (s.labels.get("kind", kind), s.labels.get("run", ""))
+            run = runs.setdefault(key, {"kind": key[0], "run": key[1], "eta_s": None,
+                                        "margin_s": None})  # fmt: skip
+            run[field] = None if math.isinf(s.value) else round(s.value, 1)
+    return sorted(runs.values(), key=lambda r: (r["margin_s"] is None, r["margin_s"] or 0))
+
+
 # --- API traffic, sampled from the API workers' metrics ---------------------------------
 
 
@@ -232,6 +253,7 @@ class Dashboard:
             body["lag"] = await loop.run_in_executor(None, self._lag)
         except Exception as exc:  # the broker's problem is shown, not raised
             body["lag"], body["kafka_error"] = [], str(exc)
+        body["runs"] = await loop.run_in_executor(None, runs_in_flight, self.settings)
         body["api_per_minute"] = self.api.per_minute(since=time.time() - minutes * 60)
         body["api_totals"] = self.api.totals()
         return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -164,6 +164,11 @@ def test_a_payment_run_that_will_miss_its_deadline_alerts_while_in_flight(
                                stdout=log, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         wait_until(lambda: receiver.received["/json"], 60, "the firing notification", [alerts])
         assert run.poll() is None, "the alert came after the run ended"
+        # the dashboard's view of it, from the run's own metrics endpoint
+        from streams.ops.dashboard import runs_in_flight
+
+        (shown,) = runs_in_flight(settings)
+        assert shown["kind"] == "payment-run" and shown["margin_s"] < 0 < shown["eta_s"]
         (fired,) = receiver.received["/json"]
         assert fired["rule"] == "run_deadline_at_risk" and fired["state"] == "firing"
         assert fired["value"] is None or fired["value"] < 0  # (None: -inf, no progress yet)

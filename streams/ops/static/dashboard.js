@@ -106,6 +106,10 @@ async function refresh() {
   document.getElementById("lag").innerHTML = lagHtml(lag);
   document.getElementById("dead-letters").innerHTML = rowsHtml(
     (f.dead_letters || []).map((d) => [[d.processor], [d.reason], [d.count, true]]));
+  document.getElementById("runs").innerHTML = (f.runs || []).map((r) =>
+    `<tr${r.margin_s !== null && r.margin_s < 0 ? ' class="late"' : ""}><td>${text(r.kind)}</td>` +
+    `<td>${text(r.run)}</td><td class="n">${r.eta_s === null ? "never" : fmt(r.eta_s)}</td>` +
+    `<td class="n">${r.margin_s === null ? "–" : fmt(r.margin_s)}</td></tr>`).join("");
   document.getElementById("calendar").innerHTML = rowsHtml((f.calendar || []).map((c) =>
     [[c.day], [c.currency], [c.invoices, true], [c.payments, true], [c.retries, true]]));
   document.getElementById("errors").textContent =
