@@ -88,6 +88,8 @@ def customer_set(
     if not reads.ID_PATTERN.fullmatch(account):
         raise typer.BadParameter("an account id: letters, digits and ._:@-")
     settings, bootstrap, current = _current(account)
+    if address is not None:  # a literal \n typed on the command line breaks the line
+        address = address.replace("\\n", "\n")
     given = {"name": name, "email": email, "address": address, "country": country,
              "tax_exempt": tax_exempt, "grace_hours": grace_hours,
              "payment_method": payment_method}  # fmt: skip

@@ -212,10 +212,11 @@ def test_a_dunning_retry_charges_the_card_the_customer_gave_since(
     assert json.loads(shown.stdout)["country"] == "FR"
     # a change keeps the other fields of the record
     run = subprocess.run([sys.executable, "-m", "streams.cli", "customer", "set", "acct-00000",
-                          "--grace-hours", "24"], capture_output=True, text=True)  # fmt: skip
+                          "--grace-hours", "24", "--address", r"Main St 1\nAmsterdam"],
+                         capture_output=True, text=True)  # fmt: skip
     assert json.loads(run.stdout) | {"updated_at": None} == {
-        "account_id": "acct-00000", "name": None, "email": None, "address": None,
-        "country": "FR",
+        "account_id": "acct-00000", "name": None, "email": None,
+        "address": "Main St 1\nAmsterdam", "country": "FR",
         "tax_exempt": False, "grace_hours": 24, "payment_method": "tok_ok_new_0",
         "updated_at": None,
     }  # fmt: skip
