@@ -621,6 +621,32 @@ def _record_payment_run(settings: Any, payments: int, seconds: float) -> None:
         record_run(settings, "payment-run", payments, seconds, max(workers, 1))
 
 
+def _invoices_emitted(settings: Any) -> float | None:
+    """Invoices the rating workers advertised on this host have emitted (their counter);
+    None if none advertises its metrics here."""
+    from streams.metrics import endpoints, scrape
+
+    if not any(e["processor"] == "rating" for e in endpoints(settings)):
+        return None
+    return sum(s.value for s in scrape(settings, "rating") if s.name == "streambill_invoices_total")
+
+
+def _record_bill_run(settings: Any, bootstrap: str, before: float | None, seconds: float) -> None:
+    """The run's pace in invoices, for `streambill capacity --invoices`: what the rating
+    workers emitted meanwhile (when they advertise their metrics on this host)."""
+    from streams.kafka import clients
+    from streams.kafka.lag import group_members
+    from streams.kafka.topics import group_id
+    from streams.ops.capacity import record_run
+    from streams.processors.rating import GROUP
+
+    after = _invoices_emitted(settings)
+    if before is None or after is None or after <= before:
+        return
+    workers = len(group_members(clients.admin(settings, bootstrap), group_id(GROUP)))
+    record_run(settings, "bill-run", int(after - before), seconds, max(workers, 1))
+
+
 @app.command("payment-run")
 def payment_run(
     until: str = typer.Option(..., help="collect every payment due at or before this instant"),
@@ -772,6 +798,8 @@ def bill_run(
     bootstrap = bootstrap_servers(settings)
     chosen = [a for a in accounts.split(",") if a] if accounts else None
     must_end = _run_deadline(deadline, settings)
+    emitted_before = _invoices_emitted(settings)
+    started = time.monotonic()
     offsets = issue_bill_run(settings, bootstrap, when, chosen)
     console.print(f"bill run issued to {len(offsets)} partitions")
     if not wait:
@@ -787,6 +815,7 @@ def bill_run(
                 raise typer.Exit(1)
             time.sleep(0.5)
         progress.update(task, completed=done, eta=watch(done, len(offsets)))
+    _record_bill_run(settings, bootstrap, emitted_before, time.monotonic() - started)
 
 
 class Format(StrEnum):

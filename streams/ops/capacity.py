@@ -1,8 +1,8 @@
 """Capacity answers from measured figures: can N payments (invoices, signups) fit a window?
 
-A rate measured on this installation is the basis, never a constant: the latest payment
-run recorded here (``streambill payment-run`` writes what it did, how long it took and
-with how many workers to ``$STREAMBILL_HOME/runs/``), else the committed benchmark
+A rate measured on this installation is the basis, never a constant: the latest run
+recorded here (``streambill payment-run`` and ``bill-run`` write what they did, how long
+it took and with how many workers to ``$STREAMBILL_HOME/runs/``), else the committed benchmark
 figures (``docs/benchmarks/*.json``: measured on this project's reference machine, and
 said so). From the rate per worker it answers how long the work takes with today's
 workers, how many it needs to fit the window, and the bound that limits it first:
