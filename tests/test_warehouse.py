@@ -241,3 +241,8 @@ def test_an_invoice_paid_by_credit_reads_as_paid_and_one_with_an_amount_due_as_o
         .replace("FROM payment_attempts", "FROM streambill.payment_attempts")
     ).result_rows
     assert [(r[0], r[-1]) for r in rows] == [("by-credit", "paid"), ("due", "open")]
+    # what is owed, for analysts: the amount due, not the total
+    owed = warehouse.query(
+        "SELECT currency, invoices, toString(amount_due) FROM streambill.receivables_aging"
+    ).result_rows
+    assert owed == [("EUR", 1, "20")]
