@@ -129,18 +129,19 @@ def test_a_payment_run_that_will_miss_its_deadline_alerts_while_in_flight(
     import yaml
 
     from streams.config import DEPLOY_DIR
-    from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
-    from tests.integration.test_payments import invoice, publish_invoices, start_payments
+    from tests.integration.test_payments import (
+        invoice,
+        publish_invoices,
+        slowed_gateway,
+        start_payments,
+    )
 
     settings = pipeline_env
     shipped = yaml.safe_load((DEPLOY_DIR / "alerts" / "rules.yaml").read_text())["rules"]
     (rule,) = [r for r in shipped if r["name"] == "run_deadline_at_risk"]
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"evaluate_every": "1s", "rules": [rule]}))
-    slow = AccountConfig(max_concurrency=2, latency_median_ms=200, latency_p99_ms=300,
-                         decline_rate=0.0)  # fmt: skip
-    sim = SimulatorProcess.start(SimulatorConfig(accounts={"merchant-1": slow, "merchant-2": slow},
-                                                 seed=1), settings.home / "logs")  # fmt: skip
+    sim = slowed_gateway(settings, latency_ms=200, seed=1)
     try:
         sink = procs.add(start_sink(settings, kafka_bootstrap))
         payer = procs.add(start_payments(settings, kafka_bootstrap, sim.url, "1d"))

@@ -73,6 +73,16 @@ def gateway_env(url: str) -> dict[str, str]:
             "STREAMBILL_GATEWAY_TIMEOUT": "0.5"}  # fmt: skip
 
 
+def slowed_gateway(settings: Settings, latency_ms: float, seed: int) -> SimulatorProcess:
+    """The simulator with two merchant accounts of 2 calls at a time each, answering in
+    about `latency_ms`, declining nothing: about 4 / latency charges a second."""
+    slow = AccountConfig(max_concurrency=2, latency_median_ms=latency_ms,
+                         latency_p99_ms=latency_ms * 1.5, decline_rate=0.0)  # fmt: skip
+    accounts = {"merchant-1": slow, "merchant-2": slow}
+    return SimulatorProcess.start(SimulatorConfig(accounts=accounts, seed=seed),
+                                  settings.home / "logs")  # fmt: skip
+
+
 def start_payments(settings: Settings, bootstrap: str, url: str, dunning: str) -> ProcessorProcess:
     env = {**gateway_env(url), "STREAMBILL_DUNNING": dunning}
     return ProcessorProcess(settings, bootstrap, "payments", env=env).start()
@@ -252,13 +262,8 @@ def test_a_capacity_answer_predicts_a_measured_payment_run_within_a_quarter(
     """A gateway slowed to about 40 charges a second: a first payment run of 400 is
     recorded; `streambill capacity --payments 1200` then predicts the next run from it,
     and a run of 1200 takes the predicted time within 25 %."""
-    from streams.testbed.gateway_simulator import AccountConfig, SimulatorConfig, SimulatorProcess
-
     settings = pipeline_env
-    slow = AccountConfig(max_concurrency=2, latency_median_ms=100, latency_p99_ms=150,
-                         decline_rate=0.0)  # fmt: skip
-    sim = SimulatorProcess.start(SimulatorConfig(accounts={"merchant-1": slow, "merchant-2": slow},
-                                                 seed=2), settings.home / "logs")  # fmt: skip
+    sim = slowed_gateway(settings, latency_ms=100, seed=2)
     try:
         sink = procs.add(start_sink(settings, kafka_bootstrap))
         payer = procs.add(start_payments(settings, kafka_bootstrap, sim.url, "1d"))
