@@ -687,8 +687,11 @@ class Api:
     async def get_customer(self, request: web.Request) -> web.Response:
         tenant: Tenant = request["tenant"]
         account = self._path_id(request, "account_id", "account")
+        # another tenant's customer is not found, and costs no warehouse query
+        if not tenant.owns(account):
+            raise ApiError(404, "not_found", "no such customer")
         (rows,) = await self._warehouse(reads.customer_sql(account))
-        if not rows or not tenant.owns(account):
+        if not rows:
             raise ApiError(404, "not_found", "no such customer")
         return json_response(200, reads.customer_json(reads.customer_record(account, rows[0])))
 
