@@ -15,6 +15,7 @@ from rich.console import Console
 
 from streams.api.cli import api as api_cmd
 from streams.api.cli import tenant_app
+from streams.catalog_cli import catalog_app
 from streams.config import DEFAULT_CATALOG, DEPLOY_DIR
 from streams.config import settings as load_settings
 from streams.customers import customer_app
@@ -36,6 +37,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(customer_app, name="customer")
+app.add_typer(catalog_app, name="catalog")
 invoice_app = typer.Typer(help="Invoices: their documents.")
 app.add_typer(invoice_app, name="invoice")
 app.command("api")(api_cmd)
@@ -174,9 +176,11 @@ def replay(
         when = check_until(_parse_ts(until))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--until") from None
+    settings = load_settings()
     try:
         result = run(catalog, events.read_text().splitlines(), when,
-                     bootstrap_servers(load_settings()), console)  # fmt: skip
+                     bootstrap_servers(settings), console,
+                     contract=settings.rating_contract)  # fmt: skip
     except CatalogError as exc:
         console.print(f"[red]invalid catalog:[/] {exc}")
         raise typer.Exit(2) from None
@@ -189,7 +193,8 @@ def replay(
         f"{len(result.invoices)} invoices; {result.published} records published "
         f"({result.raw} as raw bytes: not valid events), {result.deferred} events after "
         f"--until not published; dead letters: rating {result.dead_letters.total()}"
-        f"{f' ({reasons})' if reasons else ''}, sink {result.sink_dead_letters}; "
+        f"{f' ({reasons})' if reasons else ''}, sink {result.sink_dead_letters}"
+        f"{f', catalog {result.catalog_refused}' if result.catalog_refused else ''}; "
         f"{result.seconds:.1f} s"
     )
 
@@ -235,6 +240,7 @@ def run_rating(
 ) -> None:
     """The rating processor: subscriptions + usage -> invoices."""
     from streams.domain.catalog import Catalog
+    from streams.processors.contract_rating import make_contract_rating
     from streams.processors.rating import make_rating
     from streams.runtime.process import WorkerIndexTaken, claim_worker_index
 
@@ -245,7 +251,8 @@ def run_rating(
         raise typer.Exit(2) from None
     settings, bootstrap = _processor_start("rating")
     cat = Catalog.from_dict(json.loads(catalog.read_text()))
-    make_rating(settings, bootstrap, cat, worker=index, clock=clock.value).run()
+    make = make_contract_rating if settings.rating_contract == 2 else make_rating
+    make(settings, bootstrap, cat, worker=index, clock=clock.value).run()
 
 
 @run_app.command("sink")
@@ -1161,6 +1168,26 @@ def bench_usage(
     s = load_settings()
     params = {"events": events, "workers": workers}
     _run_bench("usage", params, runs, json_out, lambda: run(s, events, workers, console))
+
+
+@bench_app.command("peers")
+def bench_peers(
+    events: int = typer.Option(1_000_000, min=10),
+    workers: int = typer.Option(2, min=1, help="rating processes in the consumer group"),
+    peer_workers: int = typer.Option(1, min=1, help="processes of each peer, in one group"),
+    rounds: int = typer.Option(3, min=1, help="each contender once a round, order rotated"),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """The usage job of `bench usage` run by streambill, faust-streaming and Quix Streams
+    (each peer in a venv of its own), alternated, with raw Kafka as the ceiling."""
+    from streams.testbed.bench.peers import Rounds
+
+    s = load_settings()
+    # makes the peers' venvs if missing, and the input
+    each_round = Rounds(s, events, workers, peer_workers, console)
+    params = {"events": events, "workers": workers, "peer_workers": peer_workers,
+              "rounds": rounds, **each_round.versions}  # fmt: skip
+    _run_bench("peers", params, rounds, json_out, each_round)
 
 
 @bench_app.command("billrun")

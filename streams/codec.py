@@ -122,6 +122,23 @@ def _optional(write: Callable[[Any], bytes], null_first: bool) -> Callable[[Any]
     return write_optional
 
 
+def _map(write: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def write_map(value: Any) -> bytes:
+        """One block of every entry, then the end (0): as fastavro writes a map."""
+        if type(value) is not dict:
+            raise LeftToFastavro
+        if not value:
+            return b"\x00"
+        parts = [avro_long(len(value))]
+        for k, v in value.items():
+            parts.append(avro_string(k))
+            parts.append(write(v))
+        parts.append(b"\x00")
+        return b"".join(parts)
+
+    return write_map
+
+
 def _field_writer(t: Any) -> Callable[[Any], bytes] | None:
     """The writer of one field type, or None for a type the flat writer leaves alone."""
     if isinstance(t, list):
@@ -135,6 +152,9 @@ def _field_writer(t: Any) -> Callable[[Any], bytes] | None:
             return avro_timestamp_micros
         if logical == "decimal" and t.get("type") == "bytes":
             return avro_decimal(t["precision"], t.get("scale", 0))
+        if t.get("type") == "map" and not logical:
+            inner = _field_writer(t.get("values"))
+            return _map(inner) if inner else None
         return None if logical else _field_writer(t.get("type"))
     return {
         "string": avro_string, "bytes": _bytes, "int": _integer(32), "long": _integer(64),
@@ -156,6 +176,10 @@ class FlatWriter:
             if all(w is not None for _, w in writers)
             else None
         )
+        # fields a record may leave out: fastavro writes their default, null
+        self.null_default = frozenset(
+            f["name"] for f in schema["fields"] if "default" in f and f["default"] is None
+        )
 
     def write(self, record: dict[str, Any]) -> bytes | None:
         """The body, or None when fastavro must write this record."""
@@ -163,7 +187,22 @@ class FlatWriter:
             return None
         try:
             return b"".join([write(record[name]) for name, write in self.fields])
-        except (LeftToFastavro, KeyError, TypeError):
+        except KeyError:
+            return self._write_with_defaults(record)
+        except (LeftToFastavro, TypeError):
+            return None
+
+    def _write_with_defaults(self, record: dict[str, Any]) -> bytes | None:
+        """A record that leaves out fields with a null default (one written before they
+        existed, e.g. a version-1 subscription event): those are written as null."""
+        if self.fields is None or not set(self.null_default).issuperset(
+            name for name, _ in self.fields if name not in record
+        ):
+            return None
+        try:
+            get = record.get
+            return b"".join([write(get(name)) for name, write in self.fields])
+        except (LeftToFastavro, TypeError):
             return None
 
 

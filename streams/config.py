@@ -144,6 +144,11 @@ class Settings:
     # fetched batches (see rating.FETCH_SIZES): decoded states, about 2.5 KB each with a
     # period's event ids, in the cache and in the open transaction (up to one per record,
     # with their changelog bytes and RocksDB batch)
+    # which version of the rating contract the streaming rater implements: 1 (the fast
+    # rater of version 1, which dead-letters the events of version 2) or 2 (every rule)
+    rating_contract: int = field(
+        default_factory=lambda: int(_env("STREAMBILL_RATING_CONTRACT", "1"))
+    )
     rating_state_cache: int = field(
         default_factory=lambda: int(_env("STREAMBILL_RATING_STATE_CACHE", "50000"))
     )  # committed states kept decoded per worker, shared by its partitions

@@ -10,6 +10,7 @@ the whole record. The API's ``PUT /v1/customers/{account}`` replaces the record 
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,8 +21,10 @@ from streams.api import reads, records
 from streams.codec import codec
 from streams.config import Settings
 from streams.config import settings as load_settings
+from streams.domain.events import CustomerUpdated
 from streams.kafka import clients
 from streams.kafka.topics import CUSTOMERS
+from streams.rating_records import input_record
 from streams.runtime.table import TopicTable
 
 customer_app = typer.Typer(help="Customer records (billing.customers): tax, grace, payment method.")
@@ -36,8 +39,19 @@ def customer_table(settings: Settings, bootstrap: str, name: str) -> TopicTable[
 
 
 def publish_customer(settings: Settings, bootstrap: str, record: dict[str, Any]) -> None:
+    """The record, after the rating contract's customer.updated event of its country, tax
+    status and grace hours on billing.subscriptions (as ``PUT /v1/customers`` does: the
+    rating processor sees the change in order with the account's other events). The event
+    is acknowledged first: the record is never ahead of it."""
+    account = record["account_id"]
+    updated = CustomerUpdated(record["timestamp"], account, record["country"],
+                              record["tax_exempt"], record["grace_hours"])  # fmt: skip
+    topic, event = input_record(updated, account, str(uuid.uuid4()))
     producer = clients.producer(settings, bootstrap, **{"linger.ms": 0})
-    producer.produce(CUSTOMERS.name, key=record["account_id"].encode(),
+    producer.produce(topic.name, key=account.encode(), value=codec(topic.schema).encode(event))
+    if producer.flush(30):  # acknowledged before the record is sent
+        raise RuntimeError("Kafka did not acknowledge the customer.updated event in 30 s")
+    producer.produce(CUSTOMERS.name, key=account.encode(),
                      value=codec(CUSTOMERS.schema).encode(record))  # fmt: skip
     if producer.flush(30):
         raise RuntimeError("Kafka did not acknowledge the customer record in 30 s")

@@ -35,6 +35,7 @@ from streams.codec import avro_long as _long
 from streams.domain.events import Usage, UsageRecord
 from streams.domain.invoice import Invoice
 from streams.domain.validation import EARLIEST_US, MAX_FUTURE_MS, QUANTITY_LIMIT
+from streams.invoice_record import line_period
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_UNSCALED = QUANTITY_LIMIT * 10**9  # the quantity rule, in 10^-9 units
@@ -42,12 +43,14 @@ _MAX_UNSCALED = QUANTITY_LIMIT * 10**9  # the quantity rule, in 10^-9 units
 
 def schema_layout(fields: list[dict[str, Any]]) -> tuple:
     """(name, type) of each field, logical types as (type, logicalType, precision,
-    scale), records and arrays unfolded: what a hand-written codec depends on."""
+    scale), records, arrays and maps unfolded: what a hand-written codec depends on."""
 
     def layout(t: Any) -> Any:
         if isinstance(t, dict):
             if t["type"] == "array":
                 return ("array", schema_layout(t["items"]["fields"]))
+            if t["type"] == "map":
+                return ("map", layout(t["values"]))
             return (t["type"], t.get("logicalType"),
                     *(t[k] for k in ("precision", "scale") if k in t))  # fmt: skip
         if isinstance(t, list):
@@ -67,6 +70,7 @@ class UsageReader:
         ("subscription_id", "string"),
         ("metric", "string"),
         ("quantity", ("bytes", "decimal", 38, 9)),
+        ("properties", ("null", ("map", "string"))),
     )
 
     def __init__(self, schema: str) -> None:
@@ -78,9 +82,11 @@ class UsageReader:
         """(event_id, timestamp µs, account_id, subscription_id, metric, quantity in 10^-9
         units) of a plainly valid record: every string non-empty with a one-byte length
         (under 64 bytes) and valid UTF-8, a timestamp of an 8-byte varint (1978 to 3111)
-        that ``streams.domain.validation`` accepts, a quantity above 0 that it accepts, no
-        trailing byte. None for anything else. No Usage, datetime
-        or Decimal is built here: ``usage_event`` makes the event when one is needed."""
+        that ``streams.domain.validation`` accepts, a quantity above 0 that it accepts, null
+        properties (the record's last byte, 0: its union's null branch), no trailing byte.
+        None for anything else (properties included: version 2's unique_count reads them,
+        through the general path). No Usage, datetime or Decimal is built here:
+        ``usage_event`` makes the event when one is needed."""
         if not self.enabled or not data or not data.startswith(self.header):
             return None
         try:
@@ -115,11 +121,12 @@ class UsageReader:
                 return None
             start, pos = pos + 1, pos + 1 + (n >> 1)
             metric = data[start:pos].decode()
-            # the quantity's length: 1 to 12 bytes hold any unscaled < 10^27; then the end
+            # the quantity's length: 1 to 12 bytes hold any unscaled < 10^27; then null
+            # properties (one 0 byte, the union's first branch) and the end
             n = data[pos]
-            if n & 0x81 or not n or n > 24 or pos + 1 + (n >> 1) != len(data):
+            if n & 0x81 or not n or n > 24 or pos + 2 + (n >> 1) != len(data) or data[-1]:
                 return None
-            unscaled = int.from_bytes(data[pos + 1 :], "big", signed=True)
+            unscaled = int.from_bytes(data[pos + 1 : -1], "big", signed=True)
         except (IndexError, UnicodeDecodeError, struct.error):
             return None
         us = (x >> 1) ^ -(x & 1)
@@ -203,8 +210,9 @@ class InvoiceWriter:
             for ln in lines:
                 put(string(ln.charge_id))
                 put(string(ln.kind))
-                put(avro_timestamp_micros(ln.period_start))
-                put(avro_timestamp_micros(ln.period_end))
+                start, end = line_period(inv, ln)
+                put(avro_timestamp_micros(start))
+                put(avro_timestamp_micros(end))
                 put(decimal(ln.quantity))
                 put(decimal(ln.amount))
         put(b"\x00")  # end of the array

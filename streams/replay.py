@@ -31,9 +31,19 @@ import orjson
 from confluent_kafka import KafkaError, TopicPartition
 from rich.console import Console
 
+from streams.catalog_history import file_histories, publish, retire, to_record
 from streams.codec import codec
 from streams.config import Settings
-from streams.domain.events import InvalidEvent, SubscriptionCreated, Usage, parse_v1_event
+from streams.domain.catalog import Catalog, CatalogError
+from streams.domain.events import (
+    InvalidEvent,
+    PlanPublished,
+    PlanRetired,
+    SubscriptionCreated,
+    Usage,
+    parse_event,
+    parse_v1_event,
+)
 from streams.domain.invoice import Invoice, InvoiceLine
 from streams.domain.money import round_money
 from streams.domain.timestamps import (
@@ -44,10 +54,20 @@ from streams.domain.timestamps import (
     to_micros,
 )
 from streams.domain.validation import MAX_FUTURE, MAX_FUTURE_TEXT
+from streams.invoice_record import period_read
 from streams.kafka import clients
-from streams.kafka.topics import DEAD_LETTER, INVOICES, SUBSCRIPTIONS, USAGE, TopicSpec, group_id
+from streams.kafka.topics import (
+    CATALOG,
+    DEAD_LETTER,
+    INVOICES,
+    SUBSCRIPTIONS,
+    USAGE,
+    TopicSpec,
+    group_id,
+)
 from streams.offline import load_catalog
 from streams.publish import bill_run_done, issue_bill_run, partition_count, produce_values
+from streams.rating_records import input_record
 from streams.stack import (
     ProcessExited,
     ProcessorProcess,
@@ -79,6 +99,10 @@ class ReplayInput:
     # topic's schema (a quantity with more than 9 decimals)
     raw: int
     deferred: int  # events arriving after `until`: not published, as `rate` does not rate them
+    # contract v2: billing.catalog's records (the plans' histories: the catalog file's and
+    # the plan events'), and the plan events the catalog refused, as the API would
+    catalog: list[InputRecord] = field(default_factory=list)
+    catalog_refused: int = 0
 
 
 @dataclass
@@ -92,6 +116,7 @@ class ReplayResult:
     dead_letters: Counter[str] = field(default_factory=Counter)
     sink_dead_letters: int = 0
     seconds: float = 0.0
+    catalog_refused: int = 0  # plan events refused before publication (contract v2)
 
 
 def arrival(raw: dict[str, Any], event: Any) -> datetime:
@@ -103,12 +128,18 @@ def arrival(raw: dict[str, Any], event: Any) -> datetime:
     return event.timestamp
 
 
-def input_records(lines: Iterable[str], until: datetime) -> ReplayInput:
+def input_records(
+    lines: Iterable[str], until: datetime, catalog: Catalog | None = None, contract: int = 1
+) -> ReplayInput:
     """The input topics' records for the contract's JSONL events, in order of arrival
     (ties in input order), as upstream systems would have published them. Each record is
     keyed by the account that created its subscription, so that all of a subscription's
-    events are on one partition (an unknown subscription's key is its own id)."""
+    events are on one partition (an unknown subscription's key is its own id); an account
+    event by its account. With contract 2 the plan events go into billing.catalog's
+    records instead (the catalog file's plans as version 1 of each), as the catalog API
+    would have published them: one refused there is counted, not published."""
     until = require_utc(until)
+    parse = parse_event if contract == 2 else parse_v1_event
     parsed: list[tuple[datetime, int, dict[str, Any], Any]] = []
     raw_lines: list[tuple[str, int, str]] = []  # (type, line number, text)
     raw_text: dict[int, str] = {}  # line number -> text of the valid events
@@ -118,7 +149,7 @@ def input_records(lines: Iterable[str], until: datetime) -> ReplayInput:
         raw = None
         try:
             raw = orjson.loads(text)
-            event = parse_v1_event(raw)
+            event = parse(raw)
         except (orjson.JSONDecodeError, InvalidEvent):
             kind = raw.get("type") if isinstance(raw, dict) else None
             raw_lines.append((kind if isinstance(kind, str) else "", n, text))
@@ -136,39 +167,37 @@ def input_records(lines: Iterable[str], until: datetime) -> ReplayInput:
     for kind, n, text in raw_lines:  # dead letters whatever their place: first
         topic = USAGE if kind == "usage" else SUBSCRIPTIONS
         records.append((topic, f"line-{n}".encode(), text.encode(), None))
-    deferred = unencodable = 0
+    deferred = unencodable = refused = 0
+    histories = file_histories(catalog) if catalog is not None and contract == 2 else {}
     for at, n, raw, event in parsed:
         if at > until:
             deferred += 1
             continue
-        sub = event.subscription_id
-        owner = owners.get(sub, sub)
-        topic, rec = _avro_record(event, raw, owner, n)
+        if isinstance(event, PlanPublished | PlanRetired):
+            try:
+                if isinstance(event, PlanPublished):
+                    pid = event.plan.plan_id
+                    histories[pid] = publish(histories.get(pid), event.plan, at, event.existing)
+                else:
+                    histories[event.plan_id] = retire(
+                        histories.get(event.plan_id), event.plan_id, at
+                    )
+            except CatalogError:
+                refused += 1
+            continue
+        sub = getattr(event, "subscription_id", None)
+        owner = event.account_id if sub is None else owners.get(sub, sub)
+        topic, rec = input_record(event, owner, raw.get("event_id") or f"line-{n}")
         try:
             value = codec(topic.schema).encode(rec)
         except ValueError:  # e.g. a quantity with more decimals than the schema's scale
             value, unencodable = raw_text[n].encode(), unencodable + 1
         records.append((topic, owner.encode(), value, to_micros(at) // 1000))
-    return ReplayInput(records, len(raw_lines) + unencodable, deferred)
-
-
-def _avro_record(event: Any, raw: dict[str, Any], owner: str, n: int) -> tuple[TopicSpec, dict]:
-    """An event as the record of its input topic; `owner`: the subscription's account."""
-    if isinstance(event, Usage):
-        return USAGE, {"event_id": event.event_id, "timestamp": event.timestamp,
-                       "account_id": owner, "subscription_id": event.subscription_id,
-                       "metric": event.metric, "quantity": event.quantity}  # fmt: skip
-    return SUBSCRIPTIONS, {
-        "event_id": raw.get("event_id") or f"line-{n}",
-        "type": raw["type"],
-        "timestamp": event.timestamp,
-        # a creation names its account; every other event its subscription's owner
-        "account_id": getattr(event, "account_id", owner),
-        "subscription_id": event.subscription_id,
-        "plan_id": getattr(event, "plan_id", None),
-        "mode": getattr(event, "mode", None),
-        "payment_method": getattr(event, "payment_method", None),
-    }
+    encode = codec(CATALOG.schema).encode
+    catalog_records: list[InputRecord] = [
+        (CATALOG, pid.encode(), encode(to_record(h)), None) for pid, h in sorted(histories.items())
+    ]
+    return ReplayInput(records, len(raw_lines) + unencodable, deferred, catalog_records, refused)
 
 
 def check_until(until: datetime) -> datetime:
@@ -188,21 +217,24 @@ def replay(
     parent: Path | None = None,
     timeout: float = 600.0,
     rating_env: dict[str, str] | None = None,
+    contract: int = 1,
 ) -> ReplayResult:
     """Run the events through a fresh pipeline on the cluster at `bootstrap`: its own
     topics, rating state and embedded warehouse under `parent` (the temporary directory
     by default), all deleted afterwards. `rating_env`: more environment for the rating
-    processor (e.g. small transactions and state cache)."""
+    processor (e.g. small transactions and state cache); contract: the version of the
+    rating contract the rating processor implements (STREAMBILL_RATING_CONTRACT)."""
     started = time.monotonic()
     until = check_until(until)
-    load_catalog(catalog_path)  # a CatalogError here, not a processor dying at start
-    data = input_records(lines, until)
+    catalog = load_catalog(catalog_path)  # a CatalogError here, not a processor dying at start
+    data = input_records(lines, until, catalog, contract)
+    rating_env = {**(rating_env or {}), "STREAMBILL_RATING_CONTRACT": str(contract)}
     console = console or Console(stderr=True, quiet=True)
     parent = parent or Path(tempfile.gettempdir())
     with isolated_namespace(parent, bootstrap, PARTITIONS, "streambill-replay-") as settings:
         embedded = dataclasses.replace(settings, clickhouse_dsn=None)
         result = _run(embedded, bootstrap, catalog_path, data, until, console, timeout,
-                      rating_env or {})  # fmt: skip
+                      rating_env)  # fmt: skip
     result.seconds = time.monotonic() - started
     return result
 
@@ -223,13 +255,15 @@ def _run(
     procs = [sink]
     try:
         with progress_bar(console) as progress:
-            task = progress.add_task("publish events", total=len(data.records))
+            task = progress.add_task("publish events",
+                                     total=len(data.catalog) + len(data.records))  # fmt: skip
             producer = clients.producer(settings, bootstrap)
             published = produce_values(
                 producer,
-                ((topic.name, key, value, ms) for topic, key, value, ms in data.records),
+                ((topic.name, key, value, ms)
+                 for topic, key, value, ms in (*data.catalog, *data.records)),
                 progress=lambda n: progress.advance(task, n),
-            )
+            )  # fmt: skip
             # started once every input is on its topics: the processor's event-time order
             # of the two input topics then never depends on how fast they were published
             procs.append(
@@ -268,6 +302,7 @@ def _run(
         deferred=data.deferred,
         dead_letters=Counter({r: int(c) for p, r, c in dead if p == "rating"}),
         sink_dead_letters=sum(int(c) for p, _, c in dead if p == "sink"),
+        catalog_refused=data.catalog_refused,
     )
 
 
@@ -348,10 +383,19 @@ def landed_invoices(settings: Settings) -> list[Invoice]:
         invoice_lines = []
         for no in range(int(line_count)):
             charge_id, kind, start_us, end_us, quantity, amount = next(iter(copies[no]))
-            invoice_lines.append(InvoiceLine(
-                charge_id, kind, from_micros(int(start_us)), from_micros(int(end_us)),
-                Decimal(quantity), _money(amount, currency, invoice_id),
-            ))  # fmt: skip
+            start, end = period_read(kind, from_micros(int(start_us)), from_micros(int(end_us)),
+                                     from_micros(int(issued_us)))  # fmt: skip
+            amount_ = _money(amount, currency, invoice_id)
+            invoice_lines.append(
+                InvoiceLine(
+                    charge_id,
+                    kind,
+                    start,
+                    end,  # type: ignore[arg-type]
+                    Decimal(quantity),
+                    amount_,
+                )
+            )
         invoices.append(Invoice(invoice_id, account, sub, currency, from_micros(int(issued_us)),
                                 tuple(invoice_lines), _money(total, currency, invoice_id),
                                 reason, from_micros(int(finalized_us)),

@@ -10,6 +10,7 @@ Kafka (a fake producer records what they produce)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import tempfile
 from collections import Counter
@@ -297,6 +298,82 @@ def test_rating_subscription_decoder(rec: dict, published: int | None) -> None:
         assert rec["subscription_id"] and micros(event.timestamp) == rec["timestamp"]
     if bad_time or bad_type or rec["subscription_id"] == "":
         assert error is not None
+
+
+V2_SUB_TYPES = [
+    *SUB_TYPES, "subscription.resumed", "coupon.applied", "credit.granted", "customer.updated",
+    "plan.published", "plan.retired",
+]  # fmt: skip
+V2_TOPIC_TYPES = {t for t in V2_SUB_TYPES if t and t != "usage" and not t.startswith("plan.")}
+
+
+@FAST
+@given(
+    rec=raw_records(
+        "subscription_event",
+        type=st.sampled_from(V2_SUB_TYPES),
+        mode=st.sampled_from([None, "immediate", "end_of_period", "whenever", ""]),
+        plan_id=st.sampled_from([None, "", "starter-eur", "gold"]),
+        percent_off=st.sampled_from([None, "", "10", "100", "100.1", "0", "-5", "1e2", "x"]),
+        amount_off=st.sampled_from([None, "", "5.50", "0", "NaN", " 5"]),
+        duration=st.sampled_from([None, "", "once", "repeating", "forever", "weekly"]),
+        currency=st.sampled_from([None, "", "EUR", "JPY", "eur", "XXX1"]),
+        amount=st.sampled_from([None, "", "20.00", "20.001", "500", "0", "-1", "1E+3"]),
+        country=st.sampled_from([None, "", "NL", "nl", "NLD"]),
+    ),
+    published=published_times(),
+)
+def test_rating_subscription_decoder_of_contract_2(rec: dict, published: int | None) -> None:
+    """Version 2: any record of the layout is an event of a type the topic carries, valid
+    by parse_event, or one dead letter (plan events: invalid_event, never an event)."""
+    event, account, error = decode_input(
+        hostile_encode("subscription_event", rec), False, published, contract=2
+    )
+    if not in_datetime_range(rec["timestamp"]):
+        assert error is not None and error[0] == "invalid_avro"
+        return
+    if event is None:
+        assert account is None and error is not None and error[0] == "invalid_event", error
+        check_detail(error[1])
+        if rec["type"].startswith("plan."):
+            assert error[1] == "plan events belong on billing.catalog"
+        return
+    assert error is None and account == rec["account_id"] and rec["type"] in V2_TOPIC_TYPES
+    assert micros(event.timestamp) == rec["timestamp"] >= micros(EARLIEST)
+    assert type(event).__name__ == type(parse_event_of(rec)).__name__
+    if hasattr(event, "subscription_id"):
+        assert event.subscription_id == rec["subscription_id"] != ""
+    if rec["type"] in ("credit.granted", "customer.updated"):
+        assert event.account_id == rec["account_id"]  # type: ignore[union-attr]
+
+
+def parse_event_of(rec: dict[str, Any]) -> Any:
+    """The oracle: parse_event on the record as JSON would give it (nulls absent)."""
+    from streams.domain.events import parse_event
+    from streams.domain.timestamps import from_micros
+
+    d = {k: v for k, v in rec.items() if v is not None}
+    return parse_event({**d, "timestamp": from_micros(rec["timestamp"])})
+
+
+@FAST
+@given(rec=raw_records("usage_event"), published=published_times())
+def test_rating_usage_decoder_of_contract_2(rec: dict, published: int | None) -> None:
+    """Version 2 refuses what version 1 refuses, and gives the same usage with its
+    properties as written and its arrival from the record's timestamp."""
+    value = hostile_encode("usage_event", rec)
+    v1 = decode_input(value, True, published)
+    event, account, error = decode_input(value, True, published, contract=2)
+    if v1[2] is not None:
+        assert (event, account, error) == v1
+        return
+    assert error is None and account == v1[1] and event is not None
+    assert event.properties == rec["properties"]  # type: ignore[union-attr]
+    assert dataclasses.replace(event, properties=None, received_at=None) == v1[0]
+    if published is None or micros(event.timestamp) // 1000 == published:
+        assert event.received_at is None  # type: ignore[union-attr]
+    else:
+        assert micros(event.received_at) == published * 1000  # type: ignore[union-attr,arg-type]
 
 
 def run_rating(inputs: list[hostile.Input]) -> RatingProcessor:

@@ -8,6 +8,7 @@ fast path. InvoiceWriter against fastavro: the same bytes for every invoice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,7 +49,9 @@ def T(day: int) -> datetime:
 
 
 def same_outcome(value: bytes, published: int | None) -> bool:
-    """The fast reader agrees with decode_input; True if it took the record."""
+    """The fast reader agrees with decode_input; True if it took the record. What it takes
+    has no properties, and is the same event for either contract (version 2 adds only the
+    arrival, from the record's timestamp, and the properties it does not take)."""
     record = usage_reader().read(value, published)
     event, account, error = decode_input(value, True, published)
     if record is None:
@@ -61,6 +64,8 @@ def same_outcome(value: bytes, published: int | None) -> bool:
     assert f_event.timestamp.tzinfo is event.timestamp.tzinfo
     assert f_event.quantity.as_tuple() == event.quantity.as_tuple()  # same digits, same scale
     assert us == micros(event.timestamp) and us / 1_000_000 == event.timestamp.timestamp()
+    assert codec(USAGE.schema).decode(value)["properties"] is None
+    assert decode_input(value, True, None, contract=2) == (f_event, f_account, None)
     return True
 
 
@@ -76,13 +81,51 @@ ordinary = st.fixed_dictionaries({
     "timestamp": st.integers(micros(datetime(2025, 1, 1, tzinfo=UTC)),
                              micros(datetime(2026, 3, 1, tzinfo=UTC))),
     "quantity": st.integers(1, 10**27 - 1).map(unscaled),
+    "properties": st.none(),
 })  # fmt: skip
+# any properties, the empty map included (two bytes: the union's branch, the map's end)
+properties = st.dictionaries(st.text(max_size=6), st.text(max_size=70), max_size=4)
 
 
 @MANY
 @given(rec=ordinary, published=st.sampled_from([None, PUBLISHED_MS]))
 def test_ordinary_records_take_the_fast_path(rec: dict, published: int | None) -> None:
     assert same_outcome(hostile_encode("usage_event", rec), published)
+
+
+@MANY
+@given(rec=ordinary, props=properties, published=st.sampled_from([None, PUBLISHED_MS]))
+def test_records_with_properties_take_the_general_path(
+    rec: dict, props: dict, published: int | None
+) -> None:
+    """Properties present (even none of them): the fast reader declines; the general path
+    reads them for version 2, and version 1 rates the same usage without them."""
+    value = hostile_encode("usage_event", {**rec, "properties": props})
+    assert usage_reader().read(value, published) is None
+    plain = hostile_encode("usage_event", rec)  # the same record, properties null
+    assert value.startswith(plain[:-1]) and plain[-1:] == b"\x00" and value[-1:] == b"\x00"
+    v1, v2 = decode_input(value, True, published), decode_input(value, True, None, contract=2)
+    assert v1 == decode_input(plain, True, published) and v1[0] is not None
+    assert v1[0].properties is None and v2[0] is not None and v2[0].properties == props
+    assert dataclasses.replace(v2[0], properties=None) == v1[0]
+
+
+def test_the_fast_reader_takes_null_properties_only() -> None:
+    """The last byte of a record the fast reader takes is its null properties: a record one
+    byte short of them, with another byte there, or with the properties' branch and
+    nothing after it, is not read (the general path dead-letters each)."""
+    base = {"event_id": "e", "timestamp": micros(datetime(2026, 1, 2, tzinfo=UTC)),
+            "account_id": "a", "subscription_id": "s", "metric": "m",
+            "quantity": unscaled(10**9), "properties": None}  # fmt: skip
+    plain = hostile_encode("usage_event", base)
+    assert same_outcome(plain, PUBLISHED_MS)
+    for value in (plain[:-1], plain[:-1] + b"\x02", plain[:-1] + b"\x01", plain + b"\x00",
+                  hostile_encode("usage_event", {**base, "properties": {}}),
+                  hostile_encode("usage_event", {**base, "properties": {"k": "v"}})):  # fmt: skip
+        assert usage_reader().read(value, PUBLISHED_MS) is None, value
+        assert not same_outcome(value, PUBLISHED_MS)
+    assert decode_input(plain[:-1], True, PUBLISHED_MS)[2][0] == "invalid_avro"  # type: ignore[index]
+    assert decode_input(plain[:-1] + b"\x02", True, PUBLISHED_MS)[2][0] == "invalid_avro"  # type: ignore[index]
 
 
 @MANY

@@ -170,8 +170,8 @@ def test_plans_dimension_has_monthly_recurring_revenue(warehouse: Any) -> None:
 
     migrate(warehouse)
     raw = json.loads(DEMO_CATALOG.read_text())
-    assert load_catalog(warehouse, Catalog.from_dict(raw), raw) == len(raw["plans"])
-    load_catalog(warehouse, Catalog.from_dict(raw), raw)  # reloading replaces, not adds
+    assert load_catalog(warehouse, Catalog.from_dict(raw)) == len(raw["plans"])
+    load_catalog(warehouse, Catalog.from_dict(raw))  # reloading replaces, not adds
     plans = {r[0]: r[1:] for r in warehouse.query(
         "SELECT plan_id, interval, flat_amount, mrr FROM plans FINAL").result_rows}  # fmt: skip
     assert len(plans) == len(raw["plans"])
@@ -246,3 +246,56 @@ def test_an_invoice_paid_by_credit_reads_as_paid_and_one_with_an_amount_due_as_o
         "SELECT currency, invoices, toString(amount_due) FROM streambill.receivables_aging"
     ).result_rows
     assert owed == [("EUR", 1, "20")]
+
+
+def test_trials_and_pauses_for_analysts(warehouse: Any) -> None:
+    """subscriptions shows trialing and paused; MRR counts a trial from its end (`new` at
+    the trial_ended invoice), a pause as a contraction and a resume as an expansion, and
+    an account's events are no subscription."""
+    migrate(warehouse)
+    warehouse.command(
+        "INSERT INTO streambill.plans (plan_id, version, published_at, currency, interval, "
+        "trial_days, flat_amount, mrr) VALUES ('t', 1, '1970-01-01 00:00:00', 'EUR', 'month', "
+        "14, 20, 20), ('m', 1, '1970-01-01 00:00:00', 'EUR', 'month', 0, 30, 30)"
+    )
+    future = "2099-01-01 00:00:00"
+    events = [  # (subscription, type, at, plan)
+        ("trial-now", "subscription.created", future, "t"),
+        ("trial-over", "subscription.created", "2026-01-01 00:00:00", "t"),
+        ("paused", "subscription.created", "2026-01-01 00:00:00", "m"),
+        ("paused", "subscription.paused", "2026-02-10 00:00:00", None),
+        ("resumed", "subscription.created", "2026-01-01 00:00:00", "m"),
+        ("resumed", "subscription.paused", "2026-02-10 00:00:00", None),
+        ("resumed", "subscription.resumed", "2026-02-20 00:00:00", None),
+        ("", "credit.granted", "2026-01-01 00:00:00", None),
+    ]
+    rows = []
+    for n, (sub, kind, at, plan) in enumerate(events):
+        plan_sql = f"'{plan}'" if plan else "NULL"
+        rows.append(f"('e{n}', '{kind}', '{at}', 'acct', '{sub}', {plan_sql}, 0, {n})")
+    warehouse.command(
+        "INSERT INTO streambill.subscription_events (event_id, type, timestamp, account_id, "
+        "subscription_id, plan_id, _partition, _offset) VALUES " + ", ".join(rows)
+    )
+    status = dict(warehouse.query(
+        "SELECT subscription_id, status FROM streambill.subscriptions").result_rows)  # fmt: skip
+    assert status == {"trial-now": "trialing", "trial-over": "active", "paused": "paused",
+                      "resumed": "active"}  # fmt: skip
+    invoices = [  # (subscription, reason, at, plan)
+        ("trial-over", "trial_ended", "2026-01-15 00:00:00", "t"),
+        ("resumed", "created", "2026-01-01 00:00:00", "m"),
+        ("resumed", "paused", "2026-02-10 00:00:00", "m"),
+        ("resumed", "resumed", "2026-02-20 00:00:00", "m"),
+    ]
+    rows = [f"('i{n}', 'acct', '{sub}', '{plan}', 'EUR', '{at}', '{reason}', 1, 1, 0, {n})"
+            for n, (sub, reason, at, plan) in enumerate(invoices)]  # fmt: skip
+    warehouse.command(
+        "INSERT INTO streambill.invoices (invoice_id, account_id, subscription_id, plan_id, "
+        "currency, issued_at, reason, total, line_count, _partition, _offset) VALUES "
+        + ", ".join(rows)
+    )
+    moves = warehouse.query(
+        "SELECT subscription_id, movement, toString(delta) FROM streambill.mrr_changes "
+        "ORDER BY subscription_id, at").result_rows  # fmt: skip
+    assert moves == [("resumed", "new", "30"), ("resumed", "contraction", "-30"),
+                     ("resumed", "expansion", "30"), ("trial-over", "new", "20")]  # fmt: skip

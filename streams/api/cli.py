@@ -80,6 +80,7 @@ def tenant_add(
     account_prefix: str = typer.Option(..., help="the tenant owns accounts starting with it"),
     max_concurrency: int = typer.Option(256, min=1, help="requests in flight at most"),
     rate: float = typer.Option(5000, min=0.001, help="requests per second at most"),
+    admin: bool = typer.Option(False, "--admin", help="an operator: may publish and retire plans"),
 ) -> None:
     """Add a tenant and print its first API key (shown once; only its hash is stored)."""
     from streams.api.tenants import Tenant, hash_key, load, new_key, save
@@ -89,7 +90,8 @@ def tenant_add(
     if tenant_id in tenants:
         raise typer.BadParameter(f"tenant {tenant_id} exists; use `tenant key` for a new key")
     key = new_key(tenant_id)
-    tenants[tenant_id] = Tenant(tenant_id, account_prefix, [hash_key(key)], max_concurrency, rate)
+    tenants[tenant_id] = Tenant(tenant_id, account_prefix, [hash_key(key)], max_concurrency, rate,
+                                admin=admin)  # fmt: skip
     save(path, tenants)
     _show_new_key(key)
 

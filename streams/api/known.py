@@ -3,8 +3,9 @@ processor would only dead-letter later, and never refuses what may still be vali
 
 - The catalog: a usage metric that no plan bills is never billed.
 - Subscriptions whose creation this worker accepted (Kafka acknowledged it): their
-  account, currency and interval never change, so usage, a plan change or a cancellation
-  under another account, and a plan change to another currency or interval, are refused.
+  account, currency and interval never change, so usage, a plan change, a cancellation, a
+  pause, a resume or a coupon under another account, and a plan change to another
+  currency or interval, are refused.
   A subscription created any other way (another worker, before a restart, a bulk publish)
   is unknown: its events are accepted, and the rating processor decides as before.
 - The current plan changes, and a change the API accepted may still be refused
@@ -18,11 +19,11 @@ answer tells one tenant about another's subscriptions. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from streams.domain.catalog import Catalog
+from streams.domain.catalog import Catalog, Plan
 
 # beyond this many subscriptions (~60 MB a worker) new ones stay unknown: accepted, and
 # decided downstream as before
@@ -39,13 +40,36 @@ class KnownSubscription:
 
 
 class SubscriptionBook:
-    def __init__(self, catalog: Catalog, sole_worker: bool) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        sole_worker: bool,
+        published: Callable[[], Mapping[str, Plan | None]] = dict,
+    ) -> None:
+        """published: billing.catalog's plans by id, each one's latest version (None: it
+        is retired), which a plan id names before the catalog file's."""
         self.catalog = catalog
         self.sole_worker = sole_worker
+        self.published = published
         self.billed_metrics = frozenset(
             c.metric for plan in catalog.plans.values() for c in plan.usage_charges
         )
         self.known: dict[str, KnownSubscription] = {}
+
+    def plan(self, plan_id: str) -> Plan | None:
+        """The plan a creation or a plan change naming `plan_id` takes, if there is one."""
+        published = self.published()
+        if plan_id in published:
+            return published[plan_id]
+        return self.catalog.plans.get(plan_id)
+
+    def bills(self, metric: str) -> bool:
+        return metric in self.billed_metrics or any(
+            c.metric == metric
+            for plan in self.published().values()
+            if plan is not None
+            for c in plan.usage_charges
+        )
 
     def _known(
         self, record: dict[str, Any], owns: Callable[[str], bool]
@@ -62,7 +86,7 @@ class SubscriptionBook:
 
     def usage_problem(self, record: dict[str, Any], owns: Callable[[str], bool]) -> str | None:
         """Why a valid usage event is certain to be refused downstream, if it is."""
-        if record["metric"] not in self.billed_metrics:
+        if not self.bills(record["metric"]):
             return f"metric: no plan of the catalog bills {record['metric']!r}"
         known = self._known(record, owns)
         return None if known is None else self._foreign(record, known)
@@ -79,7 +103,9 @@ class SubscriptionBook:
         foreign = self._foreign(record, known)
         if foreign or record["type"] != PLAN_CHANGED:
             return foreign
-        plan = self.catalog.plan(record["plan_id"])  # the plan was validated
+        plan = self.plan(record["plan_id"])
+        if plan is None:  # validated, then retired meanwhile: rating says so
+            return None
         if plan.currency != known.currency:
             return f"plan_id: a change to another currency ({known.currency} -> {plan.currency})"
         if plan.interval != known.interval:
@@ -93,8 +119,8 @@ class SubscriptionBook:
         sub = record["subscription_id"]
         if record["type"] == CREATED:
             # the first creation wins: a second one is dead-lettered as a duplicate
-            if sub not in self.known and len(self.known) < MAX_KNOWN:
-                plan = self.catalog.plan(record["plan_id"])
+            plan = self.plan(record["plan_id"])
+            if sub not in self.known and len(self.known) < MAX_KNOWN and plan is not None:
                 self.known[sub] = KnownSubscription(
                     record["account_id"], plan.currency, str(plan.interval), plan.plan_id
                 )

@@ -29,6 +29,7 @@ ACCEPTED = {
         "status": {"const": "accepted"},
         "event_id": {"type": "string"},
         "refund_id": {"type": "string"},
+        "credit_id": {"type": "string"},
         "topic": {"type": "string"},
         "partition": {"type": "integer"},
         "offset": {"type": "integer"},
@@ -246,6 +247,147 @@ IDEMPOTENCY = {
 }
 
 
+# --- plans (billing.catalog) -------------------------------------------------------------
+
+PLAN_OUT = {
+    "type": "object",
+    "required": ["plan_id", "currency", "interval", "charges"],
+    "description": "the plan as a catalog file writes it",
+    "properties": {
+        "plan_id": {"type": "string"},
+        "currency": {"type": "string"},
+        "interval": {"enum": ["month", "year"]},
+        "charges": {"type": "array", "items": {"type": "object"}},
+        "trial_days": {"type": "integer", "minimum": 0},
+    },
+}
+PLAN_PUBLISHED = {
+    "type": "object",
+    "required": ["plan_id", "version", "published_at", "existing", "plan"],
+    "properties": {
+        "plan_id": {"type": "string"},
+        "version": {"type": "integer", "minimum": 1},
+        "published_at": {**TIMESTAMP, "description": "when it took effect "
+                         "(1970-01-01T00:00:00Z: a catalog file's plan, since always)"},
+        "existing": {"enum": list(records.EXISTING_MODES)},
+        "plan": PLAN_OUT,
+    },
+}  # fmt: skip
+PLAN_VERSION = {
+    "type": "object",
+    "required": [*PLAN_PUBLISHED["required"], "versions", "retired_at"],
+    "properties": {
+        **PLAN_PUBLISHED["properties"],
+        "versions": {"type": "integer", "minimum": 1, "description": "the plan's versions"},
+        "retired_at": {"type": ["string", "null"], "format": "date-time"},
+    },
+}
+PLAN_SCHEMAS = {
+    "PlanPublication": {
+        "type": "object",
+        "required": ["plan"],
+        "additionalProperties": False,
+        "properties": {
+            "plan": {"$ref": "#/components/schemas/Plan"},
+            "existing": {
+                "enum": list(records.EXISTING_MODES),
+                "default": "keep",
+                "description": "keep: subscriptions on older versions stay on them; "
+                "next_period: they move to this version at their next period end",
+            },
+        },
+    },
+    "Plan": records.plan_schema(),
+    "PlanPublished": PLAN_PUBLISHED,
+    "PlanVersion": PLAN_VERSION,
+    "PlanList": {
+        "type": "object",
+        "required": ["plans"],
+        "properties": {"plans": {"type": "array",
+                                 "items": {"$ref": "#/components/schemas/PlanVersion"}}},
+    },
+    "PlanRetired": {
+        "type": "object",
+        "required": ["plan_id", "retired_at"],
+        "properties": {"plan_id": {"type": "string"}, "retired_at": TIMESTAMP},
+    },
+}  # fmt: skip
+
+
+def _plan_paths() -> dict[str, Any]:
+    """GET and POST /v1/plans, POST /v1/plans/{plan_id}/retire."""
+    operator = _json({"$ref": "#/components/schemas/Error"},
+                     'the API key is not an operator\'s (a tenant with "admin": true)')  # fmt: skip
+    published = {"$ref": "#/components/schemas/PlanPublished"}
+    return {
+        "/v1/plans": {
+            "get": {
+                "summary": "The plans: each one's latest version, or every version",
+                "parameters": [
+                    _query(
+                        "all_versions",
+                        {"type": "boolean", "default": False},
+                        "every version of each plan, not only the latest",
+                    )
+                ],
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/PlanList"}, "by plan id"),
+                    **_errors(401, 422, 429, 503),
+                },
+            },
+            "post": {
+                "summary": "Publish a plan's next version (its first: a new plan), in effect "
+                "now (operators only)",
+                "description": "A new version keeps the plan's currency and interval; a "
+                "retired plan takes none. Plans are global: any tenant reads them.",
+                "parameters": [IDEMPOTENCY],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/PlanPublication"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(published, "published: the new version, durable in Kafka"),
+                    "200": _json(
+                        published,
+                        "unchanged: the latest version has the same "
+                        "definition and existing; nothing was published",
+                    ),
+                    **_errors(*WRITE_ERRORS),
+                    "403": operator,
+                    "422": _json(
+                        {"$ref": "#/components/schemas/Error"},
+                        "an invalid plan, or one the rating contract refuses: the message says why",
+                    ),
+                },
+            },
+        },
+        "/v1/plans/{plan_id}/retire": {
+            "post": {
+                "summary": "Retire a plan: no creation or plan change names it from now on; "
+                "its subscriptions go on (operators only)",
+                "parameters": [
+                    {
+                        "name": "plan_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/PlanRetired"}, "retired"),
+                    **_errors(401, 404, 422, 429, 503),
+                    "403": operator,
+                    "409": _json({"$ref": "#/components/schemas/Error"}, "already retired"),
+                },
+            }
+        },
+    }
+
+
 @cache
 def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
     """``plans``: the catalog's plan ids, listed as the values plan_id may take."""
@@ -263,11 +405,25 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
     customer = records.body_schema(
         "customer", records.CUSTOMER_RULES, server_fields=("account_id", "timestamp")
     )
+    credit = records.body_schema(
+        "subscription_event", records.CREDIT_RULES, server_fields=records.CREDIT_SERVER_FIELDS
+    )
+    credit["properties"]["credit_id"]["description"] = (
+        "a repeated credit_id is credited once; by default derived from the Idempotency-Key "
+        "(the same key, the same credit), else random"
+    )
+    credit["properties"]["currency"]["description"] = "an ISO 4217 code such as EUR"
+    credit["properties"]["amount"]["description"] = (
+        "greater than 0, with at most the currency's minor-unit digits (EUR 2, JPY 0)"
+    )
 
-    def write(summary: str, schema: str, ok: dict[str, Any]) -> dict[str, Any]:
+    def write(
+        summary: str, schema: str, ok: dict[str, Any], description: str = ""
+    ) -> dict[str, Any]:
         return {
             "post": {
                 "summary": summary,
+                **({"description": description} if description else {}),
                 "parameters": [IDEMPOTENCY],
                 "requestBody": {
                     "required": True,
@@ -297,13 +453,29 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
         "security": [{"apiKey": []}],
         "paths": {
             "/v1/subscriptions": write(
-                "Create a subscription, change its plan or cancel it", "SubscriptionEvent", accepted
+                "Create a subscription, change its plan, cancel, pause or resume it, or apply "
+                "a coupon to it",
+                "SubscriptionEvent",
+                accepted,
+                "Cancellations go to billing.cancellations (the lanes), the other events to "
+                "billing.subscriptions. coupon.applied takes coupon_id, exactly one of "
+                "percent_off (0 < p <= 100) and amount_off (> 0, in the subscription's "
+                "currency), duration, and periods for a repeating coupon; the coupon fields "
+                "are for coupon.applied only.",
             ),
             "/v1/usage": write(
                 f"A batch of 1 to {records.MAX_USAGE_BATCH} usage events", "UsageBatch", usage_ok
             ),
             "/v1/refunds": write(
                 "Request a refund (served by the priority lane)", "RefundRequest", accepted
+            ),
+            "/v1/credits": write(
+                "Grant credit to an account",
+                "CreditGrant",
+                accepted,
+                "A credit.granted event on billing.subscriptions, keyed by the account: the "
+                "account's credit balance in that currency grows by the amount, and later "
+                "invoices take from it.",
             ),
             "/v1/invoices": {
                 "get": {
@@ -343,6 +515,11 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                 "put": {
                     "summary": "Replace the account's customer record (fields left out take "
                     "their defaults); payments charge its payment_method from then on",
+                    "description": "Two records, in this order: a customer.updated event with "
+                    "the record's country, tax_exempt and grace_hours on billing.subscriptions "
+                    "(keyed by the account, so that rating applies it in order with the "
+                    "account's other events; a null country there leaves the country rating "
+                    "knows as it was), then the whole record on billing.customers.",
                     "parameters": [
                         {
                             "name": "account_id",
@@ -382,6 +559,7 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                 "committed since has landed, none of it; pending: not known yet. Not found "
                 "until the event has landed in the warehouse.",
             ),
+            **_plan_paths(),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
@@ -421,6 +599,7 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                     },
                 },
                 "RefundRequest": refund,
+                "CreditGrant": credit,
                 "Invoice": {"type": "object"},
                 "InvoiceSummary": INVOICE_SUMMARY,
                 "InvoicePage": INVOICE_PAGE,
@@ -445,12 +624,17 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
                         "topic": {"type": "string"},
                         "partition": {"type": "integer"},
                         "offset": {"type": "integer"},
+                        "event_id": {
+                            "type": "string",
+                            "description": "the customer.updated event's id",
+                        },
                         "customer": {"$ref": "#/components/schemas/Customer"},
                     },
                 },
                 "Accepted": ACCEPTED,
                 "BatchResult": BATCH,
                 "Error": ERROR,
+                **PLAN_SCHEMAS,
             },
         },
     }

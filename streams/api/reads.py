@@ -29,6 +29,7 @@ from typing import Any
 
 from streams.domain.invoice import Invoice, InvoiceLine
 from streams.domain.timestamps import format_timestamp, from_micros
+from streams.invoice_record import period_read
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 INVOICE_STATUSES = ("open", "paid", "uncollectible")
@@ -143,9 +144,11 @@ def invoice_sql(invoice_id: str) -> tuple[str, str]:
 
 def invoice_from_rows(head: list[Any], lines: list[list[Any]]) -> Invoice:
     inv_id, account, sub, currency, issued, total, finalized, credit, due, reason = head
+    issued_at = from_micros(int(issued))
     return Invoice(
-        inv_id, account, sub, currency, from_micros(int(issued)),
-        tuple(InvoiceLine(c, k, from_micros(int(ps)), from_micros(int(pe)),
+        inv_id, account, sub, currency, issued_at,
+        tuple(InvoiceLine(c, k, *period_read(k, from_micros(int(ps)), from_micros(int(pe)),
+                                             issued_at),  # type: ignore[arg-type]
                           None if q is None else Decimal(q), Decimal(a))
               for c, k, ps, pe, q, a in lines),
         Decimal(total), reason=reason, finalized_at=from_micros(int(finalized)),

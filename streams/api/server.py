@@ -48,6 +48,7 @@ from streams.config import Settings
 from streams.documents import FORMATS as DOCUMENT_TYPES
 from streams.documents import Issuer, invoice_document, render
 from streams.domain.catalog import Catalog
+from streams.domain.events import CustomerUpdated
 from streams.domain.invoice import Invoice, invoice_to_dict
 from streams.domain.money import format_money
 from streams.domain.timestamps import (
@@ -74,6 +75,7 @@ from streams.metrics import (
     API_REQUESTS,
     API_TENANT_ERRORS,
 )
+from streams.rating_records import input_record
 
 # the topics whose events GET /v1/events/{event_id} finds, by their names
 EVENT_TOPICS = {t.name: t for t in (USAGE, SUBSCRIPTIONS, CANCELLATIONS)}
@@ -196,6 +198,79 @@ class KafkaBridge:
         return await fut
 
 
+# --- the catalog (billing.catalog) ------------------------------------------------------
+
+
+class PlanCatalog:
+    """billing.catalog for the API: read through a TopicTable (plan id -> its history) that
+    its own thread keeps current, started in the background so that the API serves while
+    Kafka is down (the plan routes answer 503 until the topic has been read to its end
+    once); written through ``streams.catalog_store`` (validated against the histories,
+    all or nothing, one transaction), one write at a time per worker."""
+
+    def __init__(self, settings: Settings, bootstrap: str, timeout_s: float) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.timeout_s = timeout_s  # a write's whole budget (a transaction, its reads)
+        self.table: Any = None  # TopicTable[PlanHistory], once read to its end
+        self.starter: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self.starter = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        from streams.catalog_store import catalog_table
+
+        loop = asyncio.get_running_loop()
+        delay = 1.0
+        while True:
+            table = None
+            try:
+                table = await loop.run_in_executor(
+                    None, catalog_table, self.settings, self.bootstrap, "api"
+                )
+                await loop.run_in_executor(None, table.catch_up, 30.0)
+                self.table = table
+                return
+            except Exception as exc:  # Kafka not there (yet): try again
+                log.warning("billing.catalog not read yet; retrying", error=str(exc)[:300])
+                if table is not None:
+                    await loop.run_in_executor(None, table.close)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _ready(self) -> Any:
+        if self.table is None:
+            raise ApiError(503, "catalog_unavailable", "the catalog is not read from Kafka "
+                           "yet; retry later", retry_after=1)  # fmt: skip
+        return self.table
+
+    def histories(self) -> dict[str, Any]:
+        """plan id -> PlanHistory, as this worker has read them."""
+        return dict(self._ready().values)
+
+    async def write(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call`` (catalog_store's publish_plans or retire_plan) through this worker's
+        table, off the event loop. CatalogError: refused; KafkaUnavailable: not taken."""
+        from streams.catalog_store import CatalogUnavailable
+
+        table = self._ready()
+        async with self.lock:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(None, partial(
+                    call, self.settings, self.bootstrap, *args, table=table,
+                    timeout=self.timeout_s))  # fmt: skip
+            except CatalogUnavailable as exc:
+                raise KafkaUnavailable(str(exc)) from None
+
+    async def close(self) -> None:
+        if self.starter is not None:
+            self.starter.cancel()
+        if self.table is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.table.close)
+
+
 # --- the application -------------------------------------------------------------------
 
 
@@ -226,8 +301,10 @@ class Api:
         tenants: TenantDirectory,
         catalog: Catalog,
         workers: int = 1,
+        plan_catalog: PlanCatalog | None = None,
     ) -> None:
         self.settings = settings
+        self.plan_catalog = plan_catalog  # billing.catalog: GET/POST /v1/plans
         self.kafka = kafka
         self.tenants = tenants
         self.workers = max(1, workers)
@@ -235,10 +312,22 @@ class Api:
         self.idempotency = IdempotencyCache(IDEMPOTENCY_CACHE)
         self.in_progress: set[tuple[str, str]] = set()
         self.plans = tuple(sorted(catalog.plans))
-        self.subscription_rules = records.subscription_rules(catalog.__contains__)
-        self.book = SubscriptionBook(catalog, sole_worker=self.workers == 1)
+        self.book = SubscriptionBook(catalog, sole_worker=self.workers == 1,
+                                     published=self._published_plans)  # fmt: skip
+        self.subscription_rules = records.subscription_rules(
+            lambda plan_id: self.book.plan(plan_id) is not None
+        )
         self.last_refresh = 0.0
         self.started = time.time()
+
+    def _published_plans(self) -> dict[str, Any]:
+        """billing.catalog's plans as this worker has read them: each one's latest version,
+        None for a retired one (nothing before the catalog is read)."""
+        table = self.plan_catalog.table if self.plan_catalog is not None else None
+        if table is None:
+            return {}
+        return {pid: None if h.retired_at is not None else h.latest
+                for pid, h in list(table.values.items())}  # fmt: skip
 
     # --- tenants and admission ---------------------------------------------------------
 
@@ -363,14 +452,23 @@ class Api:
         return where
 
     async def _accept(
-        self, tenant: Tenant, topic: TopicSpec, record: dict[str, Any], id_field: str
+        self, tenant: Tenant, topic: TopicSpec, record: dict[str, Any], *id_fields: str
     ) -> web.Response:
         """One record of the tenant's own account, durable in Kafka: 202 with where."""
         self._own(tenant, record["account_id"])
         partition, offset = await self._send(topic, record)
-        return json_response(202, {"status": "accepted", id_field: record[id_field],
+        return json_response(202, {"status": "accepted", **{f: record[f] for f in id_fields},
                                    "topic": topic.name, "partition": partition,
                                    "offset": offset})  # fmt: skip
+
+    @staticmethod
+    def _event_id(tenant: Tenant, key: str | None, scope: str = "") -> str:
+        """A new event's id: from the Idempotency-Key when there is one (the same key
+        makes the same event, in any worker; ``scope`` keeps the ids of one key on two
+        routes apart), else random."""
+        if key:
+            return str(uuid.uuid5(_EVENT_NS, f"{tenant.tenant_id}|{scope}{key}"))
+        return str(uuid.uuid4())
 
     async def _idempotent(
         self, request: web.Request, work: Callable[[Any], Awaitable[web.Response]]
@@ -433,9 +531,7 @@ class Api:
             now = datetime.now(UTC)
 
             def event_id() -> str:
-                if key:  # the same key makes the same event, in any worker
-                    return str(uuid.uuid5(_EVENT_NS, f"{tenant.tenant_id}|{key}"))
-                return str(uuid.uuid4())
+                return self._event_id(tenant, key)
 
             record, errors = records.validate(
                 "subscription_event",
@@ -542,13 +638,37 @@ class Api:
 
         return await self._idempotent(request, work)
 
+    async def post_credit(self, request: web.Request) -> web.Response:
+        """Credit granted to an account (the rating contract's credit.granted): a record
+        of billing.subscriptions keyed by the account, so that rating sees it in order
+        with the account's other events."""
+        tenant: Tenant = request["tenant"]
+        key = request.headers.get("Idempotency-Key")
+
+        async def work(body: Any) -> web.Response:
+            now = datetime.now(UTC)
+            event_id = self._event_id(tenant, key, "credit|")
+            record, errors = records.validate(
+                "subscription_event", records.CREDIT_RULES, body, now,
+                server_fields=records.credit_server_fields(event_id, now),
+                defaults={"credit_id": lambda: event_id},
+            )  # fmt: skip
+            if record is None:
+                raise ApiError(422, "invalid", "the credit is invalid", errors=errors)
+            return await self._accept(tenant, SUBSCRIPTIONS, record, "credit_id", "event_id")
+
+        return await self._idempotent(request, work)
+
     async def put_customer(self, request: web.Request) -> web.Response:
         """The account's whole customer record, replaced (fields left out take their
         defaults: null, tax_exempt false, grace_hours 0): a record on billing.customers is
         always a whole customer, so a compacted topic keeps everything and two writers
-        never merge halves of each other's records."""
+        never merge halves of each other's records. Its country, tax status and grace
+        hours go first to billing.subscriptions as a customer.updated event (the rating
+        contract's), so that rating sees the change in order with the account's events."""
         tenant: Tenant = request["tenant"]
         account = request.match_info["account_id"]
+        key = request.headers.get("Idempotency-Key")
         if not reads.ID_PATTERN.fullmatch(account):
             raise ApiError(422, "invalid", "the account id is invalid",
                            errors=["account_id: 1 to 128 letters, digits and ._:@-"])  # fmt: skip
@@ -562,10 +682,16 @@ class Api:
             if record is None:
                 raise ApiError(422, "invalid", "the customer record is invalid", errors=errors)
             self._own(tenant, account)
+            event_id = self._event_id(tenant, key, "customer|")
+            updated = CustomerUpdated(now, account, record["country"], record["tax_exempt"],
+                                      record["grace_hours"])  # fmt: skip
+            topic, event = input_record(updated, account, event_id)
+            await self._send(topic, event)  # first: a customer record is never ahead of it
             partition, offset = await self._send(CUSTOMERS, record)
             return json_response(202, {
                 "status": "accepted", "account_id": account, "topic": CUSTOMERS.name,
-                "partition": partition, "offset": offset, "customer": reads.customer_json(record),
+                "partition": partition, "offset": offset, "event_id": event_id,
+                "customer": reads.customer_json(record),
             })  # fmt: skip
 
         return await self._idempotent(request, work)
@@ -802,6 +928,77 @@ class Api:
         dead = [r for r in sink if r.topic == DEAD_LETTER.name]
         return committed, bool(dead) and all(r.lag == 0 for r in dead)
 
+    # --- plans (billing.catalog): global, published and retired with an operator's key ---
+
+    def _plans(self, tenant: Tenant | None = None) -> PlanCatalog:
+        """The catalog; with `tenant`, for a write: 403 unless it is an operator."""
+        if tenant is not None and not tenant.admin:
+            raise ApiError(403, "forbidden", "plans are published and retired with an "
+                           'operator\'s key (a tenant with "admin": true)')  # fmt: skip
+        if self.plan_catalog is None:
+            raise ApiError(503, "catalog_unavailable", "this worker serves no catalog",
+                           retry_after=5)  # fmt: skip
+        return self.plan_catalog
+
+    async def list_plans(self, request: web.Request) -> web.Response:
+        """Each plan's latest version (with its number of versions and retirement), or
+        with ?all_versions=true every version; any tenant may read them."""
+        from streams.catalog_store import version_json, versions_by_plan
+
+        q = request.query
+        errors = [f"{k}: unknown parameter" for k in sorted(set(q) - {"all_versions"})]
+        every = q.get("all_versions", "false")
+        if every not in ("true", "false"):
+            errors.append("all_versions: true or false")
+        if errors:
+            raise ApiError(422, "invalid", "invalid query parameters", errors=errors)
+        rows = versions_by_plan(self._plans().histories(), every == "true")
+        return json_response(200, {"plans": [version_json(h, v) for h, v in rows]})
+
+    async def post_plan(self, request: web.Request) -> web.Response:
+        """A plan's next version (its first: a new plan), in effect now: 201 with it, or
+        200 with the latest version when that has the same definition and `existing`
+        (nothing published); 422 with the reason when the plan is invalid or the rating
+        contract refuses it (a retired plan, another currency or interval)."""
+        from streams.catalog_store import UNCHANGED, publish_plans, version_json
+        from streams.domain.catalog import CatalogError
+
+        plans = self._plans(request["tenant"])
+
+        async def work(body: Any) -> web.Response:
+            plan, existing, errors = records.plan_body(body)
+            if plan is None:
+                raise ApiError(422, "invalid", "; ".join(errors), errors=errors)
+            try:
+                (result,) = await plans.write(publish_plans, [(plan, existing)],
+                                              datetime.now(UTC))  # fmt: skip
+            except CatalogError as exc:
+                raise ApiError(422, "refused", str(exc), errors=[str(exc)]) from None
+            shown = version_json(result.history, result.version)
+            return json_response(200 if result.action == UNCHANGED else 201,
+                                 {k: shown[k] for k in PUBLISHED_FIELDS})  # fmt: skip
+
+        return await self._idempotent(request, work)
+
+    async def retire_plan(self, request: web.Request) -> web.Response:
+        """The plan retired now: no creation or plan change names it from then on; its
+        subscriptions go on. 404 for a plan the catalog does not have, 409 if retired."""
+        from streams.catalog_store import PlanAlreadyRetired, PlanNotFound, retire_plan
+        from streams.domain.catalog import CatalogError
+
+        plans = self._plans(request["tenant"])
+        plan_id = self._path_id(request, "plan_id", "plan")
+        try:
+            history = await plans.write(retire_plan, plan_id, datetime.now(UTC))
+        except PlanNotFound:
+            raise ApiError(404, "not_found", "no such plan") from None
+        except PlanAlreadyRetired as exc:
+            raise ApiError(409, "already_retired", str(exc)) from None
+        except CatalogError as exc:
+            raise ApiError(422, "refused", str(exc), errors=[str(exc)]) from None
+        return json_response(200, {"plan_id": plan_id,
+                                   "retired_at": format_timestamp(history.retired_at)})  # fmt: skip
+
     async def health(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "ok", "uptime_s": round(time.time() - self.started)})
 
@@ -834,6 +1031,7 @@ class Api:
         app.router.add_post("/v1/subscriptions", self.post_subscription)
         app.router.add_post("/v1/usage", self.post_usage)
         app.router.add_post("/v1/refunds", self.post_refund)
+        app.router.add_post("/v1/credits", self.post_credit)
         app.router.add_get("/v1/invoices", self.list_invoices)
         app.router.add_get("/v1/invoices/{invoice_id}", self.get_invoice)
         app.router.add_get("/v1/subscriptions/{subscription_id}", self.get_subscription)
@@ -841,6 +1039,9 @@ class Api:
         app.router.add_put("/v1/customers/{account_id}", self.put_customer)
         app.router.add_get("/v1/customers/{account_id}", self.get_customer)
         app.router.add_get("/v1/events/{event_id}", self.get_event)
+        app.router.add_get("/v1/plans", self.list_plans)
+        app.router.add_post("/v1/plans", self.post_plan)
+        app.router.add_post("/v1/plans/{plan_id}/retire", self.retire_plan)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/readyz", self.ready)
         app.router.add_get("/openapi.json", self.openapi)
@@ -849,6 +1050,10 @@ class Api:
 
 
 INVOICE_QUERY = frozenset({"account", "status", "from", "to", "limit", "cursor"})
+# POST /v1/plans answers with these of the version (GET /v1/plans adds versions, retired_at)
+PUBLISHED_FIELDS = ("plan_id", "version", "published_at", "existing", "plan")
+# a catalog write is a Kafka transaction and the reads around it: its whole time budget
+PLAN_WRITE_TIMEOUT_S = 10.0
 
 
 def _time(micros: Any) -> str:
@@ -900,7 +1105,10 @@ def serve(settings: Settings, bootstrap: str, host: str, port: int, workers: int
     async def main() -> None:
         kafka = KafkaBridge(settings, bootstrap, settings.api_kafka_timeout_s)
         kafka.start()
-        api = Api(settings, kafka, tenants, catalog, workers)
+        plans = PlanCatalog(settings, bootstrap,
+                            max(settings.api_kafka_timeout_s, PLAN_WRITE_TIMEOUT_S))  # fmt: skip
+        plans.start()
+        api = Api(settings, kafka, tenants, catalog, workers, plan_catalog=plans)
         runner = web.AppRunner(api.app(settings.api_max_body), access_log=None, handle_signals=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
@@ -919,5 +1127,6 @@ def serve(settings: Settings, bootstrap: str, host: str, port: int, workers: int
         # graceful: stop accepting, let requests in flight get their Kafka answer
         await runner.cleanup()
         await kafka.close()
+        await plans.close()
 
     uvloop.run(main())

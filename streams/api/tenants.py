@@ -6,7 +6,9 @@ re-reads when it changes: limits change without a redeploy.
                   "rate_per_s": 5000}]}
 
 A tenant owns the accounts whose id starts with its ``account_prefix`` (an empty prefix
-owns every account: a single-tenant deployment). Keys are 256-bit
+owns every account: a single-tenant deployment). Plans are not any tenant's: they are
+published and retired only with the key of a tenant marked ``"admin": true`` in the file
+(an operator's), and read by every tenant. Keys are 256-bit
 random tokens, so a SHA-256 of the key is enough to store (no password-style stretching
 is needed for a secret nobody can guess, and the lookup stays cheap on the hot path);
 the plain key is shown once, when it is made. A key is named by its id, the first
@@ -71,6 +73,7 @@ class Tenant:
     key_sha256: list[str] = field(default_factory=list)
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     rate_per_s: float = DEFAULT_RATE_PER_S
+    admin: bool = False  # an operator: may publish and retire plans (global, no tenant's)
 
     def owns(self, account_id: str) -> bool:
         return account_id.startswith(self.account_prefix)
@@ -84,11 +87,14 @@ class Tenant:
                 key_sha256=[str(k) for k in d.get("key_sha256", [])],
                 max_concurrency=int(d.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)),
                 rate_per_s=float(d.get("rate_per_s", DEFAULT_RATE_PER_S)),
+                admin=d.get("admin", False),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TenantError(f"invalid tenant entry {d!r}: {exc}") from None
         if t.max_concurrency < 1 or t.rate_per_s <= 0:
             raise TenantError(f"tenant {t.tenant_id}: limits must be positive")
+        if not isinstance(t.admin, bool):  # "false" would be true: only JSON's booleans
+            raise TenantError(f"tenant {t.tenant_id}: admin must be true or false")
         return t
 
 

@@ -16,7 +16,7 @@ each charge, so that a late event re-rates its segment exactly.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -57,7 +57,7 @@ from streams.domain.invoice import (
     make_invoice,
     proration_lines,
 )
-from streams.domain.money import CTX, ZERO, round_money, total
+from streams.domain.money import CTX, ONE, ZERO, round_money, total
 from streams.domain.periods import Interval, period_index_at, period_start
 from streams.domain.pricing import price_usage
 from streams.domain.rating import HORIZON
@@ -153,13 +153,37 @@ class Customer:
 
 
 @dataclass(slots=True)
-class Accounts:
-    customers: dict[str, Customer] = field(default_factory=dict)
-    balances: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+class Account:
+    """What the contract keeps of an account: its customer record (None until one is
+    given) and its credit balance per currency."""
+
+    customer: Customer | None = None
+    balances: dict[str, Decimal] = field(default_factory=dict)
+    # the credit ids granted to it: with ``Accounts.credit_ids`` None, a repeat is known
+    # per account (a rating worker holds one partition's accounts, not all of them)
     credit_ids: set[str] = field(default_factory=set)
 
+
+class Accounts:
+    """The accounts by id: a dict (``streambill rate``) or a mapping a rating worker
+    loads from its state store as accounts are touched."""
+
+    def __init__(
+        self, records: MutableMapping[str, Account] | None = None, *, global_credit_ids: bool = True
+    ) -> None:
+        self.records: MutableMapping[str, Account] = {} if records is None else records
+        # the credit ids granted to any account: a repeated credit_id counts once overall
+        self.credit_ids: set[str] | None = set() if global_credit_ids else None
+
+    def _account(self, account_id: str) -> Account:
+        acc = self.records.get(account_id)
+        if acc is None:
+            acc = self.records[account_id] = Account()
+        return acc
+
     def update(self, event: CustomerUpdated) -> None:
-        c = self.customers.setdefault(event.account_id, Customer())
+        acc = self._account(event.account_id)
+        c = acc.customer = acc.customer or Customer()
         if event.country is not None:
             c.country = event.country
         if event.tax_exempt is not None:
@@ -168,32 +192,37 @@ class Accounts:
             c.grace_hours = event.grace_hours
 
     def grant(self, event: CreditGranted) -> None:
-        if event.credit_id in self.credit_ids:
+        acc = self._account(event.account_id)
+        seen = self.credit_ids if self.credit_ids is not None else acc.credit_ids
+        if event.credit_id in seen:
             return  # a repeat counts once
-        self.credit_ids.add(event.credit_id)
-        key = (event.account_id, event.currency)
-        self.balances[key] = CTX.add(self.balances.get(key, ZERO), event.amount)
+        seen.add(event.credit_id)
+        acc.balances[event.currency] = CTX.add(acc.balances.get(event.currency, ZERO), event.amount)
+
+    def customer(self, account_id: str) -> Customer | None:
+        acc = self.records.get(account_id)
+        return acc.customer if acc is not None else None
 
     def grace(self, account_id: str) -> timedelta:
-        c = self.customers.get(account_id)
+        c = self.customer(account_id)
         return timedelta(hours=c.grace_hours if c else 0)
 
-    def tax_rate(self, account_id: str, rates: dict[str, Decimal]) -> tuple[str, Decimal] | None:
-        c = self.customers.get(account_id)
+    def tax_rate(self, account_id: str, rates: Mapping[str, Decimal]) -> tuple[str, Decimal] | None:
+        c = self.customer(account_id)
         if c is None or c.tax_exempt or c.country not in rates:
             return None
         return c.country, rates[c.country]  # type: ignore[index]
 
     def settle(self, account_id: str, currency: str, amount: Decimal) -> tuple[Decimal, Decimal]:
         """Rule 21: (credit_applied, amount_due) of an invoice total, moving the balance."""
-        key = (account_id, currency)
-        balance = self.balances.get(key, ZERO)
+        acc = self.records.get(account_id)
+        balance = acc.balances.get(currency, ZERO) if acc is not None else ZERO
         if amount < 0:
-            self.balances[key] = CTX.subtract(balance, amount)
+            self._account(account_id).balances[currency] = CTX.subtract(balance, amount)
             return ZERO, ZERO
         applied = min(balance, amount)
         if applied:
-            self.balances[key] = CTX.subtract(balance, applied)
+            self._account(account_id).balances[currency] = CTX.subtract(balance, applied)
         return applied, CTX.subtract(amount, applied)
 
 
@@ -316,6 +345,7 @@ class Subscription:
     adjustment_due: datetime | None = None
     changes_at_segment_start: int = 0  # as in version 1: distinct plan_changed ids
     keys_at: tuple[datetime | None, dict[str, int]] = (None, {})
+    payment_method: str | None = None  # the creation's: where its invoices are collected from
     generation: int = 0  # bumped on every change: stale heap entries are skipped
 
     def period_bounds(self, k: int) -> tuple[datetime, datetime]:
@@ -355,30 +385,83 @@ def _span(lines: list[InvoiceLine]) -> tuple[datetime | None, datetime | None]:
     return min(ln.period_start for ln in lines), max(ln.period_end for ln in lines)  # type: ignore[type-var]
 
 
-class ContractRun:
-    """The whole state of one run of the contract; feed events in arrival order."""
+DueItem = tuple[datetime, str, int, int]  # (instant, subscription_id, kind, generation)
 
-    def __init__(self, catalog: Catalog) -> None:
-        self.book = PlanBook(catalog)
+
+class DueHeap:
+    """What is due next, in the contract's order: (instant, subscription_id, kind). An
+    entry whose generation is not its subscription's any more is stale (skipped)."""
+
+    def __init__(self) -> None:
+        self.heap: list[DueItem] = []
+
+    def push(self, item: DueItem) -> None:
+        heapq.heappush(self.heap, item)
+
+    def pop(self, until: datetime) -> DueItem | None:
+        """The earliest entry due at or before `until`, taken out; None if there is none."""
+        heap = self.heap
+        return heapq.heappop(heap) if heap and heap[0][0] <= until else None
+
+
+class ContractRun:
+    """The whole state of one run of the contract; feed events in arrival order.
+
+    By default everything is held in memory (``streambill rate``). A rating worker gives
+    its own parts instead: the plan versions its partition sees, and the subscriptions,
+    accounts and due entries loaded from its state store as they are touched."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        book: PlanBook | None = None,
+        subs: MutableMapping[str, Subscription] | None = None,
+        accounts: Accounts | None = None,
+        due: DueHeap | None = None,
+    ) -> None:
+        self.book = book if book is not None else PlanBook(catalog)
         self.tax_rates = dict(catalog.tax_rates)
         self.late_periods = catalog.late_usage_periods
-        self.accounts = Accounts()
-        self.subs: dict[str, Subscription] = {}
+        self.accounts = accounts if accounts is not None else Accounts()
+        self.subs: MutableMapping[str, Subscription] = {} if subs is None else subs
         self.invoices: list[Invoice] = []
-        self._due: list[tuple[datetime, str, int, int]] = []
+        self.due = due if due is not None else DueHeap()
 
     # -- driving ---------------------------------------------------------------------
 
-    def advance(self, until: datetime) -> None:
-        """Everything due at an instant <= until, in the contract's order."""
-        due = self._due
-        while due and due[0][0] <= until:
-            at, sub_id, _, generation = heapq.heappop(due)
-            sub = self.subs[sub_id]
-            if generation != sub.generation:
-                continue  # the subscription changed since: a newer entry stands for it
-            self._do_due(sub, at)
-            self.schedule(sub)
+    def advance(
+        self,
+        until: datetime,
+        limit: int | None = None,
+        only: Callable[[Subscription], bool] | None = None,
+    ) -> bool:
+        """Everything due at an instant <= until, in the contract's order; at most `limit`
+        due items (None: all), of the subscriptions `only` accepts (None: all; the others'
+        stay due). True when nothing due <= until is left (False: the limit was reached
+        first)."""
+        pop = self.due.pop
+        done = 0
+        left: list[DueItem] = []  # due items `only` leaves for later
+        try:
+            while limit is None or done < limit:
+                item = pop(until)
+                if item is None:
+                    return True
+                at, sub_id, _, generation = item
+                sub = self.subs[sub_id]
+                if generation != sub.generation:
+                    continue  # the subscription changed since: a newer entry stands for it
+                if only is not None and not only(sub):
+                    left.append(item)
+                    continue
+                self._do_due(sub, at)
+                self.schedule(sub)
+                done += 1
+            return False  # the limit was reached: there may be more
+        finally:
+            for item in left:
+                self.due.push(item)
 
     def apply(self, event: AnyEvent, arrival: datetime) -> None:
         """Apply one event (after `advance(arrival)`); Rejected is its dead letter."""
@@ -422,7 +505,7 @@ class ContractRun:
         sub.generation += 1
         nxt = sub.next_due()
         if nxt is not None:
-            heapq.heappush(self._due, (nxt[0], sub.subscription_id, nxt[1], sub.generation))
+            self.due.push((nxt[0], sub.subscription_id, nxt[1], sub.generation))
 
     # -- due items -------------------------------------------------------------------
 
@@ -538,7 +621,7 @@ class ContractRun:
                     KIND_DISCOUNT,
                     start,
                     end,
-                    None,
+                    ONE,  # printed as null (invoice_to_contract_dict), as a flat line's
                     CTX.minus(amount) if amount else amount,
                 )
             )  # type: ignore[arg-type]
@@ -599,6 +682,7 @@ class ContractRun:
             anchor=t + timedelta(days=plan.trial_days) if trialing else t,
             plan=plan,
             status=TRIALING if trialing else ACTIVE,
+            payment_method=event.payment_method,
         )
         self.subs[sub.subscription_id] = sub
         if not trialing:
@@ -615,11 +699,12 @@ class ContractRun:
             raise Rejected("subscription has ended")
         if sub.status == PAUSED and ts >= sub.paused_at:  # type: ignore[operator]
             raise Rejected("subscription is paused")
-        k = sub.period_of(ts)
+        seg = sub.segment
+        # the usual case, the open segment, needs no period arithmetic
+        k = seg.period if seg is not None and seg.contains(ts) else sub.period_of(ts)
         if k == TRIAL_KEY:
             sub.seen.setdefault(TRIAL_KEY, set()).add(event.event_id)  # counted, never billed
             return
-        seg = sub.segment
         if seg is None or not seg.contains(ts):
             seg = next((s for s in sub.closed if s.contains(ts)), None)
             if seg is None or seg.billed is not None:

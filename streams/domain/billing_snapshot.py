@@ -5,22 +5,24 @@ what a rating worker keeps between transactions and restores after a restart."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
 import orjson
 
 from streams.domain.billing import (
+    Account,
     ContractRun,
     Coupon,
     Customer,
     Draft,
-    PlanBook,
     Segment,
     Subscription,
     Tally,
 )
-from streams.domain.catalog import Catalog, parse_plan, plan_to_dict
+from streams.domain.catalog import Catalog, Plan, parse_plan, plan_to_dict
 from streams.domain.invoice import InvoiceLine
 from streams.domain.periods import Interval
 from streams.domain.timestamps import from_micros, to_micros
@@ -83,14 +85,15 @@ def _subscription_out(sub: Subscription) -> dict:
                     None if d.segment is None else index[id(d.segment)],
                     [_line_out(ln) for ln in d.fixed_lines]] for d in sub.drafts],
         "keys_at": [_us(sub.keys_at[0]), sub.keys_at[1]],
+        "payment_method": sub.payment_method,
     }  # fmt: skip
 
 
-def _subscription_in(v: dict, book: PlanBook) -> Subscription:
+def _subscription_in(v: dict, version: Callable[[str, int], Plan]) -> Subscription:
     def segment(s: list) -> Segment:
         tallies = {m: _tally_in(t) for m, t in s[5].items()}
         billed = None if s[6] is None else {c: Decimal(a) for c, a in s[6].items()}
-        return Segment(_at(s[0]), s[1], book.version(s[2], s[3]), _at(s[4]), tallies, billed,
+        return Segment(_at(s[0]), s[1], version(s[2], s[3]), _at(s[4]), tallies, billed,
                        set(s[7]))  # fmt: skip
 
     sub_id, account, currency, interval = v["id"]
@@ -100,13 +103,14 @@ def _subscription_in(v: dict, book: PlanBook) -> Subscription:
     c = v["coupon"]
     return Subscription(
         sub_id, account, currency, Interval(interval), created, anchor,  # type: ignore[arg-type]
-        book.version(*v["plan"]), status, cancelling, period,
+        version(*v["plan"]), status, cancelling, period,
         None if v["segment"] is None else segment(v["segment"]), closed,
         {int(k): set(ids) for k, ids in v["seen"].items()}, paused, ended,
         None if c is None else Coupon(c[0], _dec(c[1]), _dec(c[2]), c[3]),
         [Draft(d[0], d[1], _at(d[2]), _at(d[3]), None if d[4] is None else closed[d[4]],  # type: ignore[arg-type]
                [_line_in(ln) for ln in d[5]]) for d in v["drafts"]],
         adjustment, changes, (_at(v["keys_at"][0]), dict(v["keys_at"][1])),
+        v.get("payment_method"),
     )  # fmt: skip
 
 
@@ -119,11 +123,8 @@ def snapshot(run: ContractRun) -> bytes:
             "plans": {pid: [plan_to_dict(p) for p in vs] for pid, vs in book.versions.items()},
             "retired": sorted(book.retired),
             "next_period": {pid: p.version for pid, p in book.next_period.items()},
-            "customers": {
-                a: [c.country, c.tax_exempt, c.grace_hours] for a, c in accounts.customers.items()
-            },
-            "balances": sorted([a, cur, str(b)] for (a, cur), b in accounts.balances.items()),
-            "credit_ids": sorted(accounts.credit_ids),
+            "accounts": {a: _account_out(acc) for a, acc in accounts.records.items()},
+            "credit_ids": None if accounts.credit_ids is None else sorted(accounts.credit_ids),
             "subscriptions": {s: _subscription_out(sub) for s, sub in run.subs.items()},
         },
         option=orjson.OPT_SORT_KEYS,
@@ -141,10 +142,62 @@ def restore(catalog: Catalog, data: bytes) -> ContractRun:
     }
     run.book.retired = set(v["retired"])
     run.book.next_period = {pid: run.book.version(pid, n) for pid, n in v["next_period"].items()}
-    run.accounts.customers = {a: Customer(*c) for a, c in v["customers"].items()}
-    run.accounts.balances = {(a, cur): Decimal(b) for a, cur, b in v["balances"]}
-    run.accounts.credit_ids = set(v["credit_ids"])
+    run.accounts.records = {a: _account_in(acc) for a, acc in v["accounts"].items()}
+    run.accounts.credit_ids = None if v["credit_ids"] is None else set(v["credit_ids"])
     for sub_id, s in v["subscriptions"].items():
-        run.subs[sub_id] = _subscription_in(s, run.book)
+        run.subs[sub_id] = _subscription_in(s, run.book.version)
         run.schedule(run.subs[sub_id])
     return run
+
+
+def _account_out(acc: Account) -> list:
+    c = acc.customer
+    customer = None if c is None else [c.country, c.tax_exempt, c.grace_hours]
+    balances = {cur: str(b) for cur, b in sorted(acc.balances.items())}
+    return [customer, balances, sorted(acc.credit_ids)]
+
+
+def _account_in(v: list) -> Account:
+    return Account(None if v[0] is None else Customer(*v[0]),
+                   {cur: Decimal(b) for cur, b in v[1].items()}, set(v[2]))  # fmt: skip
+
+
+# --- one record at a time: what a rating worker keeps in its state store --------------------
+
+
+def subscription_to_bytes(sub: Subscription) -> bytes:
+    """One subscription, self-contained: with the definitions of the plan versions it
+    refers to, so that it reads back whatever the catalog holds by then (a plan dropped
+    from a catalog file goes on billing the subscriptions on it)."""
+    v = _subscription_out(sub)
+    plans = {(sub.plan.plan_id, sub.plan.version): sub.plan}
+    for seg in (sub.segment, *sub.closed):
+        if seg is not None:
+            plans[(seg.plan.plan_id, seg.plan.version)] = seg.plan
+    v["plans"] = [[pid, n, _plan_text(p)] for (pid, n), p in sorted(plans.items())]
+    return orjson.dumps(v, option=orjson.OPT_SORT_KEYS)
+
+
+def subscription_from_bytes(data: bytes | memoryview) -> Subscription:
+    v = orjson.loads(data)
+    plans = {(pid, n): _plan_from_text(text, n) for pid, n, text in v["plans"]}
+    return _subscription_in(v, lambda pid, n: plans[(pid, n)])
+
+
+def account_to_bytes(acc: Account) -> bytes:
+    return orjson.dumps(_account_out(acc))
+
+
+def account_from_bytes(data: bytes | memoryview) -> Account:
+    return _account_in(orjson.loads(data))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_text(plan: Plan) -> str:
+    return orjson.dumps(plan_to_dict(plan), option=orjson.OPT_SORT_KEYS).decode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_from_text(text: str, version: int) -> Plan:
+    """Plans are immutable and few: each definition is parsed once."""
+    return parse_plan(orjson.loads(text), "plan", version=version)

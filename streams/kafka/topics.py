@@ -63,6 +63,9 @@ RATING_CHANGELOG = TopicSpec("billing.rating-changelog", None, compacted=True)
 # the latest record of an account is its customer (every field given: nothing is lost
 # to compaction)
 CUSTOMERS = TopicSpec("billing.customers", "customer", compacted=True)
+# the plans' version history (streams/catalog_history.py): one record per plan holding all
+# its versions, so compaction never loses one
+CATALOG = TopicSpec("billing.catalog", "catalog_plan", compacted=True)
 # dunning: attempt n+1 waits in retry topic n. One topic per step, so each holds one
 # constant delay and its records come due in offset order: the dispatcher pauses a
 # partition at its first record not yet due, never skipping past it.
@@ -88,6 +91,7 @@ ALL_TOPICS = (
     PAYMENT_CONTROL,
     RATING_CHANGELOG,
     CUSTOMERS,
+    CATALOG,
     *PAYMENT_RETRIES,
 )
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
-from decimal import Decimal
+from collections.abc import Callable, Collection
+from decimal import Decimal, localcontext
 from operator import itemgetter
 from typing import Any
 
@@ -22,11 +22,14 @@ import orjson
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+from streams.catalog_history import SINCE_ALWAYS, PlanHistory, file_histories
+from streams.catalog_store import history_of, read_histories
 from streams.codec import DecodeError, codec
 from streams.config import Settings
-from streams.domain.catalog import Catalog, Interval
+from streams.domain.catalog import Catalog, Interval, plan_to_dict
 from streams.kafka.topics import (
     ALERTS,
+    CATALOG,
     CUSTOMERS,
     DEAD_LETTER,
     ENTITLEMENTS,
@@ -54,6 +57,7 @@ GROUP = "streambill-sink"  # namespaced by group_id()
 Rows = dict[str, list[list[Any]]]
 Mapper = Callable[[dict[str, Any], int, int, Rows], None]
 ZERO = Decimal(0)
+NANO = Decimal("1e-9")
 
 COORDINATES = ["_partition", "_offset"]
 COLUMNS: dict[str, list[str]] = {
@@ -99,6 +103,10 @@ COLUMNS: dict[str, list[str]] = {
         "alert_id", "rule", "state", "severity", "value", "threshold", "summary", "at",
         *COORDINATES,
     ],
+    "plans": [
+        "plan_id", "version", "published_at", "existing", "currency", "interval", "trial_days",
+        "flat_amount", "mrr", "charges", "plan", "retired_at", "updated_at", *COORDINATES,
+    ],
 }  # fmt: skip
 RECURRING_KINDS = frozenset({"flat", "proration_credit", "proration_charge"})
 # What the landing tables' numeric columns hold (deploy/clickhouse): Decimal(38, 9) is a
@@ -109,6 +117,7 @@ _DECIMAL_MAX = Decimal(2**127 - 1).scaleb(-9)
 _FITS = {
     "decimal": lambda v: v is None or -_DECIMAL_MAX <= v <= _DECIMAL_MAX,
     "UInt16": lambda v: 0 <= v <= 0xFFFF,
+    "UInt32": lambda v: 0 <= v < 2**32,
     "UInt64": lambda v: 0 <= v < 2**64,
 }
 COLUMN_TYPES: dict[str, dict[str, str]] = {
@@ -120,6 +129,8 @@ COLUMN_TYPES: dict[str, dict[str, str]] = {
     "refunds": {"amount": "decimal"},
     "dead_letters": {"source_partition": "UInt16", "source_offset": "UInt64"},
     "alerts": {"value": "decimal", "threshold": "decimal"},
+    "plans": {"version": "UInt32", "trial_days": "UInt32", "flat_amount": "decimal",
+              "mrr": "decimal"},
 }  # fmt: skip
 _CHECKS = {
     table: [(COLUMNS[table].index(c), c, kind, _FITS[kind]) for c, kind in types.items()]
@@ -181,7 +192,33 @@ def _dead_letter_rows(rec: dict[str, Any], partition: int, offset: int, rows: Ro
     ])  # fmt: skip
 
 
-# topic base name -> row mapper
+def plan_rows(history: PlanHistory, partition: int | None, offset: int | None) -> list[list[Any]]:
+    """A plan's history as rows of ``plans``, one per version, each carrying the history's
+    retirement and its last change (``updated_at``: the rows of a later record win)."""
+    updated = max(history.versions[-1].published_at, history.retired_at or SINCE_ALWAYS)
+    rows = []
+    for v in history.versions:
+        plan = v.plan
+        with localcontext(prec=80):  # exact for any amounts a plan holds
+            flat = sum((c.amount for c in plan.flat_charges), ZERO)
+            mrr = flat if plan.interval == Interval.MONTH else (flat / 12).quantize(NANO)
+        as_dict = plan_to_dict(plan)
+        rows.append([
+            history.plan_id, plan.version, v.published_at, v.existing, plan.currency,
+            plan.interval.value, plan.trial_days, flat, mrr,
+            orjson.dumps(as_dict["charges"]).decode(),
+            orjson.dumps(as_dict, option=orjson.OPT_SORT_KEYS).decode(), history.retired_at,
+            updated, partition, offset,
+        ])  # fmt: skip
+    return rows
+
+
+def _catalog_rows(rec: dict[str, Any], partition: int, offset: int, rows: Rows) -> None:
+    # a history the contract refuses: DecodeError, a dead letter
+    rows["plans"].extend(plan_rows(history_of(rec), partition, offset))
+
+
+# topic base name -> row mapper: one row per record in the topic's main table
 LANDERS: dict[str, Mapper] = {
     SUBSCRIPTIONS.base: _plain("subscription_events"),
     USAGE.base: _plain("usage_events"),
@@ -193,21 +230,23 @@ LANDERS: dict[str, Mapper] = {
     ALERTS.base: _plain("alerts"),
     CUSTOMERS.base: _plain("customers"),
 }
+# topic base name -> row mapper of a topic whose record is a whole history: billing.catalog,
+# a plan's every version (a row each in ``plans``), checked against the rating contract
+# (a history it refuses is a dead letter, invalid_event)
+HISTORY_LANDERS: dict[str, Mapper] = {CATALOG.base: _catalog_rows}
+MAPPERS: dict[str, Mapper] = {**LANDERS, **HISTORY_LANDERS}  # every landed topic
 
 
-def load_catalog(client: Any, catalog: Catalog, raw: dict[str, Any]) -> int:
-    """The catalog as the ``plans`` dimension (MRR needs each plan's recurring amount).
-    Re-loading replaces a plan's row (ReplacingMergeTree by loaded_at)."""
-    raw_plans = {p["plan_id"]: p for p in raw.get("plans", [])}
-    rows = []
-    for plan_id, plan in sorted(catalog.plans.items()):
-        flat = sum((c.amount for c in plan.flat_charges), ZERO)
-        mrr = flat if plan.interval == Interval.MONTH else (flat / 12).quantize(Decimal("1e-9"))
-        charges = orjson.dumps(raw_plans[plan_id].get("charges", [])).decode()
-        rows.append([plan_id, plan.currency, plan.interval.value, flat, mrr, charges])
-    client.insert("plans", rows, column_names=[
-        "plan_id", "currency", "interval", "flat_amount", "mrr", "charges",
-    ])  # fmt: skip
+def load_catalog(client: Any, catalog: Catalog, skip: Collection[str] = ()) -> int:
+    """The catalog file's plans, but those in `skip` (billing.catalog's), into ``plans``
+    as their version 1, in effect since always (what the rating processor prices with);
+    the rows of a billing.catalog record of the plan landed later replace them. Returns
+    the plans written."""
+    histories = file_histories(catalog)
+    rows = [row for pid, history in sorted(histories.items()) if pid not in skip
+            for row in plan_rows(history, None, None)]  # fmt: skip
+    if rows:
+        client.insert("plans", rows, column_names=COLUMNS["plans"])
     return len(rows)
 
 
@@ -223,16 +262,17 @@ class Sink:
         serve_queries: bool = True,
         min_seconds: float = 0.25,
         catalog: tuple[Catalog, dict[str, Any]] | None = None,
+        catalog_plans: Collection[str] = (),
     ) -> None:
         """client: the warehouse (migrated); stream: the consumer in the sink's group and a
         producer for dead letters (``make_sink`` builds them); topics: base names
-        (default: every landed topic); catalog: parsed and raw, to load as the plans
-        dimension."""
+        (default: every landed topic); catalog: the catalog file, parsed and raw: its plans
+        but those billing.catalog has (`catalog_plans`) go into ``plans`` now."""
         self.settings = settings
-        unknown = set(topics or ()) - set(LANDERS)
+        unknown = set(topics or ()) - set(MAPPERS)
         if unknown:
-            raise ValueError(f"no landing table for {sorted(unknown)}; known: {sorted(LANDERS)}")
-        self.topics = [spec_for_base(b).name for b in (topics or LANDERS)]
+            raise ValueError(f"no landing table for {sorted(unknown)}; known: {sorted(MAPPERS)}")
+        self.topics = [spec_for_base(b).name for b in (topics or MAPPERS)]
         self.max_rows = max_rows
         self.max_seconds = max_seconds
         self.min_seconds = min(min_seconds, max_seconds)
@@ -242,7 +282,7 @@ class Sink:
             BulkLander(self.client, settings.state_dir / "sink", COLUMNS) if embedded else None
         )
         if catalog is not None:
-            load_catalog(self.client, *catalog)
+            load_catalog(self.client, catalog[0], catalog_plans)
         self.stream = stream
         self.consumer = stream.consumer
         self.producer = stream.producer
@@ -393,7 +433,7 @@ class Sink:
         """Decode and map into `rows`; dead-letter what does not decode or does not fit the
         tables (out_of_range). Returns how many were not mapped."""
         bad = 0
-        decode, mapper = codec(spec.schema).decode, LANDERS[spec.base]
+        decode, mapper = codec(spec.schema).decode, MAPPERS[spec.base]
         checked = [(table, rows[table]) for table in _CHECKS]
         for msg in msgs:
             try:
@@ -418,7 +458,11 @@ class Sink:
 
 def make_sink(settings: Settings, bootstrap: str, client: Any = None, **options: Any) -> Sink:
     """A sink with its clients built from the settings (the CLI's); `client`: a
-    warehouse client of the caller's instead of ``open_warehouse(settings)``."""
+    warehouse client of the caller's instead of ``open_warehouse(settings)``. With a
+    `catalog` option, billing.catalog is read first: the file's plans it has are landed
+    from it, not from the file."""
+    if options.get("catalog") is not None and "catalog_plans" not in options:
+        options["catalog_plans"] = set(read_histories(settings, bootstrap))
     stream = StreamLoop.from_settings("sink", settings, bootstrap, GROUP, consumer_config={
         "partition.assignment.strategy": "range",
         # keep fetching while a batch lands: up to about one more batch ahead

@@ -182,13 +182,16 @@ class PartitionStates:
         restorer: Callable[[], Any],
         decode: Callable[[bytes], Any],
         due_us: Callable[[Any], int | None],
+        encode: Callable[[Any], bytes] | None = None,
     ) -> None:
         """restorer: a new consumer to read the changelog with (assigned by hand,
-        ``enable.partition.eof`` on), closed after each restore."""
+        ``enable.partition.eof`` on), closed after each restore; encode: a state's bytes
+        (default: its ``to_bytes()``)."""
         if cache_entries < 1:
             raise ValueError("the state cache must hold at least 1 entry")
         self.root, self.changelog, self.cache_entries = root, changelog, cache_entries
         self.restorer, self.decode, self.due_us = restorer, decode, due_us
+        self.encode: Callable[[Any], bytes] = encode or (lambda state: state.to_bytes())
         self.stores: dict[int, PartitionStore] = {}
         self.caches: dict[int, StateCache] = {}
         self.changelog_next: dict[int, int] = {}  # partition -> next changelog offset
@@ -322,7 +325,7 @@ class PartitionStates:
             encoded = changes.encoded.setdefault(p, {})
             last = len(states) - 1
             for n, (sub, state) in enumerate(states.items()):
-                value = encoded[sub] = state.to_bytes() if state is not None else None
+                value = encoded[sub] = self.encode(state) if state is not None else None
                 if n < last:
                     produce(topic, key=sub.encode(), value=value, partition=p)
                 else:

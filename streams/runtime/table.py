@@ -87,6 +87,7 @@ class TopicTable(Generic[V]):
         return len(self.values)
 
     def _run(self) -> None:
+        assigned = [TopicPartition(self.topic, p) for p in self.partitions]
         while not self.stopped.is_set():
             for msg in self.consumer.consume(500, timeout=0.1):
                 if msg.error() is not None:
@@ -94,6 +95,12 @@ class TopicTable(Generic[V]):
                         log.warning("table read error", table=self.topic, error=str(msg.error()))
                     continue
                 self._apply(msg)
+            # the consumer's positions, not the last record's offset + 1: a transaction's
+            # commit marker takes an offset of its own, which is never delivered
+            for tp in self.consumer.position(assigned):
+                if tp.offset >= 0:
+                    self.positions[tp.partition] = max(self.positions.get(tp.partition, 0),
+                                                       tp.offset)  # fmt: skip
 
     def _apply(self, msg: Any) -> None:
         key = (msg.key() or b"").decode("utf-8", "replace")

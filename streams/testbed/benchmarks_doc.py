@@ -167,7 +167,75 @@ SCENARIOS: tuple[Scenario, ...] = (
         "domain code's hot paths on one core (it prints its rates and writes no result file, "
         "so none is published here). Runs on a freshly started broker are slower "
         "until its JVM has warmed up, and runs on two shared cores are noisy: compare medians "
-        "of runs made side by side.",
+        "of runs made side by side. Every input record is stamped with the instant its event "
+        "happened: the rating contract's version 2 takes a record's timestamp as its "
+        "event's arrival. With `STREAMBILL_RATING_CONTRACT=2` this bench and `bench billrun` "
+        "measure the version-2 rater (`streams/processors/contract_rating.py`), which takes "
+        "every event through the contract's general path and keeps JSON states: no result "
+        "file of it is published yet.",
+    ),
+    Scenario(
+        "peers",
+        "Peers: faust-streaming and Quix Streams on the same job",
+        (_cmd("bench peers --events 1000000 --rounds 3", "peers"),),
+        "The job of `bench usage` (N pre-encoded usage events, 10 per subscription, the "
+        "project's Avro on `billing.usage` with its partitions, added up per subscription and "
+        "metric, state in a changelogged store, exactly once) run on the same broker by "
+        "streambill's rating processor (`--workers` 2; its subscriptions created first, not "
+        "timed), by faust-streaming (an agent updating a Table in RocksDB, "
+        '`processing_guarantee="exactly_once"`) and by Quix Streams (a StreamingDataFrame '
+        'with a stateful apply, RocksDB, `processing_guarantee="exactly-once"`), both '
+        "decoding with fastavro, `--peer-workers` (1) processes each, committing every second; "
+        "each peer runs in a virtual environment of its own, made by the bench with pip from "
+        "PyPI under `$STREAMBILL_HOME/bench/venvs/<peer>-<version>` and reused (Quix Streams "
+        "pins an older confluent-kafka than streambill), pinned in "
+        "`streams/testbed/bench/peer_venvs.py`. Raw Kafka (`bench kafka`'s code, on the same "
+        "bytes) is the ceiling. A round runs each contender once on a fresh namespace, in an "
+        "order rotated every round (`--rounds`, 3; an untimed raw produce + consume warms the "
+        "broker first); the figures are the rounds' medians. A contender's clock runs from "
+        "the first usage record produced until its consumer group's committed offsets cover "
+        "them all, as in `bench usage`. Its CPU seconds are the user + system time of its "
+        "processes (every thread: librdkafka's, RocksDB's), read from `/proc/<pid>/stat`, "
+        "from the clock's start to 1 s after it stopped (what a commit leaves to do, as "
+        "writing RocksDB, counted) less their idle rate (`idle_cpu_s_per_s`, measured over "
+        "1 s before the clock started) over that last second; the broker's and the producing "
+        "bench's CPU count for none, and `<peer>.cpu_s_process` is the peer's own "
+        "`getrusage` over its whole life, start-up included. `*_cpu_s_per_m_events` is CPU "
+        "seconds per million events; "
+        "`ratio_vs_faust` and `ratio_vs_quix` are streambill's events per CPU-second over the "
+        "peer's, `ratio_vs_kafka` streambill's events/s over raw Kafka's msgs/s (each the "
+        "median of the rounds' ratios). Every contender's totals are then checked against "
+        "the reference added up from the input (streambill's from its committed changelog, a "
+        "peer's as its state returned them): a mismatch fails the run.",
+        (
+            Figure("streambill_events_per_s", "events/s streambill"),
+            Figure("faust_events_per_s", "events/s faust-streaming"),
+            Figure("quix_events_per_s", "events/s Quix Streams"),
+            Figure("kafka_msgs_per_s", "msgs/s raw Kafka"),
+            Figure("ratio_vs_faust", "times faust-streaming per CPU-s"),
+            Figure("ratio_vs_quix", "times Quix Streams per CPU-s"),
+            Figure("ratio_vs_kafka", "of raw Kafka"),
+        ),
+        (
+            Target(
+                "≥ 10 times faust-streaming's events per CPU-second",
+                lambda m: m["ratio_vs_faust"] >= 10,
+            ),
+            Target(
+                "≥ 2 times Quix Streams' events per CPU-second",
+                lambda m: m["ratio_vs_quix"] >= 2,
+            ),
+            Target("≥ 0.6 of the raw-Kafka ceiling", lambda m: m["ratio_vs_kafka"] >= 0.6),
+            Target("every contender's totals the reference's", lambda m: m["totals_match"] is True),
+        ),
+        "faust-streaming's exactly-once crashed when a second worker joined its group (a "
+        "`KeyError` in `group_for_topic`; faust-streaming issues #440 and #323), so the peers "
+        "run one process each unless `--peer-workers` says otherwise. Two processes of a peer "
+        "started at once raced to make its changelog topic: faust saw it without partitions, "
+        "its agent crashed and its events were lost while its offsets were committed, which "
+        "the totals check caught; a peer's processes now start one after the other. Quix "
+        "Streams now and then did not find the changelog topic it had just made and exited: "
+        "a peer process that exits before it is ready is started again (up to 3 times).",
     ),
     Scenario(
         "billrun",

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from streams.api import records
 from streams.codec import codec
 from streams.domain.cancellations import cancellation_problem
+from streams.domain.events import CouponApplied, CreditGranted, parse_event
 from streams.domain.validation import MAX_FUTURE
 from streams.rating_records import decode_input
 
@@ -80,7 +81,9 @@ decimal_pattern = st.from_regex(r"[0-9]{1,20}(\.[0-9]{1,9})?", fullmatch=True)
 FIELD_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "type": (
         st.sampled_from(records.SUBSCRIPTION_TYPES),
-        st.sampled_from(["subscription.paused", "usage", "SUBSCRIPTION.CREATED"]),
+        st.sampled_from(
+            ["credit.granted", "customer.updated", "plan.retired", "usage", "SUBSCRIPTION.CREATED"]
+        ),
     ),
     "mode": (st.sampled_from([None, "immediate", "end_of_period"]), st.just("whenever")),
     "plan_id": (st.sampled_from(sorted(PLANS)), st.sampled_from([None, "gold", ""])),
@@ -94,15 +97,56 @@ FIELD_VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] =
     "amount": (decimal_pattern, decimal_strings),
     "deactivate": (st.booleans(), st.sampled_from(["true", 1])),
     "reason": (st.one_of(st.none(), st.text(min_size=1, max_size=8)), st.just("")),
+    # coupons (subscription_items makes them coherent with their type, mostly)
+    "coupon_id": (st.text(min_size=1, max_size=8), st.just("")),
+    "percent_off": (
+        st.from_regex(r"[0-9]{1,3}(\.[0-9]{1,9})?", fullmatch=True),
+        decimal_strings,
+    ),
+    "amount_off": (decimal_pattern, decimal_strings.map(lambda d: "-" + d)),
+    "duration": (st.sampled_from(records.COUPON_DURATIONS), st.sampled_from(["weekly", ""])),
+    "periods": (st.integers(1, 24), st.one_of(st.integers(-3, 0), st.just(2**31))),
+    # usage properties: JSON values of every type, in the domain's form once accepted
+    "properties": (
+        st.one_of(
+            st.none(),
+            st.dictionaries(
+                st.text(min_size=1, max_size=8),
+                st.one_of(
+                    st.none(),
+                    st.booleans(),
+                    st.integers(-(2**60), 2**60),
+                    st.text(max_size=8),
+                    st.lists(st.integers(), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.booleans(), max_size=2),
+                ),
+                max_size=4,
+            ),
+        ),
+        st.one_of(
+            st.dictionaries(st.text(max_size=3), st.text(min_size=250, max_size=260), max_size=2),
+            st.dictionaries(st.text(max_size=4), st.just(1), min_size=33, max_size=34),
+        ),
+    ),
+}
+# credits: amounts with as many digits as EUR and JPY have, and more
+CREDIT_VALUES = {
+    "amount": (st.from_regex(r"[0-9]{1,12}(\.[0-9]{1,2})?", fullmatch=True), decimal_strings),
+    "credit_id": (st.one_of(st.none(), st.text(min_size=1, max_size=8)), st.just("")),
 }
 
 
-def items(schema_name: str, server: tuple[str, ...] = ()) -> st.SearchStrategy[Any]:
+def items(
+    schema_name: str,
+    server: tuple[str, ...] = (),
+    overrides: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] | None = None,
+) -> st.SearchStrategy[Any]:
     names = [f.name for f in records.schema_fields(schema_name) if f.name not in server]
     plain = (st.text(min_size=1, max_size=12), st.text(min_size=257, max_size=260))
+    values = {**FIELD_VALUES, **(overrides or {})}
     fields = {}
     for n in names:
-        plausible, hostile = FIELD_VALUES.get(n, plain)
+        plausible, hostile = values.get(n, plain)
         fields[n] = mostly(plausible, st.one_of(hostile, any_value))
     # mostly complete items (so that many pass); some with an unknown field, some with
     # fields missing, some not objects at all
@@ -140,29 +184,88 @@ def test_usage_items(item: Any) -> None:
         check_refused(item, errors, "usage_event")
         return
     assert errors == []
-    event, account, error = decode_input(encoded("usage_event", record), True, NOW_MS)
+    value = encoded("usage_event", record)
+    event, account, error = decode_input(value, True, NOW_MS)
     assert error is None, (item, error)
     assert event is not None and account == record["account_id"]
     assert event.quantity == record["quantity"] >= 0
+    v2 = decode_input(value, True, NOW_MS, contract=2)[0]
+    assert v2 is not None and v2.properties == record["properties"]  # type: ignore[union-attr]
+    if isinstance(item.get("properties"), dict):  # in the domain's form: as parse_event makes it
+        raw = {**item, "type": "usage", "properties": item["properties"]}
+        assert parse_event(raw).properties == v2.properties  # type: ignore[union-attr]
+
+
+@st.composite
+def subscription_items(draw: st.DrawFn) -> Any:
+    """Items of the subscription route: a coupon mostly with exactly one of its amounts
+    and periods when repeating, any other type mostly without coupon fields."""
+    item = draw(items("subscription_event", server=SUB_RULES.excluded))
+    if not isinstance(item, dict) or not draw(st.integers(0, 7)):
+        return item
+    if item.get("type") != "subscription.cancelled":
+        item.pop("mode", None)
+    if item.get("type") != "coupon.applied":
+        return {k: v for k, v in item.items() if k not in records.COUPON_FIELDS}
+    item.pop(draw(st.sampled_from(["percent_off", "amount_off"])), None)
+    if item.get("duration") != "repeating":
+        item.pop("periods", None)
+    return item
+
+
+V1_TYPES = ("subscription.created", "subscription.plan_changed", "subscription.cancelled")
 
 
 @HOSTILE
-@given(item=items("subscription_event"))
+@given(item=subscription_items())
 def test_subscription_items(item: Any) -> None:
     defaults = {"event_id": lambda: "generated", "timestamp": lambda: NOW}
     record, errors = records.validate("subscription_event", SUB_RULES, item, NOW, defaults=defaults)
-    note("refused" if record is None else "accepted")
+    note("refused" if record is None else f"accepted {record['type']}")
     if record is None:
         check_refused(item, errors, "subscription_event")
         return
     value = encoded("subscription_event", record)
     if record["type"] == "subscription.cancelled":  # to a lane first, then to rating
         assert cancellation_problem(codec("subscription_event").decode(value), NOW_MS) is None
-    event, _, error = decode_input(value, False, NOW_MS)
+    # what the API accepts, rating accepts: version 2 every type, version 1 its own
+    event, account, error = decode_input(value, False, NOW_MS, contract=2)
     assert error is None, (item, error)
-    assert event is not None and event.subscription_id == record["subscription_id"]
-    if record["type"] != "subscription.cancelled":
+    assert event is not None and event.subscription_id == record["subscription_id"]  # type: ignore[union-attr]
+    assert account == record["account_id"]
+    if record["type"] in V1_TYPES:
+        assert decode_input(value, False, NOW_MS) == (event, account, None)
+    if record["type"] in ("subscription.created", "subscription.plan_changed"):
         assert record["plan_id"] in PLANS
+    if isinstance(event, CouponApplied):
+        assert event.coupon_id == record["coupon_id"] and event.periods == record["periods"]
+        for name in ("percent_off", "amount_off"):
+            kept = getattr(event, name)
+            assert (kept is None) == (record[name] is None)
+            assert kept is None or kept.as_tuple() == Decimal(record[name]).as_tuple()
+
+
+CREDIT_SERVER = (*records.CREDIT_RULES.excluded, *records.CREDIT_SERVER_FIELDS)
+
+
+@HOSTILE
+@given(item=items("subscription_event", server=CREDIT_SERVER, overrides=CREDIT_VALUES))
+def test_credit_items(item: Any) -> None:
+    record, errors = records.validate(
+        "subscription_event", records.CREDIT_RULES, item, NOW,
+        server_fields=records.credit_server_fields("generated", NOW),
+        defaults={"credit_id": lambda: "generated"},
+    )  # fmt: skip
+    note("refused" if record is None else "accepted")
+    if record is None:
+        check_refused(item, errors, "subscription_event")
+        return
+    event, account, error = decode_input(encoded("subscription_event", record), False, NOW_MS,
+                                         contract=2)  # fmt: skip
+    assert error is None, (item, error)
+    assert isinstance(event, CreditGranted) and account == record["account_id"]
+    assert event.amount.as_tuple() == Decimal(item["amount"]).as_tuple() and event.amount > 0
+    assert event.credit_id == (item.get("credit_id") or "generated")
 
 
 @HOSTILE

@@ -84,3 +84,20 @@ def test_a_plan_change_keeps_currency_and_interval_and_changes_the_plan() -> Non
     book.accepted(event("plan_changed", plan="growth-eur"))
     assert book.subscription_problem(event("plan_changed", plan="pro-usd"), acme) is None
     assert book.subscription_problem(event("plan_changed", plan="team-jpy"), acme) is not None
+
+
+def test_pauses_resumes_and_coupons_of_a_known_subscription_keep_its_account() -> None:
+    """Version 2's subscription events: under another account, certain to be refused;
+    accepted otherwise (whether it is paused, or the coupon fits, is rating's to say), and
+    they change nothing the book knows."""
+    book = book_with(event("created", plan="pro-usd"))
+    coupon = {"type": "coupon.applied", "account_id": "acme-1", "subscription_id": "s-1"}
+    problem = "subscription_id: 's-1' is not a subscription of account 'acme-2'"
+    for e in (event("paused"), event("resumed"), coupon):
+        assert book.subscription_problem(e, acme) is None
+        assert book.subscription_problem({**e, "account_id": "acme-2"}, acme) == problem
+        assert book.subscription_problem({**e, "subscription_id": "s-9"}, acme) is None
+        book.accepted(e)
+    assert book.subscription_problem(event("plan_changed", plan="pro-usd"), acme) == (
+        "plan_id: the subscription is already on plan 'pro-usd'"
+    )

@@ -12,7 +12,7 @@ import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -69,6 +69,7 @@ class Truth:
     rating_rejections: int
     payments: list[dict] = field(default_factory=list)
     customers: list[dict] = field(default_factory=list)  # billing.customers, in order
+    plans: dict[str, Any] = field(default_factory=dict)  # billing.catalog: id -> PlanHistory
 
 
 def plan_timeline(subs: list[dict], changes: list[dict]) -> dict[str, list[tuple]]:
@@ -207,7 +208,35 @@ def build(settings: Settings, bootstrap: str, procs: Procs) -> Truth:
     for table, n in landed.items():
         sql = f"SELECT count() FROM {table} FINAL"
         wait_until(lambda sql=sql, n=n: scalar(settings, sql) >= n, 120, table, [sink, rating])
+    growth_signups = sorted(inv.issued_at for inv in truth.invoices if inv.reason == "created"
+                            and truth.plan_of_invoice[inv.invoice_id] == "growth-eur")  # fmt: skip
+    truth.plans = publish_plan_history(settings, bootstrap,
+                                       growth_signups[len(growth_signups) // 2])  # fmt: skip
+    versions = sum(len(h.versions) for h in truth.plans.values())
+    sql = ("SELECT count(), countIf(retired_at IS NOT NULL) FROM plans FINAL "
+           "WHERE _offset IS NOT NULL")  # fmt: skip
+    wait_until(lambda: [int(x) for x in query(settings, sql)["rows"][0]] == [versions, 1], 60,
+               "the plan versions", [sink])  # fmt: skip
     return truth
+
+
+def publish_plan_history(settings: Settings, bootstrap: str, at: datetime) -> dict[str, Any]:
+    """The demo catalog imported into billing.catalog (as `streambill catalog publish`),
+    then, once every invoice of the data set has landed: a version 2 of growth-eur in
+    effect from `at` (halfway through its signups; another storage price, the same fee:
+    the MRR and what the invoices billed stay those of the catalog file) and team-jpy
+    retired now. Returns the histories."""
+    from streams.catalog_store import publish_file, publish_plans, read_histories, retire_plan
+
+    now = datetime.now(UTC)
+    publish_file(settings, bootstrap, CATALOG, now)
+    growth = CATALOG.plans["growth-eur"]
+    cheaper_storage = replace(growth, charges=tuple(
+        replace(c, package_amount=Decimal("3.00")) if c.charge_id == "storage" else c
+        for c in growth.charges))  # fmt: skip
+    publish_plans(settings, bootstrap, [(cheaper_storage, "keep")], at)
+    retire_plan(settings, bootstrap, "team-jpy", now)
+    return read_histories(settings, bootstrap)
 
 
 # --- checks: one per README query, each from the published events -------------------
@@ -437,6 +466,41 @@ def check_customers_by_country(rows: list, t: Truth) -> None:
             want["tax_exempt"],
             want["with_payment_method"],
         )
+
+
+def _flat(plan: Any) -> Decimal:
+    return sum((c.amount for c in plan.flat_charges), Decimal(0))
+
+
+def check_plan_versions_and_signups(rows: list, t: Truth) -> None:
+    """Each version of each plan, and the subscriptions created while it was the latest."""
+    created = [(t.plan_of_invoice[inv.invoice_id], inv.issued_at)
+               for inv in t.invoices if inv.reason == "created"]  # fmt: skip
+    want = []
+    for pid, h in sorted(t.plans.items()):
+        ends = [v.published_at for v in h.versions[1:]] + [datetime.max.replace(tzinfo=UTC)]
+        for v, end in zip(h.versions, ends, strict=True):
+            signups = sum(1 for p, at in created if p == pid and v.published_at <= at < end)
+            want.append((pid, v.plan.version, v.published_at, v.existing, _flat(v.plan), signups))
+    growth = [w[5] for w in want if w[0] == "growth-eur"]
+    assert len(growth) == 2 and min(growth) > 0  # signups on either version
+    assert sum(w[5] for w in want) == len(created)
+    got = [(r[0], int(r[1]), datetime.fromisoformat(str(r[2])).replace(tzinfo=UTC), r[3],
+            D(r[4]), int(r[5])) for r in rows]  # fmt: skip
+    assert got == want
+
+
+def check_plans_now(rows: list, t: Truth) -> None:
+    want = []
+    for pid, h in sorted(t.plans.items()):
+        p = h.latest
+        flat = _flat(p)
+        mrr = flat if p.interval == Interval.MONTH else (flat / 12).quantize(Decimal("1e-9"))
+        want.append((pid, p.version, p.currency, str(p.interval), p.trial_days, flat, mrr,
+                     h.retired_at is not None))  # fmt: skip
+    assert ("growth-eur", 2) in [w[:2] for w in want] and want[-1][0] == "team-jpy"
+    assert [(r[0], int(r[1]), r[2], r[3], int(r[4]), D(r[5]), D(r[6]), r[7] is not None)
+            for r in rows] == want  # fmt: skip
 
 
 def check_invoices_next_60_days(rows: list, t: Truth) -> None:

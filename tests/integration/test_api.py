@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +19,7 @@ import requests
 from streams.api.server import KAFKA_DOWN_MESSAGE
 from streams.api.tenants import Tenant, hash_key, save
 from streams.config import Settings
+from streams.domain.events import CouponApplied, CreditGranted, CustomerUpdated
 from streams.invoice_record import INVOICE_FIELDS, LINE_FIELDS, PRIVATE_FIELDS
 from streams.kafka import clients
 from streams.kafka.topics import (
@@ -28,8 +30,10 @@ from streams.kafka.topics import (
     REFUNDS,
     SUBSCRIPTIONS,
     USAGE,
+    TopicSpec,
 )
 from streams.publish import publish, read_topic
+from streams.rating_records import decode_input
 from streams.stack import ProcessorProcess, start_api
 from tests.integration.helpers import Procs, scalar, start_rating, start_sink, wait_until
 
@@ -364,6 +368,104 @@ def test_events_invoices_subscriptions_and_refunds_read_back_per_tenant(
     assert (late["status"], [c["status"] for c in late["copies"]]) == ("pending", ["pending"])
 
 
+def raw_records(
+    settings: Settings, bootstrap: str, topic: TopicSpec
+) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, Kafka timestamp in ms) of every record of a topic, by partition and
+    offset."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from streams.kafka.topics import group_id
+    from streams.publish import partition_count
+
+    consumer = clients.consumer(settings, bootstrap, group_id(f"raw-{uuid.uuid4().hex}"),
+                                **{"enable.partition.eof": True})  # fmt: skip
+    out = []
+    try:
+        n = partition_count(consumer, topic.name)
+        consumer.assign([TopicPartition(topic.name, p, 0) for p in range(n)])
+        at_end: set[int] = set()
+        while len(at_end) < n:
+            for msg in consumer.consume(1000, timeout=1.0):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                    continue
+                out.append((msg.partition(), msg.offset(), msg.key(), msg.value(),
+                            msg.timestamp()[1]))  # fmt: skip
+    finally:
+        consumer.close()
+    return [(k, v, ts) for _, _, k, v, ts in sorted(out, key=lambda r: r[:2])]
+
+
+def test_version_2_events_credits_and_properties_reach_rating_s_topics(
+    api: Client, pipeline_env: Settings, kafka_bootstrap: str
+) -> None:
+    """Pauses, resumes and coupons go with the subscription's other events, credits are
+    granted on their own route, usage carries its properties: each lands on its topic,
+    keyed by the account, as the record rating's version-2 decoding reads as the event."""
+    assert api.post("/v1/subscriptions", signup(1)).status_code == 202
+    sub = {"account_id": "acme-1", "subscription_id": "acme-1-s1"}
+    at = {n: (AGO + timedelta(hours=n)).isoformat() for n in range(1, 6)}
+    coupon = {**sub, "type": "coupon.applied", "coupon_id": "half", "percent_off": "50",
+              "duration": "repeating", "periods": 2, "timestamp": at[1]}  # fmt: skip
+    for body in (coupon, {**sub, "type": "subscription.paused", "timestamp": at[2]},
+                 {**sub, "type": "subscription.resumed", "timestamp": at[3]}):  # fmt: skip
+        r = api.post("/v1/subscriptions", body)
+        assert r.status_code == 202 and r.json()["topic"] == SUBSCRIPTIONS.name, r.text
+    r = api.post("/v1/subscriptions", {**coupon, "percent_off": "150", "amount_off": "5"})
+    assert r.status_code == 422 and r.json()["errors"] == [
+        "percent_off: exactly one of percent_off and amount_off"]  # fmt: skip
+    r = api.post("/v1/subscriptions", {**sub, "type": "subscription.paused", "account_id":
+                                       "acme-2"})  # fmt: skip
+    assert r.status_code == 422 and "is not a subscription of account" in r.json()["errors"][0]
+    r = api.post("/v1/subscriptions", {**sub, "type": "credit.granted"})
+    assert r.status_code == 422 and r.json()["errors"][0].startswith("type: one of")
+
+    credit = {"account_id": "acme-1", "currency": "EUR", "amount": "20.00"}
+    first = api.post("/v1/credits", credit, **{"Idempotency-Key": "credit-1"})
+    assert first.status_code == 202, first.text
+    body = first.json()
+    assert body["topic"] == SUBSCRIPTIONS.name and body["credit_id"] == body["event_id"]
+    again = api.post("/v1/credits", credit, **{"Idempotency-Key": "credit-1"})
+    assert (again.status_code, again.json()) == (202, body)  # one credit, however retried
+    named = api.post("/v1/credits", {**credit, "currency": "JPY", "amount": "500",
+                                     "credit_id": "goodwill-1"})  # fmt: skip
+    assert named.status_code == 202 and named.json()["credit_id"] == "goodwill-1"
+    refused = api.post("/v1/credits", {**credit, "amount": "20.001", "colour": "red"})
+    assert refused.status_code == 422 and refused.json()["errors"] == ["colour: unknown field"]
+    refused = api.post("/v1/credits", {**credit, "amount": "20.001"})
+    assert refused.json()["errors"] == ["amount: at most 2 decimal places in EUR"]
+    refused = api.post("/v1/credits", {**credit, "amount": "0", "currency": "eur"})
+    assert refused.json()["errors"] == ["currency: an ISO 4217 code such as EUR",
+                                        "amount: must be greater than 0"]  # fmt: skip
+    assert api.post("/v1/credits", {**credit, "account_id": "globex-1"}).status_code == 403
+    assert api.post("/v1/credits", credit, key=GLOBEX).status_code == 403
+
+    usage = usage_event("u-props", properties={"user": "ann", "seats": 3})
+    assert api.post("/v1/usage", {"events": [usage]}).status_code == 202
+
+    records = raw_records(pipeline_env, kafka_bootstrap, SUBSCRIPTIONS)
+    assert {key for key, _, _ in records} == {b"acme-1"}
+    got = [decode_input(value, False, ts, contract=2) for _, value, ts in records]
+    assert [error for _, _, error in got] == [None] * 6
+    events = [event for event, _, _ in got]
+    assert [type(e).__name__ for e in events] == [
+        "SubscriptionCreated", "CouponApplied", "Paused", "Resumed", "CreditGranted",
+        "CreditGranted"]  # fmt: skip
+    assert events[1] == CouponApplied(AGO + timedelta(hours=1), "acme-1-s1", "half",
+                                      Decimal(50), None, "repeating", 2)  # fmt: skip
+    assert events[4] == CreditGranted(events[4].timestamp, body["credit_id"], "acme-1",  # type: ignore[union-attr]
+                                      "EUR", Decimal("20.00"))  # fmt: skip
+    assert events[4].amount.as_tuple().exponent == -2  # type: ignore[union-attr]
+    assert events[5].credit_id == "goodwill-1"  # type: ignore[union-attr]
+    ((key, value, ts),) = raw_records(pipeline_env, kafka_bootstrap, USAGE)
+    event, account, error = decode_input(value, True, ts, contract=2)
+    assert error is None and account == "acme-1" and key == b"acme-1"
+    assert event.properties == {"user": "ann", "seats": "\x003"}  # type: ignore[union-attr]
+    assert decode_input(value, True, ts)[0].properties is None  # type: ignore[union-attr]
+
+
 def query_rows(settings: Settings, sql: str) -> list[list[Any]]:
     from streams.warehouse import query
 
@@ -445,6 +547,17 @@ def test_a_customer_record_is_replaced_by_put_and_read_back_per_tenant(
     assert [(r["account_id"], r["payment_method"], r["country"]) for r in on_topic] == [
         ("acme-7", "tok_ok_7", "DE"), ("acme-7", "tok_ok_8", None),
     ]  # fmt: skip
+    # each accepted PUT was a customer.updated event for rating first, keyed by the account
+    events = raw_records(pipeline_env, kafka_bootstrap, SUBSCRIPTIONS)
+    customers = raw_records(pipeline_env, kafka_bootstrap, CUSTOMERS)
+    decoded = [decode_input(value, False, ts, contract=2) for _, value, ts in events]
+    at, at2 = (c["timestamp"] for c in on_topic)
+    assert decoded == [
+        (CustomerUpdated(at, "acme-7", "DE", False, 48), "acme-7", None),
+        (CustomerUpdated(at2, "acme-7", None, False, 0), "acme-7", None),
+    ] and at < at2  # fmt: skip
+    assert [key for key, _, _ in events] == [b"acme-7", b"acme-7"]
+    assert all(e[2] <= c[2] for e, c in zip(events, customers, strict=True))  # produced first
 
     def landed() -> bool:
         return api.get(path).status_code == 200 and api.get(path).json()["payment_method"] == \

@@ -25,9 +25,10 @@ def test_the_api_keeps_its_openapi_contract(
     pipeline_env: Settings, kafka_bootstrap: str, procs: Procs, tmp_path: Path
 ) -> None:
     # a tenant owning every account (empty prefix), so that generated requests get past
-    # tenancy to validation and Kafka; the sink answers the invoice reads
+    # tenancy to validation and Kafka; an operator, so that plans are published and
+    # retired too; the sink answers the invoice reads
     save(pipeline_env.home / "api" / "tenants.json",
-         {"all": Tenant("all", "", [hash_key(ACME)], 64, 100_000)})  # fmt: skip
+         {"all": Tenant("all", "", [hash_key(ACME)], 64, 100_000, admin=True)})  # fmt: skip
     procs.add(start_sink(pipeline_env, kafka_bootstrap))
     proc, port = start_api(pipeline_env, kafka_bootstrap)
     procs.add(proc)

@@ -22,6 +22,7 @@ ENTRY_POINTS = {
     ("streams/cli.py", "_run_bench"),
     ("streams/cli.py", "bench_kafka"),
     ("streams/cli.py", "bench_usage"),
+    ("streams/cli.py", "bench_peers"),
     ("streams/cli.py", "bench_billrun"),
     ("streams/cli.py", "bench_sink"),
     ("streams/cli.py", "bench_payment_run"),

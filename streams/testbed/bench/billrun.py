@@ -26,6 +26,8 @@ from streams.testbed.bench.inputs import (
     encoded_subscriptions,
     encoded_usage,
     monthly_plans,
+    subscription_stamps,
+    usage_stamps,
 )
 from streams.testbed.duplicates import topic_copies, warehouse_copies
 from streams.ui import progress_bar
@@ -56,8 +58,20 @@ def run(
                 task = progress.add_task(
                     "inputs (not timed)", total=len(sub_items) + len(usage_items)
                 )
-                produce_encoded(env, SUBSCRIPTIONS, sub_items, lambda n: progress.advance(task, n))
-                produce_encoded(env, USAGE, usage_items, lambda n: progress.advance(task, n))
+                produce_encoded(
+                    env,
+                    SUBSCRIPTIONS,
+                    sub_items,
+                    lambda n: progress.advance(task, n),
+                    subscription_stamps(len(sub_items)),
+                )
+                produce_encoded(
+                    env,
+                    USAGE,
+                    usage_items,
+                    lambda n: progress.advance(task, n),
+                    usage_stamps(subscriptions, usage_per_sub),
+                )
                 task = progress.add_task("rated + landed (not timed)", total=subscriptions)
 
                 def ingested() -> bool:

@@ -55,9 +55,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def produce_encoded(
-    env: Env, topic: TopicSpec, items: list[tuple[bytes, bytes]], advance: Callable[[int], None]
+    env: Env,
+    topic: TopicSpec,
+    items: list[tuple[bytes, bytes]],
+    advance: Callable[[int], None],
+    stamps_ms: list[int] | None = None,
 ) -> None:
-    """Produce pre-encoded (key, value) pairs; waits for every acknowledgement."""
+    """Produce pre-encoded (key, value) pairs, each with its record timestamp from
+    `stamps_ms` if given (when the event arrived: what the rating contract's version 2
+    reads) or the producer's clock; waits for every acknowledgement."""
     producer = clients.producer(env.settings, env.bootstrap)
     errors: list[Any] = []
 
@@ -66,9 +72,11 @@ def produce_encoded(
             errors.append(err)
 
     for n, (key, value) in enumerate(items, 1):
+        stamp = stamps_ms[n - 1] if stamps_ms is not None else 0
         while True:
             try:
-                producer.produce(topic.name, key=key, value=value, on_delivery=delivered)
+                producer.produce(topic.name, key=key, value=value, on_delivery=delivered,
+                                 timestamp=stamp)  # fmt: skip
                 break
             except BufferError:
                 producer.poll(0.05)

@@ -11,6 +11,7 @@ from decimal import Decimal
 from streams.codec import codec
 from streams.config import DEFAULT_CATALOG
 from streams.domain.catalog import Catalog
+from streams.domain.timestamps import to_micros
 from streams.kafka.topics import INVOICES, SUBSCRIPTIONS, USAGE
 
 ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
@@ -31,6 +32,20 @@ def encoded_subscriptions(n: int, plans: list[str]) -> list[tuple[bytes, bytes]]
             "plan_id": plans[i % len(plans)], "mode": None, "payment_method": f"tok_{i}",
         })))  # fmt: skip
     return out
+
+
+def subscription_stamps(n: int) -> list[int]:
+    """The record timestamps (ms) of encoded_subscriptions: each arrives when it happened."""
+    return [to_micros(ANCHOR) // 1000] * n
+
+
+def usage_stamps(n_subs: int, per_sub: int, start: int = 0) -> list[int]:
+    """The record timestamps (ms) of encoded_usage, in its order: each arrives when it
+    happened (with the rating contract's version 2, an event arriving now would make every
+    period ending before now happen first)."""
+    anchor_ms = to_micros(ANCHOR) // 1000
+    return [anchor_ms + ((start + j) * 3_600 + i % 3_600) * 1000
+            for j in range(per_sub) for i in range(n_subs)]  # fmt: skip
 
 
 def encoded_usage(n_subs: int, per_sub: int, start: int = 0) -> list[tuple[bytes, bytes]]:

@@ -21,7 +21,13 @@ from streams.testbed.bench.harness import (
     wait,
     wait_for_members,
 )
-from streams.testbed.bench.inputs import encoded_subscriptions, encoded_usage, monthly_plans
+from streams.testbed.bench.inputs import (
+    encoded_subscriptions,
+    encoded_usage,
+    monthly_plans,
+    subscription_stamps,
+    usage_stamps,
+)
 from streams.ui import progress_bar
 
 
@@ -38,7 +44,13 @@ def run(base: Settings, events: int, workers: int, console: Console) -> dict[str
         try:
             with progress_bar(console) as progress:
                 task = progress.add_task("subscriptions (not timed)", total=subs)
-                produce_encoded(env, SUBSCRIPTIONS, sub_items, lambda n: progress.advance(task, n))
+                produce_encoded(
+                    env,
+                    SUBSCRIPTIONS,
+                    sub_items,
+                    lambda n: progress.advance(task, n),
+                    subscription_stamps(len(sub_items)),
+                )
                 # every worker in the group first: one joining later would rebalance the
                 # group (and restore state) inside the timed window
                 wait_for_members(env, group, workers, rating)
@@ -46,7 +58,9 @@ def run(base: Settings, events: int, workers: int, console: Console) -> dict[str
                       "subscriptions")  # fmt: skip
                 task = progress.add_task("usage ingested", total=len(usage_items))
                 started = time.perf_counter()
-                produce_encoded(env, USAGE, usage_items, lambda n: None)
+                produce_encoded(
+                    env, USAGE, usage_items, lambda n: None, usage_stamps(subs, per_sub)
+                )
                 usage_lag = CommittedLag(env, group, [USAGE.name])
                 try:
                     while (lag := usage_lag()) > 0:
