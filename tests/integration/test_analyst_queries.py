@@ -1,6 +1,7 @@
-"""Every example query of the README's "For analysts" section, run against a demo data
-set that went through the real pipeline (Kafka, the rating processor, the sink, chDB),
-its result checked against figures computed here from the events that were published.
+"""Every example query for analysts (docs/analysts.md, which the README's "For analysts"
+points to), run against a demo data set that went through the real pipeline (Kafka, the
+rating processor, the sink, chDB), its result checked against figures computed here from
+the events that were published.
 
 Payment results are published directly to billing.payment-results: they stand in for
 the payments processor (issue 4), with outcomes chosen per invoice below."""
@@ -46,11 +47,13 @@ RECURRING = {"flat", "proration_credit", "proration_charge"}
 
 
 def readme_queries() -> dict[str, str]:
-    """name -> SQL of every ```sql block in the README's "For analysts" section."""
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text.split("## For analysts", 1)[1].split("\n## ", 1)[0]
+    """name -> SQL of every ```sql block of the analysts' example queries (docs/analysts.md,
+    which the README's "For analysts" section points to)."""
+    text = (REPO_ROOT / "docs" / "analysts.md").read_text()
+    assert "docs/analysts.md" in (REPO_ROOT / "README.md").read_text().split(
+        "## For analysts", 1)[1].split("\n## ", 1)[0]  # fmt: skip
     out = {}
-    for block in re.findall(r"```sql\n(.*?)```", section, re.S):
+    for block in re.findall(r"```sql\n(.*?)```", text, re.S):
         first, sql = block.split("\n", 1)
         assert first.startswith("-- "), "each README query starts with `-- <name>`"
         out[first[3:].strip()] = sql.strip()
