@@ -40,7 +40,6 @@ from streams.runtime.state import PartitionStates, StateChanges
 ACCOUNT = "\x00a:"
 CLOCK = "\x00clock"
 _SUBSCRIPTION, _ACCOUNT, _CLOCK = b"S", b"A", b"C"
-NEVER = float("inf")
 
 
 @dataclass(slots=True)

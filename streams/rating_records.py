@@ -143,9 +143,9 @@ def arrival(timestamp: datetime, published_ms: int) -> datetime | None:
     when that is the millisecond of the event's own timestamp (Kafka stamps records in
     milliseconds: it then arrived at its timestamp). Raises OverflowError for a record
     timestamp beyond the datetimes."""
-    if to_micros(timestamp) // 1000 == published_ms:
-        return None
-    return from_micros(published_ms * 1000)
+    us = to_micros(timestamp)
+    at = arrival_us(us, published_ms)  # the one rule of when a record's event arrived
+    return None if at == us else from_micros(at)
 
 
 def arrival_ms(event: AnyEvent) -> int:
