@@ -144,25 +144,32 @@ class StoredDue(DueHeap):
     def __init__(self, states: PartitionStates, p: int, subs: StoredStates) -> None:
         super().__init__()
         self.states, self.p, self.subs = states, p, subs
-        self.cursor = b""  # the store's entries up to here are loaded (or touched)
-        self.next_stored: tuple[int, str, bytes] | None = None  # (µs, id, key) after cursor
+        # the store's entries in order, read once per transaction (the store changes only
+        # when it commits): those before next_stored are loaded or touched
+        self.entries: Iterator[tuple[bytes, str]] | None = None
+        self.next_stored: tuple[int, str, bytes] | None = None  # (µs, id, key)
         self.looked = False
 
     def begin(self) -> None:
         """A new transaction: the store holds the last one's commit."""
         self.heap.clear()
-        self.cursor, self.next_stored, self.looked = b"", None, False
+        self.entries, self.next_stored, self.looked = None, None, False
+
+    def end(self) -> None:
+        """The transaction is over: its reading of the store is let go."""
+        self.entries = None
 
     def _stored(self) -> tuple[int, str, bytes] | None:
-        """The store's first entry after the cursor whose subscription is untouched."""
+        """The store's next entry whose subscription is untouched."""
         if self.looked:
             nxt = self.next_stored
             if nxt is None or not self.subs.touched(nxt[1]):
                 return nxt
         self.looked = True
         self.next_stored = None
-        for key, sub in self.states.stores[self.p].due_after(self.cursor, 10**19):
-            self.cursor = key
+        if self.entries is None:
+            self.entries = self.states.stores[self.p].due_after(b"", 10**19)
+        for key, sub in self.entries:
             if not self.subs.touched(sub):
                 self.next_stored = (int(key[2:22]), sub, key)
                 break

@@ -35,6 +35,7 @@ from streams.domain.events import (
     Resumed,
     SubscriptionCreated,
     Usage,
+    UsageRecord,
 )
 from streams.domain.invoice import (
     KIND_DISCOUNT,
@@ -61,6 +62,7 @@ from streams.domain.money import CTX, ONE, ZERO, round_money, total
 from streams.domain.periods import Interval, period_index_at, period_start
 from streams.domain.pricing import price_usage
 from streams.domain.rating import HORIZON
+from streams.domain.timestamps import from_micros, to_micros
 
 TRIALING = "trialing"
 ACTIVE = "active"
@@ -255,6 +257,16 @@ class Tally:
                 if name in props:
                     self.uniques.setdefault(name, set()).add(props[name])
 
+    def add_totals(
+        self, total: Decimal, top: Decimal, count: int, latest: Decimal, latest_at: datetime
+    ) -> None:
+        """Count `count` events at once, given their sum, max and latest (see PlainUsage)."""
+        self.sum = total if self.sum is None else CTX.add(self.sum, total)
+        self.max = top if self.max is None else max(self.max, top)
+        self.count += count
+        if self.latest_at is None or latest_at >= self.latest_at:
+            self.latest, self.latest_at = latest, latest_at
+
     def value(self, key: str) -> Decimal:
         if key == "sum":
             return ZERO if self.sum is None else self.sum
@@ -296,6 +308,76 @@ class Segment:
         q = tally.value(aggregation_key(charge))
         events = Decimal(tally.count) if isinstance(charge, PercentageCharge) else ZERO
         return q, round_money(price_usage(charge, q, events), self.plan.currency)
+
+
+_HORIZON_US = to_micros(HORIZON)
+_NANO = -9  # a usage record's quantity is in 10^-9 units
+
+
+class PlainUsage:
+    """Usage of one subscription that only adds up, totalled before it touches the state:
+    what a rating worker does with most usage records.
+
+    Equivalent to ``ContractRun.apply`` of each of its records in turn, after
+    ``advance`` to each one's arrival, as long as each is *plain* (``takes``): the
+    subscription is active, the record names its account, and the event falls inside the
+    open segment and arrives before anything of the subscription falls due (no period
+    end, finalization or lateness in between); the reader only gives records without
+    properties. Other subscriptions' due items and catalog events do not touch an open
+    segment, so they may happen before or after. ``settle`` de-duplicates the ids against
+    the period's (the first counts), sums, maxes and counts each metric's quantities as
+    integers and adds the results to the segment's Decimal tallies once: CTX's 100 digits
+    keep every sum exact, so the value, digits and exponent are those of one addition per
+    event; the latest is the record with the latest timestamp, the later one on ties.
+    """
+
+    __slots__ = ("due_us", "records", "segment", "start_us", "sub")
+
+    def __init__(self, sub: Subscription) -> None:
+        if sub.status != ACTIVE or sub.segment is None:
+            raise ValueError("plain usage needs an active subscription")
+        self.sub, self.segment = sub, sub.segment
+        self.start_us = to_micros(sub.segment.start)
+        nxt = sub.next_due()  # active: at the latest its period's end
+        self.due_us = min(to_micros(nxt[0]), _HORIZON_US) if nxt is not None else _HORIZON_US
+        self.records: list[UsageRecord] = []  # (event_id, µs, account, sub, metric, 10^-9)
+
+    def takes(self, timestamp_us: int, arrival_us: int, account_id: str) -> bool:
+        return (
+            self.start_us <= timestamp_us <= arrival_us < self.due_us
+            and account_id == self.sub.account_id
+        )
+
+    def settle(self) -> None:
+        """Count the records taken so far (once: the list is empty afterwards)."""
+        records, self.records = self.records, []
+        if not records:
+            return
+        seg = self.segment
+        seen = self.sub.seen.setdefault(seg.period, set())
+        priced = seg.plan.aggregation_names()
+        totals: dict[str, list[int]] = {}  # metric -> [sum, max, count, latest µs, latest]
+        for event_id, us, _, _, metric, units in records:
+            if event_id in seen:
+                continue  # a repeat: the first counts
+            seen.add(event_id)
+            if not priced.get(metric):
+                continue  # a metric its plan does not price: counted, never tallied
+            t = totals.get(metric)
+            if t is None:
+                totals[metric] = [units, units, 1, us, units]
+                continue
+            t[0] += units
+            if units > t[1]:
+                t[1] = units
+            t[2] += 1
+            if us >= t[3]:
+                t[3], t[4] = us, units
+        for metric, (total_units, top, count, latest_us, latest) in totals.items():
+            seg.tallies.setdefault(metric, Tally()).add_totals(
+                Decimal(total_units).scaleb(_NANO, CTX), Decimal(top).scaleb(_NANO, CTX),
+                count, Decimal(latest).scaleb(_NANO, CTX), from_micros(latest_us),
+            )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -347,11 +429,20 @@ class Subscription:
     keys_at: tuple[datetime | None, dict[str, int]] = (None, {})
     payment_method: str | None = None  # the creation's: where its invoices are collected from
     generation: int = 0  # bumped on every change: stale heap entries are skipped
+    # (k, start, end) of the period asked for last: the anchor and interval never change
+    bounds_memo: tuple[int, datetime, datetime] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def period_bounds(self, k: int) -> tuple[datetime, datetime]:
-        return period_start(self.anchor, self.interval, k), period_start(
-            self.anchor, self.interval, k + 1
-        )
+        memo = self.bounds_memo
+        if memo is None or memo[0] != k:
+            start, end = (
+                period_start(self.anchor, self.interval, k),
+                period_start(self.anchor, self.interval, k + 1),
+            )
+            memo = self.bounds_memo = (k, start, end)
+        return memo[1], memo[2]
 
     def period_of(self, t: datetime) -> int:
         return period_index_at(self.anchor, self.interval, t) if t >= self.anchor else TRIAL_KEY

@@ -192,9 +192,20 @@ def account_from_bytes(data: bytes | memoryview) -> Account:
     return _account_in(orjson.loads(data))
 
 
-@functools.lru_cache(maxsize=4096)
+_PLAN_TEXTS: dict[int, tuple[Plan, str]] = {}  # id -> (the plan, kept alive; its text)
+
+
 def _plan_text(plan: Plan) -> str:
-    return orjson.dumps(plan_to_dict(plan), option=orjson.OPT_SORT_KEYS).decode()
+    """Plans are immutable and few: each is written once. Looked up by identity (a
+    plan's hash walks all its charges)."""
+    hit = _PLAN_TEXTS.get(id(plan))
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    text = orjson.dumps(plan_to_dict(plan), option=orjson.OPT_SORT_KEYS).decode()
+    if len(_PLAN_TEXTS) >= 4096:
+        _PLAN_TEXTS.clear()
+    _PLAN_TEXTS[id(plan)] = (plan, text)
+    return text
 
 
 @functools.lru_cache(maxsize=4096)

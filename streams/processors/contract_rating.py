@@ -44,11 +44,9 @@ from streams.contract_state import (
     due_us,
     encode_state,
 )
-from streams.domain.billing import (
-    Rejected,
-)
+from streams.domain.billing import ACTIVE, PlainUsage, Rejected
 from streams.domain.catalog import Catalog
-from streams.domain.events import SubscriptionCreated
+from streams.domain.events import SubscriptionCreated, UsageRecord
 from streams.domain.timestamps import from_micros, to_micros
 from streams.fast_codec import usage_event
 from streams.kafka import clients
@@ -92,6 +90,7 @@ class Pending:
     error: tuple[str, str] | None = None
     account_id: str | None = None  # the record's
     arrival_us: int = 0  # exact (``timestamp`` orders the inputs, in s)
+    record: UsageRecord | None = None  # a usage record the fast reader took (event: None)
 
 
 class ContractRatingProcessor:
@@ -147,11 +146,13 @@ class ContractRatingProcessor:
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = sorted({tp.partition for tp in partitions})
-        self.states.revoke(revoked)
         for p in revoked:
-            self.runs.pop(p, None)
+            prun = self.runs.pop(p, None)
+            if prun is not None:
+                prun.due.end()  # before its store closes
             self.jobs.drop(p)
             self.alignment.revoke(p)
+        self.states.revoke(revoked)
         log.info("revoked", partitions=revoked)
 
     # --- the loop -----------------------------------------------------------------------
@@ -231,6 +232,8 @@ class ContractRatingProcessor:
                 prun.write_clock(batch)
             self.states.produce(self.producer, batch, self.transactions.on_delivery)
             self.jobs.commit_positions(positions, touched_jobs)
+        for prun in self.runs.values():
+            prun.due.end()
         self.states.apply(batch)
         self.jobs.finish()
         self.invoices_emitted += batch.invoices
@@ -268,7 +271,7 @@ class ContractRatingProcessor:
             record = read(msg.value(), published) if usage else None
             if record is not None:  # the fast path: an ordinary usage record
                 at = arrival_us(record[1], published)
-                pending = Pending(at / 1e6, msg, usage_event(record), None, record[2], at)
+                pending = Pending(at / 1e6, msg, None, None, record[2], at, record)
                 subscriptions.add(record[3])
             else:
                 plain = False
@@ -282,19 +285,57 @@ class ContractRatingProcessor:
         return plain
 
     def _apply_ready(self, ready: list[Pending], batch: Batch, p: int) -> None:
+        """Apply partition p's records in the given order. Plain usage (``PlainUsage``)
+        is totalled per subscription and counted once, before any other record goes
+        through the contract's run (each after everything due before its arrival)."""
         prun = self.runs[p]
+        tallies: dict[str, PlainUsage | None] = {}  # None: not plain (unknown, trialing...)
+        plain_until = -1  # the latest arrival of a record tallied
         for pending in ready:
             if pending.error:
                 self._dead_letter(batch, pending.msg, *pending.error)
                 continue
-            at = pending.arrival_us
+            at, record = pending.arrival_us, pending.record
+            if record is not None:
+                tally = tallies.get(record[3], False)
+                if tally is False:
+                    tally = tallies[record[3]] = self._plain(prun, record[3])
+                if tally is not None and tally.takes(record[1], at, record[2]):
+                    tally.records.append(record)
+                    plain_until = max(plain_until, at)
+                    continue
+                pending.event = usage_event(record)
+            self._settle(tallies, at)
             prun.reach(batch, self.events, at)
             try:
                 self._owner_check(prun, pending)
                 prun.run.apply(pending.event, from_micros(at))
             except Rejected as exc:
                 self._dead_letter(batch, pending.msg, "rejected", exc.reason)
+            tallies.pop(getattr(pending.event, "subscription_id", None), None)
             self._emit(batch, prun)
+        self._settle(tallies, None)
+        if plain_until >= 0:
+            prun.reach(batch, self.events, plain_until)
+            self._emit(batch, prun)
+
+    @staticmethod
+    def _plain(prun: PartitionRun, sub_id: str) -> PlainUsage | None:
+        sub = prun.subs.get(sub_id)
+        return PlainUsage(sub) if sub is not None and sub.status == ACTIVE else None
+
+    @staticmethod
+    def _settle(tallies: dict[str, PlainUsage | None], until_us: int | None) -> None:
+        """Count every tallied record (before anything else happens to the partition). A
+        tally stays usable while nothing of its subscription falls due by `until_us`;
+        "not plain" is forgotten (a creation, a trial's end may change it)."""
+        for sub_id, tally in list(tallies.items()):
+            if tally is None:
+                del tallies[sub_id]
+                continue
+            tally.settle()
+            if until_us is None or tally.due_us <= until_us:
+                del tallies[sub_id]
 
     @staticmethod
     def _owner_check(prun: PartitionRun, pending: Pending) -> None:
