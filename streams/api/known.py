@@ -63,6 +63,13 @@ class SubscriptionBook:
             return published[plan_id]
         return self.catalog.plans.get(plan_id)
 
+    def plan_refusal(self, plan_id: str) -> str | None:
+        """Why a creation or a plan change cannot take `plan_id` (the rating processor's
+        words), None if it can."""
+        if self.published().get(plan_id, False) is None:
+            return f"plan {plan_id!r} is retired"
+        return None if self.plan(plan_id) is not None else f"unknown plan {plan_id!r}"
+
     def bills(self, metric: str) -> bool:
         return metric in self.billed_metrics or any(
             c.metric == metric

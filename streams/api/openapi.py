@@ -393,7 +393,7 @@ def openapi_document(plans: tuple[str, ...] = ()) -> dict[str, Any]:
     """``plans``: the catalog's plan ids, listed as the values plan_id may take."""
     subscription = records.body_schema(
         "subscription_event",
-        records.subscription_rules(lambda _: True),
+        records.subscription_rules(lambda _: None),
         optional=("event_id", "timestamp"),
     )
     if plans:

@@ -292,10 +292,11 @@ def convert(
 # --- what each endpoint adds to the schema's own rules ------------------------------
 
 
-def subscription_rules(plan_exists: Callable[[str], bool]) -> Rules:
+def subscription_rules(plan_refusal: Callable[[str], str | None]) -> Rules:
     """POST /v1/subscriptions: a subscription's events (created, plan_changed, cancelled,
     paused, resumed, coupon.applied). Credits and customer updates have routes of their
-    own: their fields are not this route's."""
+    own: their fields are not this route's. plan_refusal: why a plan id cannot be taken
+    (unknown, retired), None if it can."""
 
     def check(e: dict[str, Any]) -> list[str]:
         errors = []
@@ -305,8 +306,8 @@ def subscription_rules(plan_exists: Callable[[str], bool]) -> Rules:
         if kind in ("subscription.created", "subscription.plan_changed"):
             if e["plan_id"] is None:
                 errors.append(f"plan_id: required for {kind}")
-            elif not plan_exists(e["plan_id"]):
-                errors.append(f"plan_id: unknown plan {e['plan_id']!r}")
+            elif (refusal := plan_refusal(e["plan_id"])) is not None:
+                errors.append(f"plan_id: {refusal}")
         if kind == "subscription.cancelled" and e["mode"] not in CANCEL_MODES:
             errors.append(f"mode: one of {', '.join(CANCEL_MODES)} for a cancellation")
         if kind != "subscription.cancelled" and e["mode"] is not None:

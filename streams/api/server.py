@@ -314,9 +314,7 @@ class Api:
         self.plans = tuple(sorted(catalog.plans))
         self.book = SubscriptionBook(catalog, sole_worker=self.workers == 1,
                                      published=self._published_plans)  # fmt: skip
-        self.subscription_rules = records.subscription_rules(
-            lambda plan_id: self.book.plan(plan_id) is not None
-        )
+        self.subscription_rules = records.subscription_rules(self.book.plan_refusal)
         self.last_refresh = 0.0
         self.started = time.time()
 

@@ -25,7 +25,9 @@ from streams.rating_records import decode_input
 NOW = datetime(2026, 11, 24, 12, 0, 0, 250_000, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)  # when the API publishes what it accepted
 PLANS = {"starter-eur", "pro-usd"}
-SUB_RULES = records.subscription_rules(lambda plan: plan in PLANS)
+SUB_RULES = records.subscription_rules(
+    lambda plan: None if plan in PLANS else f"unknown plan {plan!r}"
+)
 HOSTILE = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 junk = st.one_of(

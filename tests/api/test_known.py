@@ -101,3 +101,13 @@ def test_pauses_resumes_and_coupons_of_a_known_subscription_keep_its_account() -
     assert book.subscription_problem(event("plan_changed", plan="pro-usd"), acme) == (
         "plan_id: the subscription is already on plan 'pro-usd'"
     )
+
+
+def test_a_plan_refusal_says_unknown_or_retired_in_the_rating_processors_words() -> None:
+    plan_id = next(iter(CATALOG.plans))
+    published = {plan_id: None, "fresh": CATALOG.plans[plan_id]}  # retired, and a new one
+    book = SubscriptionBook(CATALOG, True, published=lambda: published)
+    assert book.plan_refusal(plan_id) == f"plan {plan_id!r} is retired"
+    assert book.plan_refusal("fresh") is None
+    assert book.plan_refusal("gold") == "unknown plan 'gold'"
+    assert SubscriptionBook(CATALOG, True).plan_refusal(plan_id) is None

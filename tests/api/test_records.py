@@ -15,7 +15,9 @@ from streams.api.openapi import openapi_document
 from streams.codec import codec
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-RULES = records.subscription_rules(lambda plan: plan in {"pro-usd", "starter-eur"})
+RULES = records.subscription_rules(
+    lambda plan: None if plan in {"pro-usd", "starter-eur"} else f"unknown plan {plan!r}"
+)
 
 
 def sub(**over: object) -> dict:
