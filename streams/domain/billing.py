@@ -655,9 +655,12 @@ class ContractRun:
         """Drop what late usage can no longer reach: arrivals are in period >= k from now."""
         oldest = k - self.late_periods
         # a segment still to be billed (held, or re-rated by late usage) stays until it is
-        sub.closed = [s for s in sub.closed if s.period >= oldest or s.billed is None or s.late]
-        keep = {s.period for s in sub.closed} | {k, TRIAL_KEY}
-        sub.seen = {p: ids for p, ids in sub.seen.items() if p in keep or p >= oldest}
+        if any(s.period < oldest for s in sub.closed):
+            sub.closed = [s for s in sub.closed
+                          if s.period >= oldest or s.billed is None or s.late]  # fmt: skip
+        if any(p < oldest for p in sub.seen):
+            keep = {s.period for s in sub.closed} | {k, TRIAL_KEY}
+            sub.seen = {p: ids for p, ids in sub.seen.items() if p in keep or p >= oldest}
 
     def _close_segment(self, sub: Subscription, at: datetime) -> Segment:
         seg = sub.segment

@@ -176,7 +176,18 @@ def aggregation_keys(charge: UsageCharge) -> tuple[str, ...]:
 
 def aggregation_key(charge: UsageCharge) -> str:
     """The one aggregate a charge's line quantity is (the sum for a percentage)."""
-    return aggregation_keys(charge)[0]
+    hit = _AGGREGATION_KEYS.get(id(charge))
+    if hit is not None and hit[0] is charge:
+        return hit[1]
+    key = aggregation_keys(charge)[0]
+    if len(_AGGREGATION_KEYS) >= 65_536:
+        _AGGREGATION_KEYS.clear()
+    _AGGREGATION_KEYS[id(charge)] = (charge, key)
+    return key
+
+
+# id -> (the charge, kept alive; its key): charges are immutable, and hashing one walks it
+_AGGREGATION_KEYS: dict[int, tuple[UsageCharge, str]] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,8 +59,8 @@ def price_volume(tiers: tuple[Tier, ...], quantity: Decimal) -> Decimal:
 def packages(quantity: Decimal, package_size: Decimal) -> Decimal:
     """ceil(quantity / package_size), exactly (integer division + remainder, no
     rounded quotient)."""
-    whole = CTX.divide_int(quantity, package_size)
-    if not CTX.remainder(quantity, package_size).is_zero():
+    whole, rest = CTX.divmod(quantity, package_size)
+    if not rest.is_zero():
         whole = CTX.add(whole, Decimal(1))
     return whole
 
