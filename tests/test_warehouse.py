@@ -299,3 +299,55 @@ def test_trials_and_pauses_for_analysts(warehouse: Any) -> None:
         "ORDER BY subscription_id, at").result_rows  # fmt: skip
     assert moves == [("resumed", "new", "30"), ("resumed", "contraction", "-30"),
                      ("resumed", "expansion", "30"), ("trial-over", "new", "20")]  # fmt: skip
+
+
+def test_upcoming_invoices_of_trials_start_at_the_trials_end(warehouse: Any) -> None:
+    """A trialing subscription's first upcoming invoice is its trial's end (trial_ended, the
+    first period's flat amount), and its periods are anchored there; a trial cancelled at
+    its end and a paused subscription have none; a subscription whose trial is over bills
+    at the trial's end + k months."""
+    from datetime import UTC, datetime, timedelta
+
+    from streams.domain.periods import add_months
+
+    migrate(warehouse)
+    warehouse.command(
+        "INSERT INTO streambill.plans (plan_id, version, published_at, currency, interval, "
+        "trial_days, flat_amount, mrr) VALUES ('t', 1, '1970-01-01 00:00:00', 'EUR', 'month', "
+        "14, 20, 20), ('m', 1, '1970-01-01 00:00:00', 'EUR', 'month', 0, 30, 30)"
+    )
+    now = datetime.now(UTC).replace(microsecond=0, tzinfo=None)
+    five_days_ago, twenty_days_ago = now - timedelta(days=5), now - timedelta(days=20)
+    events = [  # (subscription, type, at, plan, mode)
+        ("trialing", "subscription.created", five_days_ago, "t", None),
+        ("trial-cancelled", "subscription.created", five_days_ago, "t", None),
+        ("trial-cancelled", "subscription.cancelled", now - timedelta(days=1), None,
+         "end_of_period"),
+        ("trial-over", "subscription.created", twenty_days_ago, "t", None),
+        ("paused", "subscription.created", twenty_days_ago, "m", None),
+        ("paused", "subscription.paused", now - timedelta(days=2), None, None),
+    ]  # fmt: skip
+    rows = []
+    for n, (sub, kind, at, plan, mode) in enumerate(events):
+        plan_sql, mode_sql = (f"'{v}'" if v else "NULL" for v in (plan, mode))
+        rows.append(f"('e{n}', '{kind}', '{at}', 'acct', '{sub}', {plan_sql}, {mode_sql}, 0, {n})")
+    warehouse.command(
+        "INSERT INTO streambill.subscription_events (event_id, type, timestamp, account_id, "
+        "subscription_id, plan_id, mode, _partition, _offset) VALUES " + ", ".join(rows)
+    )
+    upcoming = warehouse.query(
+        "SELECT subscription_id, toString(due_at), reason, toString(recurring_amount) "
+        "FROM streambill.upcoming_invoices WHERE due_at < now() + INTERVAL 50 DAY "
+        "ORDER BY subscription_id, due_at"
+    ).result_rows
+
+    def month_after(t: datetime) -> str:  # as ClickHouse's addMonths: clamped to the month
+        return str(add_months(t, 1)) + ".000000"
+
+    trial_end = five_days_ago + timedelta(days=14)
+    over_end = twenty_days_ago + timedelta(days=14)
+    assert [tuple(r) for r in upcoming] == [
+        ("trial-over", month_after(over_end), "period_end", "20"),
+        ("trialing", str(trial_end) + ".000000", "trial_ended", "20"),
+        ("trialing", month_after(trial_end), "period_end", "20"),
+    ]
