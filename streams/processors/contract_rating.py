@@ -24,6 +24,7 @@ makes everything due <= T happen, in chunks of one transaction each; with
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ from streams.runtime.transaction import Offsets, Transactions
 log = structlog.get_logger(__name__)
 GROUP = "streambill-rating"  # the same group as version 1's: one rater at a time
 NAME = "rating"
+NEVER = 1 << 62  # µs: after anything that can fall due
 FETCH_SIZES = {"max.partition.fetch.bytes": 262_144, "fetch.max.bytes": 1_310_720}
 
 
@@ -286,10 +288,12 @@ class ContractRatingProcessor:
 
     def _apply_ready(self, ready: list[Pending], batch: Batch, p: int) -> None:
         """Apply partition p's records in the given order. Plain usage (``PlainUsage``)
-        is totalled per subscription and counted once, before any other record goes
-        through the contract's run (each after everything due before its arrival)."""
+        is totalled per subscription and counted before anything else can touch its
+        subscription: before the subscription's own next record, and before anything of it
+        falls due (what a later record's arrival makes happen)."""
         prun = self.runs[p]
         tallies: dict[str, PlainUsage | None] = {}  # None: not plain (unknown, trialing...)
+        due: list[tuple[int, str]] = []  # (next due µs, id) of the subscriptions in tallies
         plain_until = -1  # the latest arrival of a record tallied
         for pending in ready:
             if pending.error:
@@ -299,43 +303,49 @@ class ContractRatingProcessor:
             if record is not None:
                 tally = tallies.get(record[3], False)
                 if tally is False:
-                    tally = tallies[record[3]] = self._plain(prun, record[3])
+                    tally, due_at = self._plain(prun, record[3])
+                    tallies[record[3]] = tally
+                    heapq.heappush(due, (due_at, record[3]))
                 if tally is not None and tally.takes(record[1], at, record[2]):
                     tally.records.append(record)
                     plain_until = max(plain_until, at)
                     continue
                 pending.event = usage_event(record)
-            self._settle(tallies, at)
+            while due and due[0][0] <= at:  # falls due by this arrival: counted first
+                self._settle(tallies, heapq.heappop(due)[1])
+            self._settle(tallies, getattr(pending.event, "subscription_id", None))
             prun.reach(batch, self.events, at)
             try:
                 self._owner_check(prun, pending)
                 prun.run.apply(pending.event, from_micros(at))
             except Rejected as exc:
                 self._dead_letter(batch, pending.msg, "rejected", exc.reason)
-            tallies.pop(getattr(pending.event, "subscription_id", None), None)
             self._emit(batch, prun)
-        self._settle(tallies, None)
+        for tally in tallies.values():
+            if tally is not None:
+                tally.settle()
         if plain_until >= 0:
             prun.reach(batch, self.events, plain_until)
             self._emit(batch, prun)
 
     @staticmethod
-    def _plain(prun: PartitionRun, sub_id: str) -> PlainUsage | None:
+    def _plain(prun: PartitionRun, sub_id: str) -> tuple[PlainUsage | None, int]:
+        """A tally of the subscription's plain usage (None if it has none) and when
+        something of it falls due next (µs; never, for an unknown one)."""
         sub = prun.subs.get(sub_id)
-        return PlainUsage(sub) if sub is not None and sub.status == ACTIVE else None
+        if sub is not None and sub.status == ACTIVE:
+            tally = PlainUsage(sub)
+            return tally, tally.due_us
+        nxt = sub.next_due() if sub is not None else None
+        return None, to_micros(nxt[0]) if nxt is not None else NEVER
 
     @staticmethod
-    def _settle(tallies: dict[str, PlainUsage | None], until_us: int | None) -> None:
-        """Count every tallied record (before anything else happens to the partition). A
-        tally stays usable while nothing of its subscription falls due by `until_us`;
-        "not plain" is forgotten (a creation, a trial's end may change it)."""
-        for sub_id, tally in list(tallies.items()):
-            if tally is None:
-                del tallies[sub_id]
-                continue
+    def _settle(tallies: dict[str, PlainUsage | None], sub_id: str | None) -> None:
+        """Count the subscription's tallied records, and forget what was known of it
+        (settling early is always right; its state may change next)."""
+        tally = tallies.pop(sub_id, None) if sub_id is not None else None
+        if tally is not None:
             tally.settle()
-            if until_us is None or tally.due_us <= until_us:
-                del tallies[sub_id]
 
     @staticmethod
     def _owner_check(prun: PartitionRun, pending: Pending) -> None:
