@@ -1195,6 +1195,12 @@ def bench_billrun(
     subscriptions: int = typer.Option(100_000, min=1),
     workers: int = typer.Option(2, min=1, help="rating processes in the consumer group"),
     usage_per_subscription: int = typer.Option(10, min=0),
+    unique_count_every: int = typer.Option(
+        0,
+        min=0,
+        help="every k-th subscription on a plan with a unique_count charge, its usage "
+        "naming users (needs STREAMBILL_RATING_CONTRACT=2; 3: a third of them)",
+    ),
     runs: int = typer.Option(1, min=1),
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
@@ -1202,10 +1208,16 @@ def bench_billrun(
     from streams.testbed.bench.billrun import run
 
     s = load_settings()
+    if unique_count_every and s.rating_contract != 2:
+        console.print("[red]--unique-count-every needs STREAMBILL_RATING_CONTRACT=2[/]")
+        raise typer.Exit(2)
     params = {"subscriptions": subscriptions, "workers": workers,
-              "usage_per_subscription": usage_per_subscription}  # fmt: skip
+              "usage_per_subscription": usage_per_subscription,
+              "unique_count_every": unique_count_every,
+              "rating_contract": s.rating_contract}  # fmt: skip
     _run_bench("billrun", params, runs, json_out,
-               lambda: run(s, subscriptions, workers, usage_per_subscription, console))  # fmt: skip
+               lambda: run(s, subscriptions, workers, usage_per_subscription, console,
+                           unique_count_every))  # fmt: skip
 
 
 @bench_app.command("sink")

@@ -60,6 +60,21 @@ def test_bench_billrun_contract(tmp_path: Path, kafka_bootstrap: str) -> None:
     assert_figures_as_published(report, "billrun-100k")
 
 
+def test_bench_billrun_of_the_version_2_rater_with_unique_count_charges(
+    tmp_path: Path, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third of the subscriptions on a plan with a unique_count charge, its usage naming
+    users: every one invoiced once, none refused."""
+    monkeypatch.setenv("STREAMBILL_RATING_CONTRACT", "2")
+    report = bench(tmp_path, kafka_bootstrap, "billrun", "--subscriptions", "300",
+                   "--usage-per-subscription", "2", "--unique-count-every", "3")  # fmt: skip
+    assert report["params"]["unique_count_every"] == 3
+    assert report["params"]["rating_contract"] == 2
+    m = report["metrics"]
+    assert m["invoices"] == 300 and m["duplicates"] == 0 and m["dead_letters"] == 0
+    assert_figures_as_published(report, "billrun-100k")
+
+
 def test_bench_kafka_and_usage_contracts(tmp_path: Path, kafka_bootstrap: str) -> None:
     kafka = bench(tmp_path, kafka_bootstrap, "kafka", "--messages", "20000", "--runs", "2")
     assert kafka["scenario"] == "kafka" and len(kafka["runs"]) == 2

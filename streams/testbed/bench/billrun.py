@@ -27,6 +27,7 @@ from streams.testbed.bench.inputs import (
     encoded_usage,
     monthly_plans,
     subscription_stamps,
+    unique_catalog,
     usage_stamps,
 )
 from streams.testbed.duplicates import topic_copies, warehouse_copies
@@ -35,15 +36,25 @@ from streams.warehouse import query
 
 
 def run(
-    base: Settings, subscriptions: int, workers: int, usage_per_sub: int, console: Console
+    base: Settings,
+    subscriptions: int,
+    workers: int,
+    usage_per_sub: int,
+    console: Console,
+    unique_every: int = 0,
 ) -> dict[str, Any]:
-    """From the clock passing the period end to the last invoice landed in ClickHouse."""
+    """From the clock passing the period end to the last invoice landed in ClickHouse.
+    unique_every k: every k-th subscription on a plan with a unique_count charge, its usage
+    naming users (the rating contract's version 2 only)."""
+    if unique_every and base.rating_contract != 2:
+        raise ValueError("a unique_count charge needs STREAMBILL_RATING_CONTRACT=2")
     with bench_env(base, base.partitions) as env:
         plans = monthly_plans()
-        sub_items = encoded_subscriptions(subscriptions, plans)
-        usage_items = encoded_usage(subscriptions, usage_per_sub)
+        sub_items = encoded_subscriptions(subscriptions, plans, unique_every)
+        usage_items = encoded_usage(subscriptions, usage_per_sub, unique_every=unique_every)
         sink = ProcessorProcess(env.settings, env.bootstrap, "sink").start()
-        rating = start_rating(env, workers)
+        catalog = unique_catalog(env.settings.home / "catalog.json") if unique_every else None
+        rating = start_rating(env, workers, catalog=catalog)
         procs = [sink, *rating]
         group = group_id(GROUP)
 

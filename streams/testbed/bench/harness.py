@@ -152,12 +152,14 @@ def wait_for_members(
     wait(joined, procs, timeout, f"{members} members in {group}")
 
 
-def start_rating(env: Env, workers: int, nice: int = 0) -> list[ProcessorProcess]:
+def start_rating(
+    env: Env, workers: int, nice: int = 0, catalog: Path | None = None
+) -> list[ProcessorProcess]:
     procs = []
     for w in range(workers):
         proc = ProcessorProcess(env.settings, env.bootstrap, "rating", "--catalog",
-                                str(DEFAULT_CATALOG), "--clock", "event", "--worker", str(w),
-                                nice=nice)  # fmt: skip
+                                str(catalog or DEFAULT_CATALOG), "--clock", "event",
+                                "--worker", str(w), nice=nice)  # fmt: skip
         proc.log_path = proc.log_path.with_name(f"rating-{w}.log")
         procs.append(proc.start())
     return procs

@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 from streams.codec import codec
 from streams.config import DEFAULT_CATALOG
@@ -21,17 +22,41 @@ PERIOD_END = datetime(2026, 2, 1, tzinfo=UTC)  # monthly plans anchored at ANCHO
 # --- inputs -------------------------------------------------------------------------
 
 
-def encoded_subscriptions(n: int, plans: list[str]) -> list[tuple[bytes, bytes]]:
+def encoded_subscriptions(
+    n: int, plans: list[str], unique_every: int = 0
+) -> list[tuple[bytes, bytes]]:
+    """n creations on `plans` in turn; with unique_every k, every k-th on UNIQUE_PLAN."""
     encode = codec(SUBSCRIPTIONS.schema).encode
     out = []
     for i in range(n):
         account = f"acct-{i:08d}"
+        plan = UNIQUE_PLAN if unique_every and i % unique_every == 0 else plans[i % len(plans)]
         out.append((account.encode(), encode({
             "event_id": f"sub-{i:08d}-created", "type": "subscription.created",
             "timestamp": ANCHOR, "account_id": account, "subscription_id": f"sub-{i:08d}",
-            "plan_id": plans[i % len(plans)], "mode": None, "payment_method": f"tok_{i}",
+            "plan_id": plan, "mode": None, "payment_method": f"tok_{i}",
         })))  # fmt: skip
     return out
+
+
+# a plan counting distinct users (the rating contract's version 2): its state keeps the
+# values seen in the open period, so the bench can show state stays bounded
+UNIQUE_PLAN = "active-users-eur"
+UNIQUE_USERS = 50  # distinct "user" values a subscription's usage cycles through
+
+
+def unique_catalog(path: Path) -> Path:
+    """The bench catalog plus UNIQUE_PLAN, written to `path`."""
+    catalog = json.loads(DEFAULT_CATALOG.read_text())
+    catalog["plans"].append({
+        "plan_id": UNIQUE_PLAN, "currency": "EUR", "interval": "month", "charges": [
+            {"charge_id": "base-fee", "model": "flat", "amount": "10.00"},
+            {"charge_id": "active-users", "model": "per_unit", "metric": "api_calls",
+             "aggregation": "unique_count", "field": "user", "unit_amount": "0.50"},
+        ],
+    })  # fmt: skip
+    path.write_text(json.dumps(catalog, indent=2))
+    return path
 
 
 def subscription_stamps(n: int) -> list[int]:
@@ -48,19 +73,24 @@ def usage_stamps(n_subs: int, per_sub: int, start: int = 0) -> list[int]:
             for j in range(per_sub) for i in range(n_subs)]  # fmt: skip
 
 
-def encoded_usage(n_subs: int, per_sub: int, start: int = 0) -> list[tuple[bytes, bytes]]:
-    """per_sub usage events per subscription, spread over its first period."""
+def encoded_usage(
+    n_subs: int, per_sub: int, start: int = 0, unique_every: int = 0
+) -> list[tuple[bytes, bytes]]:
+    """per_sub usage events per subscription, spread over its first period; those of
+    UNIQUE_PLAN's subscriptions (unique_every) name a user."""
     encode = codec(USAGE.schema).encode
     span = int((PERIOD_END - ANCHOR).total_seconds())
     out = []
     for j in range(per_sub):
         for i in range(n_subs):
             account = f"acct-{i:08d}"
+            unique = unique_every and i % unique_every == 0
             out.append((account.encode(), encode({
                 "event_id": f"u-{i:08d}-{start + j}", "account_id": account,
                 "timestamp": ANCHOR + timedelta(seconds=(start + j) * 3_600 + i % 3_600),
                 "subscription_id": f"sub-{i:08d}", "metric": "api_calls",
                 "quantity": Decimal(1 + (i * 7 + j) % 500),
+                "properties": {"user": f"user-{(i + j) % UNIQUE_USERS}"} if unique else None,
             })))  # fmt: skip
     assert all(j * 3_600 + 3_600 < span for j in range(start + per_sub))
     return out
