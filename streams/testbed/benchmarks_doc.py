@@ -171,7 +171,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "happened: the rating contract's version 2 takes a record's timestamp as its "
         "event's arrival. With `STREAMBILL_RATING_CONTRACT=2` this bench and `bench billrun` "
         "measure the version-2 rater (`streams/processors/contract_rating.py`): plain usage "
-        "totalled per subscription as version 1 does, JSON states; about two thirds of "
+        "totalled per subscription as version 1 does, JSON states; about three quarters of "
         "version 1's rates (alternated on one broker, 2026-12-08); no result file of it is "
         "published yet.",
     ),
