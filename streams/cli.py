@@ -1107,8 +1107,9 @@ def _holds_data(settings: Any, bootstrap: str, meta: Any) -> bool:
     from streams.kafka import clients
 
     probe = clients.consumer(settings, bootstrap, "streambill-topics-probe")
-    try:
-        return any(probe.get_watermark_offsets(TopicPartition(meta.topic, p), timeout=10)[1] > 0
+    try:  # retried: a topic just created may have no leader yet (NOT_LEADER_FOR_PARTITION)
+        return any(clients.retrying(lambda p=p: probe.get_watermark_offsets(
+                       TopicPartition(meta.topic, p), timeout=10))[1] > 0
                    for p in meta.partitions)  # fmt: skip
     finally:
         probe.close()
