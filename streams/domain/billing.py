@@ -246,11 +246,7 @@ class Tally:
         """Count an event; distinct values are kept only of the properties in `fields`
         (those a unique_count charge counts), so the state holds nothing else."""
         q = usage.quantity
-        self.sum = q if self.sum is None else CTX.add(self.sum, q)
-        self.max = q if self.max is None else max(self.max, q)
-        self.count += 1
-        if self.latest_at is None or usage.timestamp >= self.latest_at:  # ties: the later one
-            self.latest, self.latest_at = q, usage.timestamp
+        self.add_totals(q, q, 1, q, usage.timestamp)
         props = usage.properties
         if props:
             for name in fields:
@@ -260,11 +256,12 @@ class Tally:
     def add_totals(
         self, total: Decimal, top: Decimal, count: int, latest: Decimal, latest_at: datetime
     ) -> None:
-        """Count `count` events at once, given their sum, max and latest (see PlainUsage)."""
+        """Count `count` events at once (one event: ``add``; many: PlainUsage), given their
+        sum, max and latest."""
         self.sum = total if self.sum is None else CTX.add(self.sum, total)
         self.max = top if self.max is None else max(self.max, top)
         self.count += count
-        if self.latest_at is None or latest_at >= self.latest_at:
+        if self.latest_at is None or latest_at >= self.latest_at:  # ties: the later one
             self.latest, self.latest_at = latest, latest_at
 
     def value(self, key: str) -> Decimal:
